@@ -1,0 +1,127 @@
+"""Settings, read from the environment once into one typed object; nothing else reads os.environ."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from lib.models import PROVIDER_IDS, ProviderId
+
+DEFAULT_TINYFISH_API_URL = "https://agent.tinyfish.ai"
+
+
+class ConfigError(ValueError):
+    """An environment variable has a value the service cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class KVCredentials:
+    url: str
+    token: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    kv: KVCredentials | None
+    db_path: str
+    run_ttl_seconds: int
+    tinyfish_api_key: str | None = field(repr=False)
+    tinyfish_api_url: str
+    providers: tuple[ProviderId, ...]
+    provider_timeout_seconds: float
+    stream_max_seconds: float | None
+    run_max_seconds: float
+    secret: bytes = field(repr=False)
+    cors_allow_origins: tuple[str, ...]
+    run_lease_seconds: float
+    simulated_delay_scale: float
+    on_vercel_deployment: bool
+
+    @property
+    def quote_source_name(self) -> str:
+        return "tinyfish" if self.tinyfish_api_key else "simulated"
+
+    @property
+    def store_name(self) -> str:
+        return "kv" if self.kv else "sqlite"
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def _providers(raw: str) -> tuple[ProviderId, ...]:
+    if not raw.strip():
+        return PROVIDER_IDS
+    chosen: list[ProviderId] = []
+    for name in (part.strip() for part in raw.split(",")):
+        if not name:
+            continue
+        if name not in PROVIDER_IDS:
+            raise ConfigError(f"QUOTE_PROVIDERS names an unknown provider {name!r}")
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise ConfigError("QUOTE_PROVIDERS is set but names no provider")
+    return tuple(chosen)
+
+
+def _kv_credentials(env: Mapping[str, str]) -> KVCredentials | None:
+    for url_name, token_name in (
+        ("KV_REST_API_URL", "KV_REST_API_TOKEN"),
+        ("UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN"),
+    ):
+        url, token = env.get(url_name, "").strip(), env.get(token_name, "").strip()
+        if url and token:
+            return KVCredentials(url=url.rstrip("/"), token=token)
+    return None
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    kv = _kv_credentials(env)
+    secret_text = env.get("QUOTES_SECRET", "").strip()
+    if secret_text:
+        secret = secret_text.encode()
+    elif kv:
+        secret = hashlib.sha256(b"quote-runs idempotency\0" + kv.token.encode()).digest()
+    else:
+        # Local embedded store only: nothing to protect beyond this machine.
+        secret = b"quote-runs local development secret"
+    stream_max = _number(env, "STREAM_MAX_SECONDS", 0, minimum=1) or None
+    origins = tuple(o.strip() for o in env.get("CORS_ALLOW_ORIGINS", "*").split(",") if o.strip())
+    return Settings(
+        kv=kv,
+        db_path=env.get("QUOTES_DB_PATH", "").strip() or ".data/quotes.sqlite3",
+        run_ttl_seconds=int(_number(env, "QUOTE_RUN_TTL_SECONDS", 7200, minimum=60)),
+        tinyfish_api_key=env.get("TINYFISH_API_KEY", "").strip() or None,
+        tinyfish_api_url=(
+            env.get("TINYFISH_API_URL", "").strip() or DEFAULT_TINYFISH_API_URL
+        ).rstrip("/"),
+        providers=_providers(env.get("QUOTE_PROVIDERS", "")),
+        provider_timeout_seconds=_number(env, "PROVIDER_TIMEOUT_SECONDS", 180, minimum=1),
+        stream_max_seconds=stream_max,
+        run_max_seconds=_number(env, "RUN_MAX_SECONDS", 290, minimum=1),
+        secret=secret,
+        cors_allow_origins=origins or ("*",),
+        run_lease_seconds=_number(env, "RUN_LEASE_SECONDS", 45, minimum=0.3),
+        simulated_delay_scale=_number(env, "SIMULATED_DELAY_SCALE", 1.0),
+        on_vercel_deployment=env.get("VERCEL") == "1"
+        and env.get("VERCEL_ENV") in ("production", "preview"),
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return settings_from_env(os.environ)

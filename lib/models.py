@@ -1,0 +1,398 @@
+"""The API contract in code: the quote request, quotes, events, the stored run record and the
+snapshot GET returns. Handlers validate and serialise with these; nothing builds bodies by hand."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+ProviderId = Literal["geico", "progressive", "state_farm", "allstate", "liberty_mutual"]
+PROVIDER_IDS: tuple[ProviderId, ...] = (
+    "geico",
+    "progressive",
+    "state_farm",
+    "allstate",
+    "liberty_mutual",
+)
+PROVIDER_NAMES: dict[ProviderId, str] = {
+    "geico": "GEICO",
+    "progressive": "Progressive",
+    "state_farm": "State Farm",
+    "allstate": "Allstate",
+    "liberty_mutual": "Liberty Mutual",
+}
+Coverage = Literal["minimum", "standard", "full"]
+RunStatus = Literal["processing", "completed", "failed"]
+ProviderStatus = Literal["pending", "running", "quoted", "failed"]
+QuoteSourceName = Literal["tinyfish", "simulated"]
+ProviderErrorCode = Literal[
+    "provider_timeout",
+    "provider_blocked",
+    "provider_declined",
+    "provider_bad_output",
+    "provider_unavailable",
+    "provider_auth",
+]
+RunErrorCode = Literal["worker_lost", "deadline_exceeded", "internal"]
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
+
+
+def new_run_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def is_run_id(value: str) -> bool:
+    return RUN_ID_PATTERN.fullmatch(value) is not None
+
+
+def utc_now() -> datetime:
+    """Now, to the millisecond: the precision every timestamp is stored and sent with."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 UTC with milliseconds: 2026-11-28T14:03:07.412Z."""
+    value = value.astimezone(UTC)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+
+
+def _as_utc(value: datetime) -> datetime:
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+UtcTime = Annotated[
+    datetime,
+    AfterValidator(_as_utc),
+    PlainSerializer(format_time, return_type=str, when_used="json"),
+]
+
+
+class CamelModel(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", serialize_by_alias=True
+    )
+
+
+# --- the request -------------------------------------------------------------------------------
+
+_VIN_VALUES = {
+    **{str(d): d for d in range(10)},
+    **dict(zip("ABCDEFGH", range(1, 9), strict=True)),
+    **dict(zip("JKLMN", range(1, 6), strict=True)),
+    "P": 7,
+    "R": 9,
+    **dict(zip("STUVWXYZ", range(2, 10), strict=True)),
+}
+_VIN_WEIGHTS = (8, 7, 6, 5, 4, 3, 2, 10, 0, 9, 8, 7, 6, 5, 4, 3, 2)
+
+
+def vin_check_digit(vin: str) -> str:
+    """The check digit a 17-character VIN must carry at position 9 (49 CFR 565.15)."""
+    total = sum(_VIN_VALUES[c] * w for c, w in zip(vin, _VIN_WEIGHTS, strict=True))
+    remainder = total % 11
+    return "X" if remainder == 10 else str(remainder)
+
+
+def _check_vin(value: str) -> str:
+    vin = value.strip().upper()
+    if len(vin) != 17:
+        raise ValueError(f"must be 17 characters, got {len(vin)}")
+    forbidden = sorted({c for c in vin if c in "IOQ"})
+    if forbidden:
+        raise ValueError(f"must not contain the letters I, O or Q (found {', '.join(forbidden)})")
+    invalid = sorted({c for c in vin if c not in _VIN_VALUES})
+    if invalid:
+        raise ValueError(f"may contain only letters and digits (found {''.join(invalid)!r})")
+    expected = vin_check_digit(vin)
+    if vin[8] != expected:
+        raise ValueError(f"check digit is {vin[8]}, expected {expected}")
+    return vin
+
+
+_ZIP = re.compile(r"\d{5}(-\d{4})?")
+
+
+def _check_zip(value: str) -> str:
+    if not _ZIP.fullmatch(value):
+        raise ValueError("must be a US ZIP code: 12345 or 12345-6789")
+    return value
+
+
+def _check_name(value: str) -> str:
+    name = value.strip()
+    if not 1 <= len(name) <= 64:
+        raise ValueError("must be 1 to 64 characters")
+    if not name.isprintable():
+        raise ValueError("must contain only printable characters")
+    if not any(c.isalpha() for c in name):
+        raise ValueError("must contain a letter")
+    return name
+
+
+def age_on(birth: date, today: date) -> int:
+    return today.year - birth.year - ((today.month, today.day) < (birth.month, birth.day))
+
+
+class Driver(CamelModel):
+    first_name: Annotated[str, AfterValidator(_check_name)]
+    last_name: Annotated[str, AfterValidator(_check_name)]
+    date_of_birth: date
+
+    @field_validator("date_of_birth", mode="before")
+    @classmethod
+    def _iso_date_only(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            raise ValueError("must be an ISO date string such as 1990-04-12")
+        try:
+            return date.fromisoformat(value)
+        except ValueError:
+            raise ValueError("must be an ISO date such as 1990-04-12") from None
+
+    @field_validator("date_of_birth")
+    @classmethod
+    def _driving_age(cls, value: date) -> date:
+        age = age_on(value, utc_now().date())
+        if not 16 <= age <= 100:
+            raise ValueError(f"the driver must be 16 to 100 years old today (age {age})")
+        return value
+
+
+class Vehicle(CamelModel):
+    annual_mileage: Annotated[int, Field(ge=0, le=150_000, strict=True)] = 12_000
+    use: Literal["commute", "pleasure", "business"] = "commute"
+    ownership: Literal["owned", "financed", "leased"] = "owned"
+
+
+class QuoteRequest(CamelModel):
+    """POST /api/quotes. Validated with context {"providers": the configured provider ids}."""
+
+    vin: Annotated[str, Field(strict=True), AfterValidator(_check_vin)]
+    zip: Annotated[str, Field(strict=True), AfterValidator(_check_zip)]
+    driver: Driver
+    vehicle: Vehicle = Field(default_factory=Vehicle)
+    coverage: Coverage = "standard"
+    providers: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            optional = ("vehicle", "coverage", "providers")
+            data = {k: v for k, v in data.items() if not (k in optional and v is None)}
+            if isinstance(data.get("vehicle"), dict):
+                data["vehicle"] = {k: v for k, v in data["vehicle"].items() if v is not None}
+        return data
+
+    @field_validator("providers")
+    @classmethod
+    def _known_distinct_providers(
+        cls, value: list[str] | None, info: ValidationInfo
+    ) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must name at least one provider")
+        configured: tuple[str, ...] = (info.context or {}).get("providers", PROVIDER_IDS)
+        for index, name in enumerate(value):
+            if name not in configured:
+                raise ValueError(
+                    f"item {index}: unknown provider {name!r}; one of {', '.join(configured)}"
+                )
+            if name in value[:index]:
+                raise ValueError(f"item {index}: {name!r} is listed twice")
+        return value
+
+    def selected_providers(self, configured: tuple[ProviderId, ...]) -> list[ProviderId]:
+        if self.providers is None:
+            return list(configured)
+        return [p for p in configured if p in self.providers]
+
+
+# --- quotes and provider state -----------------------------------------------------------------
+
+
+class Quote(CamelModel):
+    provider: ProviderId
+    monthly_premium: float
+    annual_premium: float
+    currency: str = "USD"
+    coverage: Coverage
+    deductible: int
+    source: QuoteSourceName
+    quoted_at: UtcTime
+
+
+class ErrorInfo(CamelModel):
+    code: str
+    message: str
+
+
+class ProviderState(CamelModel):
+    provider: ProviderId
+    status: ProviderStatus = "pending"
+    quote: Quote | None = None
+    error: ErrorInfo | None = None
+    last_activity: str | None = None
+
+
+def cheapest_first(quotes: list[Quote]) -> list[Quote]:
+    return sorted(quotes, key=lambda q: (q.monthly_premium, q.provider))
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+class StartedEvent(CamelModel):
+    type: Literal["started"] = "started"
+    providers: list[ProviderId]
+    total: int
+    ts: UtcTime = Field(default_factory=utc_now)
+
+
+class ActivityEvent(CamelModel):
+    type: Literal["activity"] = "activity"
+    provider: ProviderId
+    message: str
+    ts: UtcTime = Field(default_factory=utc_now)
+
+
+class ProgressEvent(CamelModel):
+    type: Literal["progress"] = "progress"
+    completed: int
+    total: int
+    percent: int
+    ts: UtcTime = Field(default_factory=utc_now)
+
+
+class QuoteEvent(CamelModel):
+    type: Literal["quote"] = "quote"
+    provider: ProviderId
+    quote: Quote
+    ts: UtcTime = Field(default_factory=utc_now)
+
+
+class ProviderErrorEvent(CamelModel):
+    type: Literal["provider_error"] = "provider_error"
+    provider: ProviderId
+    code: ProviderErrorCode
+    message: str
+    retryable: bool
+    ts: UtcTime = Field(default_factory=utc_now)
+
+
+class CompleteEvent(CamelModel):
+    type: Literal["complete"] = "complete"
+    quotes: list[Quote]
+    best: ProviderId | None
+    failed: list[ProviderId]
+    ts: UtcTime = Field(default_factory=utc_now)
+
+
+class ErrorEvent(CamelModel):
+    type: Literal["error"] = "error"
+    code: RunErrorCode
+    message: str
+    ts: UtcTime = Field(default_factory=utc_now)
+
+
+RunEvent = Annotated[
+    StartedEvent
+    | ActivityEvent
+    | ProgressEvent
+    | QuoteEvent
+    | ProviderErrorEvent
+    | CompleteEvent
+    | ErrorEvent,
+    Field(discriminator="type"),
+]
+TERMINAL_EVENT_TYPES = frozenset({"complete", "error"})
+
+
+def is_terminal(event: BaseModel) -> bool:
+    return getattr(event, "type", None) in TERMINAL_EVENT_TYPES
+
+
+def percent(completed: int, total: int) -> int:
+    return completed * 100 // total if total else 100
+
+
+# --- the stored run record and the snapshot GET returns -----------------------------------------
+
+
+class RunRecord(CamelModel):
+    """Everything stored about a run besides its events. Never holds the driver's personal data."""
+
+    run_id: str
+    status: RunStatus = "processing"
+    created_at: UtcTime
+    updated_at: UtcTime
+    heartbeat_at: UtcTime
+    deadline: UtcTime
+    coverage: Coverage
+    providers: list[ProviderState]
+    error: ErrorInfo | None = None
+
+    def provider(self, provider: ProviderId) -> ProviderState:
+        return next(p for p in self.providers if p.provider == provider)
+
+    @property
+    def completed(self) -> int:
+        return sum(p.status in ("quoted", "failed") for p in self.providers)
+
+    @property
+    def quotes(self) -> list[Quote]:
+        return cheapest_first([p.quote for p in self.providers if p.quote is not None])
+
+
+class Progress(CamelModel):
+    completed: int
+    total: int
+    percent: int
+
+
+class RunAccepted(CamelModel):
+    run_id: str
+    status: RunStatus
+    status_url: str
+    stream_url: str
+
+    @classmethod
+    def for_run(cls, run_id: str) -> RunAccepted:
+        return cls(
+            run_id=run_id,
+            status="processing",
+            status_url=f"/api/quotes/{run_id}",
+            stream_url=f"/api/quotes/{run_id}/stream",
+        )
+
+
+class RunSnapshot(CamelModel):
+    run_id: str
+    status: RunStatus
+    created_at: UtcTime
+    updated_at: UtcTime
+    expires_at: UtcTime
+    progress: Progress
+    providers: list[ProviderState]
+    quotes: list[Quote]
+    last_event_id: int
+    stream_url: str
+    error: ErrorInfo | None = None
+    events: list[dict[str, Any]] | None = None
