@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import pytest
+
+from lib.kv_store import KVStore
+from lib.models import PROVIDER_IDS, ProviderState, RunRecord, new_run_id, utc_now
+from lib.sqlite_store import SQLiteStore
+from lib.store import Store
+
+pytest_plugins = ["tests.upstash_rest"]
+
+
+def make_record(run_id: str | None = None, **changes: object) -> RunRecord:
+    now = utc_now()
+    record = RunRecord(
+        run_id=run_id or new_run_id(),
+        created_at=now,
+        updated_at=now,
+        heartbeat_at=now,
+        deadline=now + timedelta(seconds=290),
+        coverage="standard",
+        providers=[ProviderState(provider=p) for p in PROVIDER_IDS],
+    )
+    return record.model_copy(update=changes)
+
+
+@pytest.fixture(params=["sqlite", "kv"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def store_factory(store_kind: str, tmp_path, request: pytest.FixtureRequest):
+    """Builds stores of the parametrised kind that share one backing storage, as instances do."""
+    if store_kind == "kv":
+        server = request.getfixturevalue("upstash_server")
+
+        def build(ttl_seconds: int = 7200, **options: object) -> Store:
+            return KVStore(server.url, server.token, ttl_seconds=ttl_seconds, **options)  # type: ignore[arg-type]
+    else:
+        path = str(tmp_path / "quotes.sqlite3")
+
+        def build(ttl_seconds: int = 7200, **options: object) -> Store:
+            options.pop("silence_seconds", None)
+            return SQLiteStore(path, ttl_seconds=ttl_seconds)
+
+    build.kind = store_kind  # type: ignore[attr-defined]
+    build.cli_args = (  # type: ignore[attr-defined]
+        [
+            "kv",
+            request.getfixturevalue("upstash_server").url,
+            request.getfixturevalue("upstash_server").token,
+        ]
+        if store_kind == "kv"
+        else ["sqlite", str(tmp_path / "quotes.sqlite3")]
+    )
+    return build
+
+
+@pytest.fixture
+async def store(store_factory) -> AsyncIterator[Store]:
+    built = store_factory()
+    yield built
+    await built.aclose()
