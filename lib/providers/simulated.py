@@ -1,0 +1,165 @@
+"""The simulated quote source: a local/demo product feature, so the whole system runs on a laptop
+with no accounts. Used when TINYFISH_API_KEY is not set.
+
+Its figures are NEVER real prices. Every quote it returns carries `source: "simulated"`.
+
+- Deterministic: the same request and insurer always give the same premium (a stable SHA-256 of
+  VIN, ZIP, date of birth, coverage, annual mileage, use and insurer picks it within a plausible
+  range that rises with coverage level, young or elderly drivers, mileage and business use).
+  Deductible by coverage: minimum 0 (liability only), standard $1,000, full $500.
+  `annualPremium` is round(monthly × 12, 2).
+- Before quoting it reports 3–6 activity messages that read like an agent filling in the
+  insurer's form, each after a pause of 0.3–2.5 s (deterministic per request and insurer),
+  multiplied by SIMULATED_DELAY_SCALE (0 = instant). Messages carry no personal data: at most the
+  VIN's last four characters.
+- One documented failure mode, so demos show a provider_error: Allstate declines drivers under 21
+  whose vehicle is for business use (ProviderDeclined).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+
+from lib.models import (
+    PROVIDER_NAMES,
+    Coverage,
+    ProviderId,
+    Quote,
+    QuoteRequest,
+    age_on,
+    utc_now,
+)
+from lib.providers.base import ProviderDeclined, ReportActivity
+
+Sleep = Callable[[float], Awaitable[None]]
+
+BASE_MONTHLY: dict[Coverage, float] = {"minimum": 61.0, "standard": 128.0, "full": 187.0}
+DEDUCTIBLE: dict[Coverage, int] = {"minimum": 0, "standard": 1000, "full": 500}
+USE_FACTOR = {"pleasure": 0.92, "commute": 1.0, "business": 1.18}
+INSURER_FACTOR: dict[ProviderId, float] = {
+    "geico": 0.94,
+    "progressive": 0.98,
+    "state_farm": 1.03,
+    "allstate": 1.10,
+    "liberty_mutual": 1.07,
+}
+MIN_DELAY_SECONDS = 0.3
+MAX_DELAY_SECONDS = 2.5
+DECLINING_INSURER: ProviderId = "allstate"
+
+
+def _age_factor(age: int) -> float:
+    if age < 21:
+        return 1.9
+    if age < 25:
+        return 1.45
+    if age < 30:
+        return 1.15
+    if age < 65:
+        return 1.0
+    if age < 75:
+        return 1.08
+    return 1.25
+
+
+def _mileage_factor(annual_mileage: int) -> float:
+    return min(1.6, max(0.85, 0.85 + 0.15 * annual_mileage / 12_000))
+
+
+class _Dice:
+    """Deterministic numbers in [0, 1) drawn from one SHA-256 digest of the request's fields."""
+
+    def __init__(self, *parts: str) -> None:
+        self._digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+        self._next = 0
+
+    def roll(self) -> float:
+        chunk = self._digest[self._next : self._next + 2]
+        self._next = (self._next + 2) % len(self._digest)
+        return int.from_bytes(chunk, "big") / 65_536
+
+
+def _declines(request: QuoteRequest, provider: ProviderId) -> bool:
+    age = age_on(request.driver.date_of_birth, utc_now().date())
+    return provider == DECLINING_INSURER and age < 21 and request.vehicle.use == "business"
+
+
+def simulated_monthly_premium(request: QuoteRequest, provider: ProviderId) -> float:
+    """The simulated monthly premium for this request at this insurer (never a real price)."""
+    dice = _Dice(
+        request.vin,
+        request.zip,
+        request.driver.date_of_birth.isoformat(),
+        request.coverage,
+        str(request.vehicle.annual_mileage),
+        request.vehicle.use,
+        provider,
+    )
+    region = _Dice(request.zip[:3]).roll()
+    age = age_on(request.driver.date_of_birth, utc_now().date())
+    monthly = (
+        BASE_MONTHLY[request.coverage]
+        * _age_factor(age)
+        * _mileage_factor(request.vehicle.annual_mileage)
+        * USE_FACTOR[request.vehicle.use]
+        * INSURER_FACTOR[provider]
+        * (0.85 + 0.45 * region)  # where the car is garaged
+        * (0.92 + 0.16 * dice.roll())  # the insurer's own view of this driver and car
+    )
+    return round(monthly, 2)
+
+
+def _steps(request: QuoteRequest, provider: ProviderId, dice: _Dice) -> list[str]:
+    name = PROVIDER_NAMES[provider]
+    optional = [
+        "Answering driver history questions",
+        f"Selecting {request.coverage} coverage",
+        "Reading the quoted premium",
+    ]
+    chosen = [step for step in optional if dice.roll() < 0.6]
+    return [
+        f"Opening {name} quote page",
+        "Entering ZIP code and starting an auto quote",
+        f"Entering vehicle details for VIN …{request.vin[-4:]}",
+        *chosen,
+    ]
+
+
+class SimulatedQuoteSource:
+    """Deterministic demo quotes with agent-like activity; see the module docstring."""
+
+    name = "simulated"
+
+    def __init__(self, *, delay_scale: float = 1.0, sleep: Sleep = asyncio.sleep) -> None:
+        self._delay_scale = delay_scale
+        self._sleep = sleep
+
+    async def get_quote(
+        self, request: QuoteRequest, provider: ProviderId, report: ReportActivity
+    ) -> Quote:
+        dice = _Dice("activity", request.vin, request.zip, request.coverage, provider)
+        for step in _steps(request, provider, dice):
+            delay = MIN_DELAY_SECONDS + (MAX_DELAY_SECONDS - MIN_DELAY_SECONDS) * dice.roll()
+            if self._delay_scale > 0:
+                await self._sleep(delay * self._delay_scale)
+            await report(step)
+        if _declines(request, provider):
+            raise ProviderDeclined(
+                f"{PROVIDER_NAMES[provider]} offers no online quote for drivers under 21 "
+                "using the vehicle for business (simulated)"
+            )
+        monthly = simulated_monthly_premium(request, provider)
+        return Quote(
+            provider=provider,
+            monthly_premium=monthly,
+            annual_premium=round(monthly * 12, 2),
+            coverage=request.coverage,
+            deductible=DEDUCTIBLE[request.coverage],
+            source="simulated",
+            quoted_at=utc_now(),
+        )
+
+    async def aclose(self) -> None:
+        return None

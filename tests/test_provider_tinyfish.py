@@ -1,0 +1,655 @@
+"""The TinyFish adapter: the run request it sends, how it reads the SSE answer, how every failure
+maps to a typed ProviderError, and that the driver's personal data goes nowhere but the goal."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from lib.models import PROVIDER_IDS, Quote, QuoteRequest
+from lib.providers.base import (
+    ProviderAuth,
+    ProviderBadOutput,
+    ProviderBlocked,
+    ProviderDeclined,
+    ProviderError,
+    ProviderRequestRejected,
+    ProviderUnavailable,
+)
+from lib.providers.retry import quote_with_retries
+from lib.providers.tinyfish import (
+    INSURER_START_URLS,
+    MAX_ACTIVITY_CHARS,
+    QUOTE_OUTPUT_SCHEMA,
+    TinyFishQuoteSource,
+)
+from tests.fake_tinyfish import SCHEMA_KEYWORDS, FakeTinyFishServer
+
+API_URL = "https://tinyfish.test"
+ENDPOINT = f"{API_URL}/v1/automation/run-sse"
+API_KEY = "tf-test-key-123"
+FIRST, LAST, BORN = "Zelinda", "Quarrington", "1987-03-09"
+PERSONAL = (FIRST, LAST, BORN, "03/09/1987", "3/9/1987")
+SSE_HEADERS = {"content-type": "text/event-stream"}
+
+REQUEST = QuoteRequest.model_validate(
+    {
+        "vin": "2C3CDZAG2GH967639",
+        "zip": "94107",
+        "driver": {"firstName": FIRST, "lastName": LAST, "dateOfBirth": BORN},
+        "vehicle": {"annualMileage": 8500, "use": "pleasure", "ownership": "leased"},
+        "coverage": "standard",
+    }
+)
+GOOD_RESULT = {
+    "outcome": "quoted",
+    "monthly_premium": 142.5,
+    "term_premium": None,
+    "term_months": None,
+    "deductible": 1000,
+    "currency": "USD",
+    "reason": None,
+}
+
+
+def frame(payload: Any) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+def started() -> bytes:
+    return frame({"type": "STARTED", "run_id": "run_123", "timestamp": "2026-11-28T14:00:00Z"})
+
+
+def progress(purpose: str) -> bytes:
+    return frame({"type": "PROGRESS", "run_id": "run_123", "purpose": purpose})
+
+
+def complete(result: Any = None, *, status: str = "COMPLETED", error: Any = None) -> bytes:
+    return frame(
+        {
+            "type": "COMPLETE",
+            "run_id": "run_123",
+            "status": status,
+            "result": result,
+            "error": error,
+        }
+    )
+
+
+def run_events(result: Any = GOOD_RESULT, *purposes: str) -> list[bytes]:
+    return [
+        started(),
+        frame({"type": "STREAMING_URL", "run_id": "run_123", "streaming_url": "https://s.test/1"}),
+        *(progress(p) for p in purposes),
+        frame({"type": "HEARTBEAT", "timestamp": "2026-11-28T14:00:05Z"}),
+        complete(result),
+    ]
+
+
+class Chunks(httpx.AsyncByteStream):
+    """A response body delivered in the given pieces, optionally failing after the last one."""
+
+    def __init__(self, chunks: list[bytes], error: Exception | None = None) -> None:
+        self.chunks = chunks
+        self.error = error
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        if self.error is not None:
+            raise self.error
+
+
+def sse_response(chunks: list[bytes], error: Exception | None = None) -> httpx.Response:
+    return httpx.Response(200, headers=SSE_HEADERS, stream=Chunks(chunks, error))
+
+
+def split_bytes(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+@pytest.fixture
+def api() -> Iterator[respx.MockRouter]:
+    with respx.mock(assert_all_called=False) as router:
+        yield router
+
+
+class Activity:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    async def __call__(self, message: str) -> None:
+        self.messages.append(message)
+
+
+async def ask(
+    api: respx.MockRouter,
+    *responses: httpx.Response | Exception,
+    provider: Any = "geico",
+    request: QuoteRequest = REQUEST,
+) -> tuple[Quote, Activity, respx.Route]:
+    route = api.post(ENDPOINT).mock(side_effect=list(responses))
+    activity = Activity()
+    source = TinyFishQuoteSource(api_key=API_KEY, api_url=API_URL)
+    try:
+        return await source.get_quote(request, provider, activity), activity, route
+    finally:
+        await source.aclose()
+
+
+async def failure(api: respx.MockRouter, *responses: httpx.Response | Exception) -> ProviderError:
+    with pytest.raises(ProviderError) as caught:
+        await ask(api, *responses)
+    return caught.value
+
+
+# --- the request on the wire ------------------------------------------------------------------
+
+
+async def test_run_request_wire_format(api: respx.MockRouter) -> None:
+    _, _, route = await ask(api, sse_response(run_events()), provider="progressive")
+
+    sent = route.calls.last.request
+    assert sent.method == "POST"
+    assert str(sent.url) == ENDPOINT
+    assert sent.headers["x-api-key"] == API_KEY
+    assert sent.headers["content-type"] == "application/json"
+    assert sent.headers["accept"] == "text/event-stream"
+    body = json.loads(sent.content)
+    assert body["url"] == "https://www.progressive.com/auto/"
+    assert body["output_schema"] == QUOTE_OUTPUT_SCHEMA
+    assert body["browser_profile"] == "stealth"
+    assert body["proxy_config"] == {"enabled": True, "country_code": "US"}
+
+
+async def test_goal_carries_the_details_and_forbids_buying(api: respx.MockRouter) -> None:
+    _, _, route = await ask(api, sse_response(run_events()))
+    goal = json.loads(route.calls.last.request.content)["goal"]
+    for detail in (
+        "GEICO",
+        "2C3CDZAG2GH967639",
+        "94107",
+        f"{FIRST} {LAST}",
+        BORN,
+        "8,500 miles",
+        "pleasure",
+        "leased",
+        "$1,000 deductible",
+    ):
+        assert detail in goal
+    assert "Never buy, bind, pay for, sign" in goal
+    assert "Do not create an account" in goal
+    assert "CAPTCHA" in goal
+    assert "monthly_premium" in goal
+    assert '"no_quote"' in goal
+
+
+def test_output_schema_uses_only_keywords_tinyfish_accepts() -> None:
+    def keywords(node: dict[str, Any]) -> set[str]:
+        found = set(node)
+        for child in node.get("properties", {}).values():
+            found |= keywords(child)
+        return found
+
+    assert keywords(QUOTE_OUTPUT_SCHEMA) <= SCHEMA_KEYWORDS
+    assert QUOTE_OUTPUT_SCHEMA["required"] == ["outcome"]
+
+
+def test_every_insurer_has_an_https_quote_start_page() -> None:
+    assert set(INSURER_START_URLS) == set(PROVIDER_IDS)
+    assert all(url.startswith("https://www.") for url in INSURER_START_URLS.values())
+
+
+# --- reading the stream -------------------------------------------------------------------------
+
+
+async def test_progress_purpose_becomes_activity(api: respx.MockRouter) -> None:
+    _, activity, _ = await ask(
+        api,
+        sse_response(
+            run_events(GOOD_RESULT, "Navigating to https://www.geico.com", "Entering the ZIP code")
+        ),
+    )
+    assert activity.messages == ["Navigating to https://www.geico.com", "Entering the ZIP code"]
+
+
+async def test_completed_result_becomes_a_tinyfish_quote(api: respx.MockRouter) -> None:
+    quote, _, _ = await ask(api, sse_response(run_events()))
+    assert quote.provider == "geico"
+    assert quote.source == "tinyfish"
+    assert quote.monthly_premium == 142.5
+    assert quote.annual_premium == 1710.0
+    assert quote.deductible == 1000
+    assert quote.coverage == "standard"
+    assert quote.currency == "USD"
+
+
+async def test_amounts_given_as_dollar_strings_are_read(api: respx.MockRouter) -> None:
+    result = {"outcome": "quoted", "monthlyPremium": "$1,142.50/mo", "deductible": "$1,000"}
+    quote, _, _ = await ask(api, sse_response(run_events(result)))
+    assert (quote.monthly_premium, quote.deductible) == (1142.5, 1000)
+
+
+async def test_a_six_month_total_is_turned_into_a_monthly_premium(api: respx.MockRouter) -> None:
+    result = {"outcome": "quoted", "term_premium": "$855.00", "term_months": 6, "deductible": 1000}
+    quote, _, _ = await ask(api, sse_response(run_events(result)))
+    assert (quote.monthly_premium, quote.annual_premium) == (142.5, 1710.0)
+
+
+async def test_a_result_sent_as_a_json_string_is_read(api: respx.MockRouter) -> None:
+    quote, _, _ = await ask(api, sse_response(run_events(json.dumps(GOOD_RESULT))))
+    assert quote.monthly_premium == 142.5
+
+
+async def test_events_split_into_tiny_chunks_with_crlf_and_comments_are_read(
+    api: respx.MockRouter,
+) -> None:
+    lines = [b": connected\n\n", b"event: message\nid: 7\n", *run_events(GOOD_RESULT, "Étape 1")]
+    body = b"".join(lines).replace(b"\n", b"\r\n")
+    quote, activity, _ = await ask(api, sse_response(split_bytes(body, 3)))
+    assert activity.messages == ["Étape 1"]
+    assert quote.monthly_premium == 142.5
+
+
+async def test_a_multibyte_character_split_between_chunks_survives(api: respx.MockRouter) -> None:
+    body = b"".join(run_events(GOOD_RESULT, "Reading the premium — $142.50"))
+    cut = body.index("—".encode()) + 1  # inside the three bytes of the em dash
+    _, activity, _ = await ask(api, sse_response([body[:cut], body[cut:]]))
+    assert activity.messages == ["Reading the premium — $142.50"]
+
+
+async def test_unknown_event_types_and_malformed_data_are_skipped(api: respx.MockRouter) -> None:
+    chunks = [
+        started(),
+        b"data: {not json\n\n",
+        b"data: [1, 2, 3]\n\n",
+        b"data:\n\n",
+        frame({"type": "SCREENSHOT", "url": "https://s.test/1.png"}),
+        frame({"purpose": "no type at all"}),
+        progress("Reading the premium"),
+        complete(GOOD_RESULT),
+    ]
+    quote, activity, _ = await ask(api, sse_response(chunks))
+    assert quote.monthly_premium == 142.5
+    assert activity.messages == ["Reading the premium"]
+
+
+async def test_result_under_the_old_result_json_name_is_read(api: respx.MockRouter) -> None:
+    event = {"type": "COMPLETE", "status": "COMPLETED", "resultJson": GOOD_RESULT}
+    quote, _, _ = await ask(api, sse_response([started(), frame(event)]))
+    assert quote.monthly_premium == 142.5
+
+
+async def test_long_purpose_is_truncated(api: respx.MockRouter) -> None:
+    _, activity, _ = await ask(api, sse_response(run_events(GOOD_RESULT, "Clicking " * 100)))
+    assert len(activity.messages[0]) == MAX_ACTIVITY_CHARS
+    assert activity.messages[0].endswith("…")
+
+
+async def test_stream_ending_without_complete_is_transient_unavailable(
+    api: respx.MockRouter,
+) -> None:
+    error = await failure(api, sse_response([started(), progress("Entering vehicle details")]))
+    assert isinstance(error, ProviderUnavailable)
+    assert error.transient
+    assert "ended before the run finished" in error.message
+
+
+async def test_connection_dropped_mid_stream_is_transient_unavailable(
+    api: respx.MockRouter,
+) -> None:
+    drop = httpx.RemoteProtocolError("peer closed connection without sending complete message")
+    error = await failure(api, sse_response([started(), progress("Filling in")], drop))
+    assert isinstance(error, ProviderUnavailable)
+    assert error.transient
+
+
+async def test_silence_beyond_the_read_timeout_is_transient_unavailable(
+    api: respx.MockRouter,
+) -> None:
+    error = await failure(api, sse_response([started()], httpx.ReadTimeout("timed out")))
+    assert isinstance(error, ProviderUnavailable)
+    assert error.transient
+    assert "timed out" in error.message
+
+
+async def test_connection_refused_is_transient_unavailable(api: respx.MockRouter) -> None:
+    error = await failure(api, httpx.ConnectError("connection refused"))
+    assert isinstance(error, ProviderUnavailable)
+    assert error.transient
+
+
+async def test_a_200_that_is_not_an_event_stream_is_unavailable(api: respx.MockRouter) -> None:
+    error = await failure(api, httpx.Response(200, html="<html>maintenance</html>"))
+    assert isinstance(error, ProviderUnavailable)
+
+
+# --- what a finished run amounts to -----------------------------------------------------------
+
+
+async def test_no_quote_outcome_is_provider_declined_with_its_reason(
+    api: respx.MockRouter,
+) -> None:
+    result = {"outcome": "no_quote", "reason": "The site asks to call an agent"}
+    error = await failure(api, sse_response(run_events(result)))
+    assert isinstance(error, ProviderDeclined)
+    assert error.message == "GEICO offered no quote online: The site asks to call an agent"
+    assert not error.retryable
+
+
+async def test_blocked_outcome_is_provider_blocked(api: respx.MockRouter) -> None:
+    error = await failure(
+        api, sse_response(run_events({"outcome": "blocked", "reason": "A CAPTCHA appeared"}))
+    )
+    assert isinstance(error, ProviderBlocked)
+    assert error.retryable
+    assert not error.transient
+
+
+async def test_free_form_failure_result_is_read_for_a_verdict(api: respx.MockRouter) -> None:
+    result = {"status": "failure", "reason": "Unable to provide a quote online for this vehicle"}
+    assert isinstance(await failure(api, sse_response(run_events(result))), ProviderDeclined)
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        pytest.param({"outcome": "quoted", "deductible": 500}, id="no premium"),
+        pytest.param({"outcome": "quoted", "monthly_premium": 0.4, "deductible": 0}, id="too low"),
+        pytest.param(
+            {"outcome": "quoted", "monthly_premium": 98_000, "deductible": 0}, id="too high"
+        ),
+        pytest.param(
+            {"outcome": "quoted", "monthly_premium": "call for price", "deductible": 0},
+            id="words",
+        ),
+        pytest.param(
+            {"outcome": "quoted", "monthly_premium": "$120-$140", "deductible": 0}, id="range"
+        ),
+        pytest.param({"outcome": "quoted", "monthly_premium": -5, "deductible": 0}, id="negative"),
+        pytest.param(
+            {"outcome": "quoted", "monthly_premium": 120, "deductible": 0, "currency": "EUR"},
+            id="currency",
+        ),
+        pytest.param({"outcome": "quoted", "monthly_premium": 120}, id="no deductible"),
+        pytest.param({"outcome": "maybe", "monthly_premium": 120}, id="unknown outcome"),
+        pytest.param([GOOD_RESULT], id="a list"),
+        pytest.param(None, id="null"),
+        pytest.param("I found the price: about 140 dollars", id="prose"),
+    ],
+)
+async def test_result_that_does_not_fit_is_provider_bad_output(
+    api: respx.MockRouter, result: Any
+) -> None:
+    error = await failure(api, sse_response(run_events(result)))
+    assert isinstance(error, ProviderBadOutput)
+    assert error.transient
+
+
+async def test_minimum_coverage_without_deductible_means_zero(api: respx.MockRouter) -> None:
+    request = REQUEST.model_copy(update={"coverage": "minimum"})
+    quote, _, _ = await ask(
+        api,
+        sse_response(run_events({"outcome": "quoted", "monthly_premium": 61})),
+        request=request,
+    )
+    assert (quote.deductible, quote.coverage) == (0, "minimum")
+
+
+async def test_failed_run_blocked_by_a_captcha_is_provider_blocked(api: respx.MockRouter) -> None:
+    failed = {"message": "Blocked by a CAPTCHA challenge", "category": "AGENT_FAILURE"}
+    error = await failure(api, sse_response([started(), complete(status="FAILED", error=failed)]))
+    assert isinstance(error, ProviderBlocked)
+
+
+async def test_failed_run_for_a_system_failure_is_transient_with_its_retry_after(
+    api: respx.MockRouter,
+) -> None:
+    failed = {
+        "code": "service_busy",
+        "message": "Browser crashed during execution",
+        "category": "SYSTEM_FAILURE",
+        "retry_after": 60,
+    }
+    error = await failure(api, sse_response([started(), complete(status="FAILED", error=failed)]))
+    assert isinstance(error, ProviderUnavailable)
+    assert error.transient
+    assert error.retry_after == 60
+    assert "Browser crashed during execution" in error.message
+
+
+async def test_failed_run_with_a_plain_string_error_is_unavailable(api: respx.MockRouter) -> None:
+    error = await failure(
+        api, sse_response([started(), complete(status="FAILED", error="Task failed")])
+    )
+    assert isinstance(error, ProviderUnavailable)
+    assert "Task failed" in error.message
+
+
+async def test_failed_run_for_billing_is_provider_auth(api: respx.MockRouter) -> None:
+    failed = {"message": "Insufficient credits", "category": "BILLING_FAILURE"}
+    error = await failure(api, sse_response([started(), complete(status="FAILED", error=failed)]))
+    assert isinstance(error, ProviderAuth)
+    assert not error.retryable
+
+
+async def test_cancelled_run_is_unavailable(api: respx.MockRouter) -> None:
+    error = await failure(api, sse_response([started(), complete(status="CANCELLED")]))
+    assert isinstance(error, ProviderUnavailable)
+    assert "cancelled" in error.message
+
+
+# --- HTTP errors ----------------------------------------------------------------------------
+
+
+def api_error(status: int, code: str, **headers: str) -> httpx.Response:
+    return httpx.Response(
+        status, json={"error": {"code": code, "message": "details"}}, headers=headers
+    )
+
+
+async def test_http_401_is_provider_auth_and_not_retryable(api: respx.MockRouter) -> None:
+    error = await failure(api, api_error(401, "INVALID_API_KEY"))
+    assert isinstance(error, ProviderAuth)
+    assert not error.retryable
+    assert not error.transient
+    assert "HTTP 401 INVALID_API_KEY" in error.message
+
+
+async def test_http_402_is_provider_auth_and_not_retryable(api: respx.MockRouter) -> None:
+    error = await failure(api, api_error(402, "INSUFFICIENT_CREDITS"))
+    assert isinstance(error, ProviderAuth)
+    assert not error.retryable
+    assert not error.transient
+    assert "credit" in error.message
+
+
+async def test_http_429_is_transient_and_carries_retry_after(api: respx.MockRouter) -> None:
+    error = await failure(api, api_error(429, "RATE_LIMIT_EXCEEDED", **{"Retry-After": "12"}))
+    assert isinstance(error, ProviderUnavailable)
+    assert error.transient
+    assert error.retry_after == 12.0
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 408])
+async def test_server_errors_are_transient_unavailable(api: respx.MockRouter, status: int) -> None:
+    error = await failure(api, httpx.Response(status, text="upstream trouble"))
+    assert isinstance(error, ProviderUnavailable)
+    assert error.transient
+    assert f"HTTP {status}" in error.message
+
+
+async def test_http_400_is_a_rejected_request_and_not_retried(api: respx.MockRouter) -> None:
+    error = await failure(api, api_error(400, "INVALID_INPUT"))
+    assert isinstance(error, ProviderRequestRejected)
+    assert error.code == "provider_unavailable"
+    assert not error.transient
+    assert not error.retryable
+
+
+async def test_403_to_output_schema_retries_once_without_it_and_remembers(
+    api: respx.MockRouter,
+) -> None:
+    route = api.post(ENDPOINT).mock(
+        side_effect=[
+            api_error(403, "FORBIDDEN"),
+            sse_response(run_events()),
+            sse_response(run_events()),
+        ]
+    )
+    source = TinyFishQuoteSource(api_key=API_KEY, api_url=API_URL)
+    try:
+        first = await source.get_quote(REQUEST, "geico", Activity())
+        second = await source.get_quote(REQUEST, "allstate", Activity())
+    finally:
+        await source.aclose()
+    bodies = [json.loads(call.request.content) for call in route.calls]
+    assert ["output_schema" in body for body in bodies] == [True, False, False]
+    assert "monthly_premium" in bodies[1]["goal"]
+    assert (first.provider, second.provider) == ("geico", "allstate")
+
+
+async def test_403_without_output_schema_is_provider_auth(api: respx.MockRouter) -> None:
+    error = await failure(api, api_error(403, "FORBIDDEN"), api_error(403, "FORBIDDEN"))
+    assert isinstance(error, ProviderAuth)
+
+
+# --- personal data ------------------------------------------------------------------------------
+
+
+async def test_personal_data_reaches_no_log_record_activity_or_error(
+    api: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    echoing = f"Typing {FIRST} {LAST} and 03/09/1987 into the driver form"
+    scenarios: list[list[httpx.Response | Exception]] = [
+        [sse_response(run_events(GOOD_RESULT, echoing, f"Checking {LAST.upper()}'s record"))],
+        [sse_response(run_events({"outcome": "no_quote", "reason": f"{FIRST} is too young"}))],
+        [
+            sse_response(
+                [started(), complete(status="FAILED", error={"message": f"Crashed on {BORN}"})]
+            )
+        ],
+        [
+            httpx.Response(
+                400, json={"error": {"code": "INVALID_INPUT", "message": f"bad goal {FIRST}"}}
+            )
+        ],
+        [sse_response([started(), progress(echoing)], httpx.ReadError(f"reset {LAST}"))],
+        [sse_response([frame({"type": "COMPLETE", "status": "COMPLETED", "result": [FIRST]})])],
+    ]
+    seen: list[str] = []
+    for responses in scenarios:
+        activity = Activity()
+        api.routes.clear()
+        api.post(ENDPOINT).mock(side_effect=responses)
+        source = TinyFishQuoteSource(api_key=API_KEY, api_url=API_URL)
+        try:
+            await source.get_quote(REQUEST, "geico", activity)
+        except ProviderError as exc:
+            seen += [str(exc), exc.message, repr(exc)]
+        finally:
+            await source.aclose()
+        seen += activity.messages
+    seen += [record.getMessage() for record in caplog.records]
+    assert any("[redacted]" in text for text in seen)
+    for text in seen:
+        for personal in PERSONAL:
+            assert personal.lower() not in text.lower(), text
+
+
+# --- the client's lifetime ------------------------------------------------------------------------
+
+
+async def test_one_client_is_created_lazily_reused_and_closed(api: respx.MockRouter) -> None:
+    api.post(ENDPOINT).mock(side_effect=[sse_response(run_events()), sse_response(run_events())])
+    source = TinyFishQuoteSource(api_key=API_KEY, api_url=API_URL)
+    assert source._client is None
+    await source.get_quote(REQUEST, "geico", Activity())
+    client = source._client
+    assert client is not None
+    await source.get_quote(REQUEST, "state_farm", Activity())
+    assert source._client is client
+    await source.aclose()
+    assert client.is_closed
+    await source.aclose()
+
+
+# --- over real sockets, against the fake TinyFish ------------------------------------------------
+
+
+async def test_adapter_against_fake_tinyfish_over_real_sockets() -> None:
+    scenarios = {
+        "progressive": "declined",
+        "state_farm": "captcha",
+        "allstate": "drop",
+        "liberty_mutual": "http_402",
+    }
+    with FakeTinyFishServer(api_key=API_KEY, scenarios=scenarios, delay_scale=0.002) as fake:
+        source = TinyFishQuoteSource(api_key=API_KEY, api_url=fake.url)
+        try:
+            activity = Activity()
+            quote = await source.get_quote(REQUEST, "geico", activity)
+            assert quote.source == "tinyfish"
+            assert quote.deductible == 1000
+            assert 80 <= quote.monthly_premium <= 230
+            assert activity.messages[0] == "Navigating to https://www.geico.com/auto-insurance/"
+            assert len(activity.messages) == 7
+
+            outcomes: dict[str, type[ProviderError]] = {}
+            for provider in ("progressive", "state_farm", "allstate", "liberty_mutual"):
+                with pytest.raises(ProviderError) as caught:
+                    await source.get_quote(REQUEST, provider, Activity())  # type: ignore[arg-type]
+                outcomes[provider] = type(caught.value)
+        finally:
+            await source.aclose()
+        assert outcomes == {
+            "progressive": ProviderDeclined,
+            "state_farm": ProviderBlocked,
+            "allstate": ProviderUnavailable,
+            "liberty_mutual": ProviderAuth,
+        }
+        assert fake.requests[0]["url"] == INSURER_START_URLS["geico"]
+        assert "output_schema" in fake.requests[0]
+
+
+async def test_wrong_key_and_missing_beta_against_fake_tinyfish() -> None:
+    with FakeTinyFishServer(api_key="right", structured_output=False, delay_scale=0) as fake:
+        wrong = TinyFishQuoteSource(api_key="wrong", api_url=fake.url)
+        right = TinyFishQuoteSource(api_key="right", api_url=fake.url)
+        try:
+            with pytest.raises(ProviderAuth):
+                await wrong.get_quote(REQUEST, "geico", Activity())
+            quote = await right.get_quote(REQUEST, "geico", Activity())
+        finally:
+            await wrong.aclose()
+            await right.aclose()
+        assert quote.monthly_premium > 0
+        assert ["output_schema" in body for body in fake.requests] == [True, False]
+
+
+async def test_retries_over_real_sockets_end_in_the_last_transient_error() -> None:
+    sleeps: list[float] = []
+
+    async def no_wait(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    with FakeTinyFishServer(api_key=API_KEY, default_scenario="http_500", delay_scale=0) as fake:
+        source = TinyFishQuoteSource(api_key=API_KEY, api_url=fake.url)
+        activity = Activity()
+        try:
+            with pytest.raises(ProviderUnavailable, match="HTTP 500"):
+                await quote_with_retries(
+                    source, REQUEST, "geico", activity, timeout_seconds=30, sleep=no_wait
+                )
+        finally:
+            await source.aclose()
+        assert len(fake.requests) == 3
+        assert len(sleeps) == 2
+        assert activity.messages[-1].endswith("(attempt 3 of 3)")
