@@ -150,6 +150,13 @@ def age_on(birth: date, today: date) -> int:
     return today.year - birth.year - ((today.month, today.day) < (birth.month, birth.day))
 
 
+def _configured_provider(value: str, info: ValidationInfo) -> str:
+    configured: tuple[str, ...] = (info.context or {}).get("providers", PROVIDER_IDS)
+    if value not in configured:
+        raise ValueError(f"unknown provider {value!r}; one of {', '.join(configured)}")
+    return value
+
+
 class Driver(CamelModel):
     first_name: Annotated[str, AfterValidator(_check_name)]
     last_name: Annotated[str, AfterValidator(_check_name)]
@@ -188,7 +195,7 @@ class QuoteRequest(CamelModel):
     driver: Driver
     vehicle: Vehicle = Field(default_factory=Vehicle)
     coverage: Coverage = "standard"
-    providers: list[str] | None = None
+    providers: list[Annotated[str, AfterValidator(_configured_provider)]] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -202,21 +209,16 @@ class QuoteRequest(CamelModel):
 
     @field_validator("providers")
     @classmethod
-    def _known_distinct_providers(
-        cls, value: list[str] | None, info: ValidationInfo
-    ) -> list[str] | None:
+    def _distinct_providers(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
         if not value:
             raise ValueError("must name at least one provider")
-        configured: tuple[str, ...] = (info.context or {}).get("providers", PROVIDER_IDS)
         for index, name in enumerate(value):
-            if name not in configured:
-                raise ValueError(
-                    f"item {index}: unknown provider {name!r}; one of {', '.join(configured)}"
-                )
             if name in value[:index]:
-                raise ValueError(f"item {index}: {name!r} is listed twice")
+                raise ValueError(
+                    f"{name!r} is listed twice (items {value.index(name)} and {index})"
+                )
         return value
 
     def selected_providers(self, configured: tuple[ProviderId, ...]) -> list[ProviderId]:

@@ -1,0 +1,80 @@
+"""GET /api/quotes/{runId}: the run's current state, and with ?since=N the events after N, for
+clients that poll instead of streaming. Finalizes a run whose worker is gone."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from lib.http import FunctionContext, Problem, function_app, run_id_from, run_not_found
+from lib.models import Progress, RunSnapshot, is_run_id, percent
+from lib.store import RunState
+from lib.workflow import finalize_if_stale
+
+DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+
+
+def _integer_param(request: Request, name: str, *, minimum: int, maximum: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if not minimum <= value <= maximum or raw.strip() != raw:
+        raise Problem(
+            400,
+            "invalid-query-parameter",
+            "Invalid query parameter",
+            f"{name} must be an integer from {minimum} to {maximum}.",
+        )
+    return value
+
+
+def snapshot(state: RunState, ttl_seconds: int, *, with_events: bool) -> RunSnapshot:
+    record = state.record
+    total = len(record.providers)
+    last_write = max(record.updated_at, record.heartbeat_at)
+    return RunSnapshot(
+        run_id=record.run_id,
+        status=record.status,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        expires_at=last_write + timedelta(seconds=ttl_seconds),
+        progress=Progress(
+            completed=record.completed, total=total, percent=percent(record.completed, total)
+        ),
+        providers=record.providers,
+        quotes=record.quotes,
+        last_event_id=state.last_event_id,
+        stream_url=f"/api/quotes/{record.run_id}/stream",
+        error=record.error,
+        events=[e.as_dict() for e in state.events] if with_events else None,
+    )
+
+
+async def get_quote_run(request: Request, context: FunctionContext) -> Response:
+    run_id = run_id_from(request)
+    if run_id is None or not is_run_id(run_id):
+        raise run_not_found()
+    since = _integer_param(request, "since", minimum=-1, maximum=2**53)
+    limit = _integer_param(request, "limit", minimum=1, maximum=MAX_LIMIT) or DEFAULT_LIMIT
+    store = context.store
+    state = await store.get_run(run_id, events_after=since, limit=limit)
+    if state is None:
+        raise run_not_found()
+    if await finalize_if_stale(store, state, context.settings):
+        state = await store.get_run(run_id, events_after=since, limit=limit)
+        if state is None:
+            raise run_not_found()
+    body = snapshot(state, context.settings.run_ttl_seconds, with_events=since is not None)
+    return JSONResponse(
+        body.model_dump(mode="json", exclude_none=True),
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+app = function_app(get_quote_run, methods=("GET",))

@@ -1,0 +1,126 @@
+"""GET /api/quotes/{runId}/stream: the run's events as Server-Sent Events. Replays what came
+after the client's cursor, then delivers live events until the terminal one, and closes on its
+own before the invocation's deadline so the client reconnects, to any instance, with
+Last-Event-ID."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from lib.config import Settings
+from lib.http import (
+    FunctionContext,
+    Problem,
+    function_app,
+    invocation_deadline,
+    run_id_from,
+    run_not_found,
+)
+from lib.models import is_run_id
+from lib.sse import KEEP_ALIVE, RETRY, EventStreamResponse, encode_event
+from lib.store import RunState, Store, StoreUnavailable
+from lib.workflow import finalize_if_stale, next_stale_check
+
+KEEP_ALIVE_SECONDS = 15.0
+# A stream ends this long before its invocation would be cut off.
+DEADLINE_MARGIN_SECONDS = 5.0
+# Where neither the invocation's deadline nor STREAM_MAX_SECONDS is known.
+DEFAULT_STREAM_SECONDS = 280.0
+# Staleness is checked at most this often, even while the run looks overdue.
+MIN_CHECK_INTERVAL = 1.0
+_CURSOR = re.compile(r"\d{1,16}")
+
+
+def _cursor(request: Request) -> int:
+    header = request.headers.get("last-event-id", "").strip()
+    raw = header or request.query_params.get("lastEventId")
+    if raw is None or raw == "":
+        return -1
+    if not _CURSOR.fullmatch(raw):
+        raise Problem(
+            400,
+            "invalid-last-event-id",
+            "Invalid Last-Event-ID",
+            "Last-Event-ID (or lastEventId) must be a non-negative integer event id.",
+        )
+    return int(raw)
+
+
+def stream_close_time(settings: Settings) -> float:
+    """time.time() at which the stream closes itself."""
+    now = time.time()
+    candidates = []
+    deadline = invocation_deadline()
+    if deadline is not None:
+        candidates.append(deadline.timestamp() - DEADLINE_MARGIN_SECONDS)
+    if settings.stream_max_seconds is not None:
+        candidates.append(now + settings.stream_max_seconds)
+    return min(candidates) if candidates else now + DEFAULT_STREAM_SECONDS
+
+
+async def _run_events(
+    store: Store, state: RunState, cursor: int, settings: Settings, close_at: float
+) -> AsyncIterator[bytes]:
+    run_id = state.record.run_id
+    yield RETRY
+    last_sent = time.monotonic()
+    not_before = time.time() + MIN_CHECK_INTERVAL
+    try:
+        async with store.watch(run_id) as watch:
+            while True:
+                now = time.time()
+                check_at = max(next_stale_check(state, settings, watch.last_heard), not_before)
+                keep_alive_at = last_sent + KEEP_ALIVE_SECONDS - time.monotonic() + now
+                wake_at = min(close_at, check_at, keep_alive_at)
+                events = await watch.next_events(cursor, timeout=max(0.0, wake_at - now))
+                if events:
+                    for event in events:
+                        yield encode_event(event)
+                        cursor = event.id
+                        if event.is_terminal:
+                            return
+                    last_sent = time.monotonic()
+                    continue
+                now = time.time()
+                if now >= close_at:
+                    return
+                if time.monotonic() - last_sent >= KEEP_ALIVE_SECONDS:
+                    yield KEEP_ALIVE
+                    last_sent = time.monotonic()
+                if now >= check_at:
+                    fresh = await store.get_run(run_id)
+                    if fresh is None:
+                        return
+                    state = fresh
+                    await finalize_if_stale(store, state, settings)
+                    not_before = time.time() + MIN_CHECK_INTERVAL
+    except StoreUnavailable:
+        # End the stream; the client reconnects after `retry` and resumes from its cursor.
+        return
+
+
+async def stream_quote_run(request: Request, context: FunctionContext) -> Response:
+    run_id = run_id_from(request)
+    if run_id is None or not is_run_id(run_id):
+        raise run_not_found()
+    cursor = _cursor(request)
+    store = context.store
+    state = await store.get_run(run_id)
+    if state is None:
+        raise run_not_found()
+    if await finalize_if_stale(store, state, context.settings):
+        state = await store.get_run(run_id) or state
+    terminal = state.finalized or state.record.status != "processing"
+    if terminal and state.last_event_id <= cursor:
+        # Nothing more will come: 204 tells an EventSource to stop reconnecting.
+        return Response(status_code=204, headers={"Cache-Control": "no-store"})
+    close_at = stream_close_time(context.settings)
+    return EventStreamResponse(_run_events(store, state, cursor, context.settings, close_at))
+
+
+app = function_app(stream_quote_run, methods=("GET",))

@@ -1,0 +1,326 @@
+"""A quote run from start to its one terminal event, and the finalization of runs whose worker
+is gone.
+
+The workflow runs in the invocation that created the run (after its 202). It is the run's only
+writer: it keeps the record in memory, and every append carries the updated record with it, so
+record and events never disagree. Anything it writes after the run was finalized elsewhere is
+refused by the store's fence, and it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from lib.config import Settings
+from lib.models import (
+    PROVIDER_NAMES,
+    ActivityEvent,
+    CompleteEvent,
+    ErrorEvent,
+    ErrorInfo,
+    ProgressEvent,
+    ProviderErrorEvent,
+    ProviderId,
+    ProviderState,
+    QuoteEvent,
+    QuoteRequest,
+    RunErrorCode,
+    RunEvent,
+    RunRecord,
+    StartedEvent,
+    percent,
+    utc_now,
+)
+from lib.providers.base import ProviderError, QuoteSource
+from lib.providers.retry import quote_with_retries
+from lib.store import RunFinalized, RunNotFound, RunState, Store, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+RUN_ERROR_MESSAGES: dict[RunErrorCode, str] = {
+    "worker_lost": "The worker running this quote stopped responding.",
+    "deadline_exceeded": "The quote run did not finish within its time limit.",
+    "internal": "The quote run failed unexpectedly.",
+}
+# Insurers quoted at once; all five by default.
+MAX_CONCURRENT_PROVIDERS = 5
+# Longest a stored write is retried while storage is unavailable.
+STORE_RETRY_SECONDS = 30.0
+ACTIVITY_MAX_CHARS = 280
+
+
+def new_run_record(
+    run_id: str, request: QuoteRequest, providers: list[ProviderId], deadline: datetime
+) -> RunRecord:
+    now = utc_now()
+    return RunRecord(
+        run_id=run_id,
+        created_at=now,
+        updated_at=now,
+        heartbeat_at=now,
+        deadline=deadline,
+        coverage=request.coverage,
+        providers=[ProviderState(provider=p) for p in providers],
+    )
+
+
+def run_deadline(settings: Settings, invocation_deadline: datetime | None) -> datetime:
+    """The invocation's deadline less 5 s, or createdAt + RUN_MAX_SECONDS where there is none."""
+    if invocation_deadline is not None:
+        return invocation_deadline - timedelta(seconds=5)
+    return utc_now() + timedelta(seconds=settings.run_max_seconds)
+
+
+def failed_record(record: RunRecord, code: RunErrorCode) -> RunRecord:
+    """The record of a run that failed as a whole: unfinished providers fail with its code."""
+    message = RUN_ERROR_MESSAGES[code]
+    now = utc_now()
+    return record.model_copy(
+        update={
+            "status": "failed",
+            "updated_at": now,
+            "heartbeat_at": now,
+            "error": ErrorInfo(code=code, message=message),
+            "providers": [
+                p
+                if p.status in ("quoted", "failed")
+                else p.model_copy(
+                    update={"status": "failed", "error": ErrorInfo(code=code, message=message)}
+                )
+                for p in record.providers
+            ],
+        }
+    )
+
+
+def stale_reason(state: RunState, settings: Settings, now: datetime) -> RunErrorCode | None:
+    """Why a processing run must be finalized by a reader, or None while its worker is alive."""
+    record = state.record
+    if state.finalized or record.status != "processing":
+        return None
+    if now >= record.deadline:
+        return "deadline_exceeded"
+    if now - record.heartbeat_at > timedelta(seconds=settings.run_lease_seconds):
+        return "worker_lost"
+    return None
+
+
+def next_stale_check(state: RunState, settings: Settings, last_heard: float | None) -> float:
+    """time.time() at which the run would turn stale if its worker shows no sign of life."""
+    heartbeat = state.record.heartbeat_at.timestamp()
+    if last_heard is not None:
+        heartbeat = max(heartbeat, last_heard)
+    return min(heartbeat + settings.run_lease_seconds, state.record.deadline.timestamp()) + 0.05
+
+
+async def finalize_if_stale(store: Store, state: RunState, settings: Settings) -> bool:
+    """Finalize a run whose worker is gone or whose deadline passed: once, by whichever reader
+    sees it first. Returns True when the run is (now) finalized by this or another reader."""
+    reason = stale_reason(state, settings, utc_now())
+    if reason is None:
+        return False
+    event = ErrorEvent(code=reason, message=RUN_ERROR_MESSAGES[reason])
+    event_id = await store.finalize_stale_run(state, event, failed_record(state.record, reason))
+    if event_id is not None:
+        log.info("run %s finalized as %s by a reader", state.record.run_id, reason)
+    return True
+
+
+class QuoteRun:
+    """Runs the selected providers concurrently and ends the run with exactly one terminal event."""
+
+    def __init__(
+        self,
+        store: Store,
+        source: QuoteSource,
+        settings: Settings,
+        request: QuoteRequest,
+        record: RunRecord,
+    ) -> None:
+        self._store = store
+        self._source = source
+        self._settings = settings
+        self._request = request
+        self._record = record
+        self._lock = asyncio.Lock()
+        self._last_write = time.monotonic()
+        self._fenced = False
+
+    @property
+    def run_id(self) -> str:
+        return self._record.run_id
+
+    async def run(self) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat())
+        try:
+            await self._run_to_end()
+        except RunFinalized:
+            log.info("run %s was finalized elsewhere; this worker stops", self.run_id)
+        except (StoreUnavailable, RunNotFound) as error:
+            # Readers finalize the run as worker_lost once its heartbeat is older than the lease.
+            log.error("run %s abandoned: %s", self.run_id, error)
+        except Exception:
+            log.exception("run %s failed unexpectedly", self.run_id)
+            with contextlib.suppress(RunFinalized, StoreUnavailable, RunNotFound):
+                await self._fail("internal")
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _run_to_end(self) -> None:
+        providers = [p.provider for p in self._record.providers]
+        await self._emit(_unchanged, StartedEvent(providers=providers, total=len(providers)))
+        remaining = (self._record.deadline - utc_now()).total_seconds()
+        try:
+            async with asyncio.timeout(max(remaining, 0)):
+                await self._quote_all(providers)
+        except TimeoutError:
+            await self._fail("deadline_exceeded")
+            return
+        await self._complete()
+
+    async def _quote_all(self, providers: list[ProviderId]) -> None:
+        gate = asyncio.Semaphore(MAX_CONCURRENT_PROVIDERS)
+        try:
+            async with asyncio.TaskGroup() as group:
+                for provider in providers:
+                    group.create_task(self._quote_one(provider, gate))
+        except ExceptionGroup as failures:
+            # One failure is enough to stop the run; the first says why.
+            raise failures.exceptions[0] from None
+
+    async def _quote_one(self, provider: ProviderId, gate: asyncio.Semaphore) -> None:
+        async with gate:
+            name = PROVIDER_NAMES[provider]
+            await self._activity(provider, f"Starting {name} quote", status="running")
+
+            async def report(message: str) -> None:
+                await self._activity(provider, message)
+
+            try:
+                quote = await quote_with_retries(
+                    self._source,
+                    self._request,
+                    provider,
+                    report,
+                    timeout_seconds=self._settings.provider_timeout_seconds,
+                )
+            except ProviderError as error:
+                info = ErrorInfo(code=error.code, message=error.message)
+                await self._emit(
+                    lambda r: _with_provider(r, provider, status="failed", error=info),
+                    ProviderErrorEvent(
+                        provider=provider,
+                        code=error.code,
+                        message=error.message,
+                        retryable=error.retryable,
+                    ),
+                )
+            else:
+                await self._emit(
+                    lambda r: _with_provider(r, provider, status="quoted", quote=quote),
+                    QuoteEvent(provider=provider, quote=quote),
+                )
+            done = self._record.completed
+            total = len(self._record.providers)
+            await self._emit(
+                _unchanged,
+                ProgressEvent(completed=done, total=total, percent=percent(done, total)),
+            )
+
+    async def _activity(
+        self, provider: ProviderId, message: str, *, status: str | None = None
+    ) -> None:
+        text = " ".join(message.split())[:ACTIVITY_MAX_CHARS] or "Working"
+        changes: dict[str, object] = {"last_activity": text}
+        if status is not None:
+            changes["status"] = status
+        await self._emit(
+            lambda r: _with_provider(r, provider, **changes),
+            ActivityEvent(provider=provider, message=text),
+        )
+
+    async def _complete(self) -> None:
+        def finish(record: RunRecord) -> RunRecord:
+            return record.model_copy(update={"status": "completed"})
+
+        quotes = self._record.quotes
+        failed = [p.provider for p in self._record.providers if p.status == "failed"]
+        best = quotes[0].provider if quotes else None
+        await self._emit(finish, CompleteEvent(quotes=quotes, best=best, failed=failed))
+
+    async def _fail(self, code: RunErrorCode) -> None:
+        await self._emit(
+            lambda r: failed_record(r, code),
+            ErrorEvent(code=code, message=RUN_ERROR_MESSAGES[code]),
+        )
+
+    async def _emit(self, change: Callable[[RunRecord], RunRecord], event: RunEvent) -> int:
+        """Append one event with the record it implies, as one atomic, fenced store write.
+        Writes are serialised, so ids follow the order the workflow decided on; a write that
+        storage could not take is retried with the same nonce, so it lands exactly once."""
+        async with self._lock:
+            now = utc_now()
+            record = change(self._record).model_copy(
+                update={"updated_at": now, "heartbeat_at": now}
+            )
+            nonce = uuid.uuid4().hex
+            give_up = time.monotonic() + STORE_RETRY_SECONDS
+            delay = 0.5
+            while True:
+                try:
+                    event_id = await self._store.append_event(
+                        self.run_id, event, record=record, nonce=nonce
+                    )
+                    break
+                except StoreUnavailable:
+                    if time.monotonic() + delay > give_up:
+                        raise
+                    log.warning("run %s: storage unavailable, retrying an append", self.run_id)
+                    await asyncio.sleep(delay * (1 + random.random() / 2))
+                    delay = min(delay * 2, 5.0)
+            self._record = record
+            self._last_write = time.monotonic()
+            return event_id
+
+    async def _heartbeat(self) -> None:
+        """Every append refreshes the heartbeat; when none came for lease/3, write one."""
+        interval = self._settings.run_lease_seconds / 3
+        while True:
+            await asyncio.sleep(max(0.0, self._last_write + interval - time.monotonic()))
+            async with self._lock:
+                if time.monotonic() - self._last_write < interval:
+                    continue
+                now = utc_now()
+                record = self._record.model_copy(update={"heartbeat_at": now})
+                try:
+                    await self._store.update_run(record)
+                except StoreUnavailable:
+                    log.warning("run %s: heartbeat failed; retrying soon", self.run_id)
+                    self._last_write = time.monotonic() - interval * 0.75
+                    continue
+                self._record = record
+                self._last_write = time.monotonic()
+
+
+def _unchanged(record: RunRecord) -> RunRecord:
+    return record
+
+
+def _with_provider(record: RunRecord, provider: ProviderId, **changes: object) -> RunRecord:
+    return record.model_copy(
+        update={
+            "providers": [
+                p.model_copy(update=changes) if p.provider == provider else p
+                for p in record.providers
+            ]
+        }
+    )

@@ -1,0 +1,521 @@
+"""Each route in-process, on both stores: every documented status, the snapshot, the SSE framing.
+
+httpx's ASGITransport answers only when the app returns, so a POST here returns after its whole
+run (the simulated source runs with no delays); live streaming is covered end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from lib.config import get_settings
+from lib.models import ActivityEvent, StartedEvent, utc_now
+from lib.store import Store, open_store
+from tests.conftest import make_record
+from tests.functions import VercelRouter
+
+VALID: dict[str, Any] = {
+    "vin": "2C3CDZAG2GH967639",
+    "zip": "94107",
+    "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
+    "vehicle": {"annualMileage": 12000, "use": "commute", "ownership": "owned"},
+    "coverage": "standard",
+    "providers": ["geico", "progressive"],
+}
+
+
+@pytest.fixture
+def configure(store_kind: str, tmp_path, monkeypatch, request: pytest.FixtureRequest):
+    """Sets the environment of a function instance; call again to change it."""
+
+    def apply(**env: str) -> None:
+        for name in ("KV_REST_API_URL", "KV_REST_API_TOKEN", "VERCEL", "VERCEL_ENV"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("QUOTES_DB_PATH", str(tmp_path / "quotes.sqlite3"))
+        monkeypatch.setenv("SIMULATED_DELAY_SCALE", "0")
+        monkeypatch.setenv("RUN_LEASE_SECONDS", "3")
+        monkeypatch.setenv("STREAM_MAX_SECONDS", "5")
+        if store_kind == "kv":
+            server = request.getfixturevalue("upstash_server")
+            monkeypatch.setenv("KV_REST_API_URL", server.url)
+            monkeypatch.setenv("KV_REST_API_TOKEN", server.token)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    apply()
+    yield apply
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+async def api(configure) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=VercelRouter())
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        yield client
+
+
+@pytest.fixture
+async def store(configure) -> AsyncIterator[Store]:
+    built = open_store(get_settings())
+    yield built
+    await built.aclose()
+
+
+def problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["title"] and body["detail"] and body["type"]
+    return body
+
+
+def field_errors(response: httpx.Response) -> dict[str, str]:
+    body = problem(response, 422)
+    return {e["field"]: e["message"] for e in body["errors"]}
+
+
+def sse_events(text: str) -> list[dict[str, Any]]:
+    return [
+        json.loads(line.removeprefix("data: "))
+        for line in text.splitlines()
+        if line.startswith("data: ")
+    ]
+
+
+# --- POST /api/quotes ------------------------------------------------------------------------
+
+
+async def test_post_accepts_a_run_and_the_run_completes_with_quotes_cheapest_first(api) -> None:
+    response = await api.post("/api/quotes", json=VALID)
+    assert response.status_code == 202
+    body = response.json()
+    run_id = body["runId"]
+    assert body == {
+        "runId": run_id,
+        "status": "processing",
+        "statusUrl": f"/api/quotes/{run_id}",
+        "streamUrl": f"/api/quotes/{run_id}/stream",
+    }
+    assert response.headers["location"] == f"/api/quotes/{run_id}"
+
+    snapshot = (await api.get(f"/api/quotes/{run_id}")).json()
+    assert snapshot["status"] == "completed"
+    assert snapshot["progress"] == {"completed": 2, "total": 2, "percent": 100}
+    assert [p["provider"] for p in snapshot["providers"]] == ["geico", "progressive"]
+    premiums = [q["monthlyPremium"] for q in snapshot["quotes"]]
+    assert premiums == sorted(premiums) and len(premiums) == 2
+    assert all(q["source"] == "simulated" for q in snapshot["quotes"])
+    assert snapshot["lastEventId"] >= 6
+    assert snapshot["streamUrl"] == f"/api/quotes/{run_id}/stream"
+
+
+async def test_run_events_follow_the_contract_from_started_to_complete(api) -> None:
+    run_id = (await api.post("/api/quotes", json={**VALID, "providers": None})).json()["runId"]
+    events = (await api.get(f"/api/quotes/{run_id}?since=-1&limit=1000")).json()["events"]
+    assert [e["id"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "started"
+    assert events[0]["total"] == 5
+    assert events[-1]["type"] == "complete"
+    assert [e["type"] for e in events].count("complete") == 1
+    progress = [e for e in events if e["type"] == "progress"]
+    assert [p["completed"] for p in progress] == [1, 2, 3, 4, 5]
+    assert progress[-1]["percent"] == 100
+    outcomes = [e for e in events if e["type"] in ("quote", "provider_error")]
+    assert len(outcomes) == 5
+    complete = events[-1]
+    quoted = [q["monthlyPremium"] for q in complete["quotes"]]
+    assert quoted == sorted(quoted)
+    assert complete["best"] == (complete["quotes"][0]["provider"] if quoted else None)
+
+
+async def test_personal_data_is_not_in_responses_or_storage(api, store_kind, tmp_path) -> None:
+    run_id = (await api.post("/api/quotes", json=VALID)).json()["runId"]
+    snapshot = (await api.get(f"/api/quotes/{run_id}?since=-1")).text
+    stream = (await api.get(f"/api/quotes/{run_id}/stream")).text
+    for text in (snapshot, stream):
+        assert "Ana" not in text and "Lee" not in text and "1990-04-12" not in text
+    if store_kind == "sqlite":
+        stored = (tmp_path / "quotes.sqlite3").read_bytes()
+        for wal in tmp_path.glob("quotes.sqlite3-wal"):
+            stored += wal.read_bytes()
+        assert b"1990-04-12" not in stored and b'"Ana"' not in stored
+
+
+async def test_other_methods_are_405_with_allow(api) -> None:
+    for method in ("GET", "PUT", "DELETE"):
+        response = await api.request(method, "/api/quotes")
+        problem(response, 405)
+        assert response.headers["allow"] == "POST, OPTIONS"
+    response = await api.post("/api/quotes/" + "a" * 22)
+    problem(response, 405)
+    assert response.headers["allow"] == "GET, OPTIONS"
+
+
+async def test_non_json_content_type_is_415(api) -> None:
+    response = await api.post(
+        "/api/quotes", content=json.dumps(VALID), headers={"content-type": "text/plain"}
+    )
+    problem(response, 415)
+    missing = await api.post("/api/quotes", content=json.dumps(VALID))
+    problem(missing, 415)
+
+
+async def test_json_suffix_and_charset_are_accepted(api) -> None:
+    for content_type in ("application/json; charset=utf-8", "application/vnd.quote+json"):
+        response = await api.post(
+            "/api/quotes", content=json.dumps(VALID), headers={"content-type": content_type}
+        )
+        assert response.status_code == 202, content_type
+
+
+async def test_body_over_16_kib_is_413(api) -> None:
+    padded = {**VALID, "padding": "x" * 17000}
+    problem(await api.post("/api/quotes", json=padded), 413)
+
+
+async def test_malformed_json_is_400(api) -> None:
+    response = await api.post(
+        "/api/quotes", content=b'{"vin": ', headers={"content-type": "application/json"}
+    )
+    assert "not valid JSON" in problem(response, 400)["detail"]
+
+
+async def test_checks_run_in_the_documented_order(api) -> None:
+    big_text = b"x" * 20000
+    assert (await api.put("/api/quotes", content=big_text)).status_code == 405
+    response = await api.post("/api/quotes", content=big_text, headers={"content-type": "text/x"})
+    assert response.status_code == 415
+    response = await api.post(
+        "/api/quotes", content=big_text, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+    response = await api.post(
+        "/api/quotes", content=b"{bad", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "message"),
+    [
+        ({"vin": "2C3CDZAG7GH967639"}, "vin", "check digit is 7, expected 2"),
+        ({"vin": "2C3CDZAG2GH96763"}, "vin", "must be 17 characters, got 16"),
+        ({"vin": "2C3CDZAG2GHI67639"}, "vin", "must not contain the letters I, O or Q (found I)"),
+        ({"zip": "9410"}, "zip", "must be a US ZIP code: 12345 or 12345-6789"),
+        ({"coverage": "platinum"}, "coverage", "must be one of minimum, standard or full"),
+        ({"providers": []}, "providers", "must name at least one provider"),
+        ({"providers": ["geico", "acme"]}, "providers.1", "unknown provider 'acme'"),
+        ({"providers": ["geico", "geico"]}, "providers", "'geico' is listed twice"),
+        ({"color": "red"}, "color", "is not a known field"),
+        ({"vehicle": {"annualMileage": 150001}}, "vehicle.annualMileage", "150000"),
+        ({"vehicle": {"use": "racing"}}, "vehicle.use", "must be one of"),
+        ({"vehicle": {"wheels": 4}}, "vehicle.wheels", "is not a known field"),
+    ],
+)
+async def test_invalid_fields_are_422_and_named(api, change, field, message) -> None:
+    errors = field_errors(await api.post("/api/quotes", json={**VALID, **change}))
+    assert field in errors, errors
+    assert message in errors[field]
+
+
+@pytest.mark.parametrize(
+    ("driver", "field", "message"),
+    [
+        ({"dateOfBirth": "1990-13-01"}, "driver.dateOfBirth", "ISO date"),
+        ({"firstName": "   "}, "driver.firstName", "1 to 64 characters"),
+        ({"lastName": "1234"}, "driver.lastName", "must contain a letter"),
+        ({"lastName": "x" * 65}, "driver.lastName", "1 to 64 characters"),
+        ({"middleName": "Q"}, "driver.middleName", "is not a known field"),
+    ],
+)
+async def test_invalid_driver_fields_are_422_and_named(api, driver, field, message) -> None:
+    body = {**VALID, "driver": {**VALID["driver"], **driver}}
+    errors = field_errors(await api.post("/api/quotes", json=body))
+    assert message in errors[field]
+
+
+async def test_driver_age_must_be_16_to_100_today(api) -> None:
+    today = utc_now().date()
+    too_young = today.replace(year=today.year - 15).isoformat()
+    body = {**VALID, "driver": {**VALID["driver"], "dateOfBirth": too_young}}
+    errors = field_errors(await api.post("/api/quotes", json=body))
+    assert "16 to 100 years old" in errors["driver.dateOfBirth"]
+    sixteen = today.replace(year=today.year - 16).isoformat()
+    body = {**VALID, "driver": {**VALID["driver"], "dateOfBirth": sixteen}}
+    assert (await api.post("/api/quotes", json=body)).status_code == 202
+
+
+async def test_every_invalid_field_is_reported_at_once(api) -> None:
+    body = {"vin": "x", "zip": "y", "extra": 1}
+    response = await api.post("/api/quotes", json=body)
+    errors = field_errors(response)
+    assert set(errors) == {"vin", "zip", "driver", "extra"}
+    assert response.json()["detail"] == "4 fields are invalid"
+
+
+async def test_json_that_is_not_an_object_is_422(api) -> None:
+    for body in ([VALID], "hello", 3, None):
+        response = await api.post(
+            "/api/quotes", content=json.dumps(body), headers={"content-type": "application/json"}
+        )
+        problem(response, 422)
+
+
+async def test_null_optional_fields_mean_absent_and_vin_is_normalised(api) -> None:
+    body = {**VALID, "vin": VALID["vin"].lower(), "vehicle": None, "coverage": None}
+    body["providers"] = None
+    response = await api.post("/api/quotes", json=body)
+    assert response.status_code == 202
+    snapshot = (await api.get(response.headers["location"])).json()
+    assert snapshot["progress"]["total"] == 5
+
+
+async def test_same_idempotency_key_and_body_returns_the_same_run_with_200(api) -> None:
+    headers = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
+    first = await api.post("/api/quotes", json=VALID, headers=headers)
+    # Key order and VIN case do not change the normalised body.
+    second = await api.post(
+        "/api/quotes",
+        json={**dict(reversed(list(VALID.items()))), "vin": VALID["vin"].lower()},
+        headers=headers,
+    )
+    assert first.status_code == 202
+    assert second.status_code == 200
+    assert second.json() == first.json()
+    assert second.headers["location"] == first.headers["location"]
+
+
+async def test_same_idempotency_key_with_another_body_is_422(api) -> None:
+    headers = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
+    await api.post("/api/quotes", json=VALID, headers=headers)
+    response = await api.post("/api/quotes", json={**VALID, "zip": "10001"}, headers=headers)
+    assert problem(response, 422)["type"].endswith("/idempotency-key-reused")
+
+
+async def test_malformed_idempotency_key_is_400(api) -> None:
+    for key in (b"", b"has space", b"x" * 256, "é".encode()):
+        response = await api.post(
+            "/api/quotes",
+            content=json.dumps(VALID).encode(),
+            headers=[(b"content-type", b"application/json"), (b"idempotency-key", key)],
+        )
+        problem(response, 400)
+
+
+async def test_deployed_on_vercel_without_kv_is_503_with_a_clear_detail(
+    api, configure, store_kind
+) -> None:
+    if store_kind == "kv":
+        pytest.skip("the case is a deployment with no KV configured")
+    configure(VERCEL="1", VERCEL_ENV="production")
+    api._transport = httpx.ASGITransport(app=VercelRouter())  # a fresh instance
+    body = problem(await api.post("/api/quotes", json=VALID), 503)
+    assert "KV" in body["detail"]
+    problem(await api.get("/api/quotes/" + "a" * 22), 503)
+
+
+async def test_vercel_dev_without_kv_uses_the_embedded_store(api, configure, store_kind) -> None:
+    if store_kind == "kv":
+        pytest.skip("the case is a deployment with no KV configured")
+    configure(VERCEL="1", VERCEL_ENV="development")
+    api._transport = httpx.ASGITransport(app=VercelRouter())
+    assert (await api.post("/api/quotes", json=VALID)).status_code == 202
+
+
+async def test_unreachable_storage_is_503_with_retry_after(api, configure) -> None:
+    configure(KV_REST_API_URL="http://127.0.0.1:9", KV_REST_API_TOKEN="t")
+    api._transport = httpx.ASGITransport(app=VercelRouter())
+    response = await api.post("/api/quotes", json=VALID)
+    problem(response, 503)
+    assert response.headers["retry-after"] == "2"
+    response = await api.get("/api/quotes/" + "b" * 22)
+    problem(response, 503)
+
+
+async def test_an_unexpected_failure_is_a_500_problem_without_a_traceback(api, monkeypatch) -> None:
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("secret internals /srv/app.py line 3")
+
+    monkeypatch.setattr("lib.sqlite_store.SQLiteStore.get_run", broken)
+    monkeypatch.setattr("lib.kv_store.KVStore.get_run", broken)
+    response = await api.get("/api/quotes/" + "c" * 22)
+    body = problem(response, 500)
+    assert "secret internals" not in response.text and "Traceback" not in response.text
+    assert body["detail"] == "The server failed to handle the request."
+
+
+# --- CORS -------------------------------------------------------------------------------------
+
+
+async def test_cors_preflight_allows_the_documented_headers(api) -> None:
+    response = await api.options(
+        "/api/quotes",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, idempotency-key",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["access-control-allow-origin"] in ("*", "https://app.example")
+    allowed = response.headers["access-control-allow-headers"].lower()
+    assert "idempotency-key" in allowed and "last-event-id" in allowed
+
+
+async def test_cors_exposes_location_and_respects_the_allow_list(api, configure) -> None:
+    response = await api.post("/api/quotes", json=VALID, headers={"Origin": "https://a.example"})
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert "location" in response.headers["access-control-expose-headers"].lower()
+
+    configure(CORS_ALLOW_ORIGINS="https://good.example")
+    api._transport = httpx.ASGITransport(app=VercelRouter())
+    good = await api.post("/api/quotes", json=VALID, headers={"Origin": "https://good.example"})
+    assert good.headers["access-control-allow-origin"] == "https://good.example"
+    bad = await api.options(
+        "/api/quotes",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert bad.status_code == 400
+    assert "access-control-allow-origin" not in bad.headers
+
+
+# --- GET /api/quotes/{runId} -------------------------------------------------------------------
+
+
+async def test_malformed_run_ids_are_404_without_touching_storage(api, configure) -> None:
+    configure(KV_REST_API_URL="http://127.0.0.1:9", KV_REST_API_TOKEN="t")
+    api._transport = httpx.ASGITransport(app=VercelRouter())
+    for run_id in ("short", "x" * 23, "a" * 21 + "!", "%20" * 8):
+        problem(await api.get(f"/api/quotes/{run_id}"), 404)
+        problem(await api.get(f"/api/quotes/{run_id}/stream"), 404)
+
+
+async def test_unknown_run_is_404(api) -> None:
+    problem(await api.get("/api/quotes/" + "Z" * 22), 404)
+    problem(await api.get("/api/quotes/" + "Z" * 22 + "/stream"), 404)
+
+
+async def test_since_and_limit_page_through_events(api) -> None:
+    run_id = (await api.post("/api/quotes", json=VALID)).json()["runId"]
+    response = await api.get(f"/api/quotes/{run_id}?since=2&limit=3")
+    assert response.headers["cache-control"] == "no-store"
+    assert [e["id"] for e in response.json()["events"]] == [3, 4, 5]
+    plain = (await api.get(f"/api/quotes/{run_id}")).json()
+    assert "events" not in plain
+
+
+@pytest.mark.parametrize("query", ["since=abc", "since=-2", "since=1.5", "limit=0", "limit=1001"])
+async def test_malformed_since_or_limit_is_400(api, query) -> None:
+    run_id = (await api.post("/api/quotes", json=VALID)).json()["runId"]
+    problem(await api.get(f"/api/quotes/{run_id}?{query}"), 400)
+
+
+# --- stale runs --------------------------------------------------------------------------------
+
+
+async def _orphan_run(store: Store, *, heartbeat_age: float, deadline_in: float) -> str:
+    """A processing run whose worker is gone: an old heartbeat, nobody writing."""
+    now = utc_now()
+    record = make_record(
+        heartbeat_at=now - timedelta(seconds=heartbeat_age),
+        deadline=now + timedelta(seconds=deadline_in),
+    )
+    await store.create_run(record)
+    await store.append_event(record.run_id, StartedEvent(providers=["geico"], total=1))
+    await store.append_event(record.run_id, ActivityEvent(provider="geico", message="working"))
+    return record.run_id
+
+
+async def test_a_run_whose_worker_is_gone_is_finalized_worker_lost_once(api, store) -> None:
+    run_id = await _orphan_run(store, heartbeat_age=60, deadline_in=200)
+    snapshots = await asyncio.gather(*(api.get(f"/api/quotes/{run_id}") for _ in range(5)))
+    for response in snapshots:
+        body = response.json()
+        assert body["status"] == "failed"
+        assert body["error"]["code"] == "worker_lost"
+        assert all(p["error"]["code"] == "worker_lost" for p in body["providers"])
+    events = (await api.get(f"/api/quotes/{run_id}?since=-1")).json()["events"]
+    assert [e["type"] for e in events] == ["started", "activity", "error"]
+
+
+async def test_a_run_past_its_deadline_is_finalized_deadline_exceeded(api, store) -> None:
+    run_id = await _orphan_run(store, heartbeat_age=0, deadline_in=-1)
+    stream = await api.get(f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": "1"})
+    events = sse_events(stream.text)
+    assert [(e["id"], e["type"], e["code"]) for e in events] == [(2, "error", "deadline_exceeded")]
+
+
+async def test_a_stream_of_a_run_that_goes_stale_ends_with_worker_lost(api, store) -> None:
+    # Lease is 3 s: the heartbeat turns stale while the stream waits.
+    run_id = await _orphan_run(store, heartbeat_age=1, deadline_in=200)
+    stream = await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
+    events = sse_events(stream.text)
+    assert [e["type"] for e in events] == ["started", "activity", "error"]
+    assert events[-1]["code"] == "worker_lost"
+
+
+# --- GET /api/quotes/{runId}/stream -------------------------------------------------------------
+
+
+async def test_stream_replays_a_finished_run_byte_for_byte(api) -> None:
+    run_id = (await api.post("/api/quotes", json=VALID)).json()["runId"]
+    events = (await api.get(f"/api/quotes/{run_id}?since=-1&limit=1000")).json()["events"]
+    response = await api.get(f"/api/quotes/{run_id}/stream")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["cache-control"] == "no-cache, no-transform"
+    assert response.headers["x-accel-buffering"] == "no"
+    expected = "retry: 2000\n\n" + "".join(
+        f"id: {e['id']}\ndata: {json.dumps(e, separators=(',', ':'), ensure_ascii=False)}\n\n"
+        for e in events
+    )
+    assert response.text == expected
+    assert "event:" not in response.text
+
+
+async def test_stream_resumes_after_last_event_id_and_the_header_wins(api) -> None:
+    run_id = (await api.post("/api/quotes", json=VALID)).json()["runId"]
+    url = f"/api/quotes/{run_id}/stream"
+    by_header = sse_events((await api.get(url, headers={"Last-Event-ID": "3"})).text)
+    by_query = sse_events((await api.get(url + "?lastEventId=5")).text)
+    both = sse_events((await api.get(url + "?lastEventId=5", headers={"Last-Event-ID": "2"})).text)
+    empty_header = sse_events((await api.get(url, headers={"Last-Event-ID": ""})).text)
+    assert by_header[0]["id"] == 4
+    assert by_query[0]["id"] == 6
+    assert both[0]["id"] == 3
+    assert empty_header[0]["id"] == 0
+
+
+async def test_stream_of_a_terminal_run_with_nothing_after_the_cursor_is_204(api) -> None:
+    run_id = (await api.post("/api/quotes", json=VALID)).json()["runId"]
+    last = (await api.get(f"/api/quotes/{run_id}")).json()["lastEventId"]
+    response = await api.get(f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": str(last)})
+    assert response.status_code == 204
+    assert response.content == b""
+
+
+@pytest.mark.parametrize("cursor", ["abc", "-1", "1.0", "1e3", " "])
+async def test_malformed_cursor_is_400(api, cursor) -> None:
+    run_id = (await api.post("/api/quotes", json=VALID)).json()["runId"]
+    response = await api.get(f"/api/quotes/{run_id}/stream?lastEventId={cursor}")
+    problem(response, 400)
+
+
+async def test_stream_closes_itself_at_stream_max_seconds(api, store, configure) -> None:
+    configure(STREAM_MAX_SECONDS="1", RUN_LEASE_SECONDS="60")
+    api._transport = httpx.ASGITransport(app=VercelRouter())
+    run_id = await _orphan_run(store, heartbeat_age=0, deadline_in=200)
+    started = asyncio.get_running_loop().time()
+    response = await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert [e["id"] for e in sse_events(response.text)] == [0, 1]
+    assert 0.9 <= elapsed < 4
