@@ -1,0 +1,5 @@
+import sys
+
+from tools.devhost.cli import main
+
+sys.exit(main())
