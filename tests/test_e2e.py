@@ -1,0 +1,278 @@
+"""End to end: every function in its own OS processes (two instances each, requests spread
+round-robin) under Vercel's Python runtime, hosted by the same code as `make dev`, on both
+stores. Streams are read over real sockets and reconnect onto other instances."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+
+from tests.fake_tinyfish import FakeTinyFishServer
+from tools.devhost import RunningDevHost, start_devhost_process
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parent.parent
+LEASE_SECONDS = 3.0
+REQUEST = {
+    "vin": "2C3CDZAG2GH967639",
+    "zip": "94107",
+    "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
+}
+
+
+def host_env(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
+    env = {
+        "QUOTES_DB_PATH": str(tmp_path / "quotes.sqlite3"),
+        "SIMULATED_DELAY_SCALE": "0.3",
+        "RUN_LEASE_SECONDS": str(LEASE_SECONDS),
+        "KV_REST_API_URL": "",
+        "KV_REST_API_TOKEN": "",
+        "TINYFISH_API_KEY": "",
+    }
+    if store_kind == "kv":
+        server = request.getfixturevalue("upstash_server")
+        env.update(KV_REST_API_URL=server.url, KV_REST_API_TOKEN=server.token)
+    return env
+
+
+@pytest.fixture(scope="module", params=["sqlite", "kv"])
+def host(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[RunningDevHost]:
+    env = host_env(request.param, tmp_path_factory.mktemp(request.param), request)
+    with start_devhost_process(ROOT, instances=2, env=env) as running:
+        running.store_kind = request.param  # type: ignore[attr-defined]
+        yield running
+
+
+@pytest.fixture
+async def client(host: RunningDevHost) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=host.url, timeout=30) as http:
+        yield http
+
+
+@dataclass
+class StreamVisit:
+    status: int
+    instance: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def visit_stream(
+    client: httpx.AsyncClient,
+    run_id: str,
+    last_event_id: int | None,
+    *,
+    max_events: int | None = None,
+    on_event: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+) -> StreamVisit:
+    """Connect once; read until the terminal event, `max_events`, or the server closes."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
+    async with aconnect_sse(
+        client, "GET", f"/api/quotes/{run_id}/stream", headers=headers
+    ) as source:
+        visit = StreamVisit(
+            source.response.status_code, source.response.headers.get("x-devhost-instance", "")
+        )
+        if visit.status != 200:
+            return visit
+        async for sse in source.aiter_sse():
+            if not sse.data:
+                continue
+            event = json.loads(sse.data)
+            assert sse.id == str(event["id"])
+            visit.events.append(event)
+            if on_event is not None:
+                await on_event(event)
+            if event["type"] in ("complete", "error"):
+                break
+            if max_events is not None and len(visit.events) >= max_events:
+                break
+    return visit
+
+
+async def start_run(client: httpx.AsyncClient, **changes: Any) -> tuple[str, str]:
+    response = await client.post("/api/quotes", json={**REQUEST, **changes})
+    assert response.status_code == 202, response.text
+    return response.json()["runId"], response.headers["x-devhost-instance"]
+
+
+async def read_whole_run(client: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    while not events or events[-1]["type"] not in ("complete", "error"):
+        cursor = events[-1]["id"] if events else None
+        visit = await visit_stream(client, run_id, cursor)
+        assert visit.status == 200
+        events.extend(visit.events)
+    return events
+
+
+def assert_gap_free(events: list[dict[str, Any]]) -> None:
+    assert [e["id"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "started"
+    assert [e["type"] in ("complete", "error") for e in events].count(True) == 1
+    assert events[-1]["type"] in ("complete", "error")
+
+
+async def test_reconnecting_client_gets_every_event_once_across_instances(client) -> None:
+    run_id, _ = await start_run(client)
+    received: list[dict[str, Any]] = []
+    instances: set[str] = set()
+    while not received or received[-1]["type"] != "complete":
+        cursor = received[-1]["id"] if received else None
+        visit = await visit_stream(client, run_id, cursor, max_events=3)
+        assert visit.status == 200
+        instances.add(visit.instance)
+        received.extend(visit.events)
+    assert_gap_free(received)
+    assert len(instances) == 2, "reconnects should have landed on both stream instances"
+    after_end = await visit_stream(client, run_id, received[-1]["id"])
+    assert after_end.status == 204
+    snapshot = (await client.get(f"/api/quotes/{run_id}")).json()
+    assert snapshot["status"] == "completed"
+    assert snapshot["lastEventId"] == received[-1]["id"]
+
+
+async def test_twenty_concurrent_runs_all_complete_with_gap_free_ids(client) -> None:
+    runs = await asyncio.gather(*(start_run(client) for _ in range(20)))
+    results = await asyncio.gather(*(read_whole_run(client, run_id) for run_id, _ in runs))
+    for events in results:
+        assert_gap_free(events)
+        assert events[-1]["type"] == "complete"
+    assert len({instance for _, instance in runs}) == 2
+
+
+async def test_a_killed_worker_is_finalized_worker_lost_and_open_streams_end_with_it(
+    client, host
+) -> None:
+    run_id, instance = await start_run(client)
+    pid = int(instance.rsplit("pid=", 1)[1])
+    first = await visit_stream(client, run_id, None, max_events=1)
+    assert first.events[0]["type"] == "started"
+
+    async def watch_to_the_end() -> list[dict[str, Any]]:
+        return (await visit_stream(client, run_id, first.events[-1]["id"])).events
+
+    watchers = [asyncio.create_task(watch_to_the_end()) for _ in range(2)]
+    await asyncio.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    endings = await asyncio.wait_for(asyncio.gather(*watchers), timeout=LEASE_SECONDS * 4)
+    for events in endings:
+        assert events[-1]["type"] == "error"
+        assert events[-1]["code"] == "worker_lost"
+    assert time.monotonic() - killed_at < LEASE_SECONDS * 3
+    everything = (await client.get(f"/api/quotes/{run_id}?since=-1&limit=1000")).json()
+    assert_gap_free(everything["events"])
+    assert everything["status"] == "failed"
+    assert everything["error"]["code"] == "worker_lost"
+
+
+async def test_a_stream_whose_push_goes_silent_still_delivers_every_event(
+    client, host, request
+) -> None:
+    if host.store_kind != "kv":
+        pytest.skip("push delivery is the KV backend's")
+    server = request.getfixturevalue("upstash_server")
+    silence_window = LEASE_SECONDS / 3 + 1
+    received_at: dict[int, float] = {}
+
+    async def silence_push_after_the_first_live_event(event: dict[str, Any]) -> None:
+        received_at[event["id"]] = time.time()
+        if event["id"] == 1:
+            # The subscription is established and delivering; now it goes quiet.
+            await asyncio.to_thread(server.set_subscription_mode, "silent")
+
+    try:
+        run_id, _ = await start_run(client)
+        visit = await asyncio.wait_for(
+            visit_stream(client, run_id, None, on_event=silence_push_after_the_first_live_event),
+            timeout=30,
+        )
+    finally:
+        server.set_subscription_mode("normal")
+    assert_gap_free(visit.events)
+    assert visit.events[-1]["type"] == "complete"
+    lateness = [
+        received_at[e["id"]] - datetime.fromisoformat(e["ts"]).timestamp() for e in visit.events
+    ]
+    assert max(lateness) < silence_window + 1.0
+    assert max(lateness) > 0.5, "push was silenced, so some events must have come by polling"
+
+
+async def test_a_stream_whose_subscription_drops_falls_back_to_polling(
+    client, host, request
+) -> None:
+    if host.store_kind != "kv":
+        pytest.skip("push delivery is the KV backend's")
+    server = request.getfixturevalue("upstash_server")
+    run_id, _ = await start_run(client)
+    first = await visit_stream(client, run_id, None, max_events=2)
+    reader = asyncio.create_task(visit_stream(client, run_id, first.events[-1]["id"]))
+    await asyncio.sleep(0.3)
+    server.set_subscription_mode("drop")
+    server.set_fail_subscribe(True)
+    try:
+        rest = await asyncio.wait_for(reader, timeout=30)
+    finally:
+        server.set_fail_subscribe(False)
+    events = first.events + rest.events
+    assert_gap_free(events)
+    assert events[-1]["type"] == "complete"
+
+
+@pytest.fixture(scope="module")
+def tinyfish_host(tmp_path_factory) -> Iterator[tuple[RunningDevHost, FakeTinyFishServer]]:
+    with FakeTinyFishServer(
+        delay_scale=0.2, scenarios={"allstate": "declined", "state_farm": "blocked"}
+    ) as tinyfish:
+        env = {
+            "QUOTES_DB_PATH": str(tmp_path_factory.mktemp("tinyfish") / "quotes.sqlite3"),
+            "KV_REST_API_URL": "",
+            "KV_REST_API_TOKEN": "",
+            "TINYFISH_API_KEY": tinyfish.api_key,
+            "TINYFISH_API_URL": tinyfish.url,
+            "RUN_LEASE_SECONDS": str(LEASE_SECONDS),
+        }
+        with start_devhost_process(ROOT, instances=2, env=env) as running:
+            yield running, tinyfish
+
+
+async def test_a_run_against_the_tinyfish_api_streams_real_agent_progress(tinyfish_host) -> None:
+    host, tinyfish = tinyfish_host
+    async with httpx.AsyncClient(base_url=host.url, timeout=30) as client:
+        run_id, _ = await start_run(client)
+        events = await read_whole_run(client, run_id)
+    assert_gap_free(events)
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for event in events:
+        by_type.setdefault(event["type"], []).append(event)
+    quotes = {e["provider"]: e["quote"] for e in by_type["quote"]}
+    errors = {e["provider"]: e for e in by_type["provider_error"]}
+    assert set(quotes) == {"geico", "progressive", "liberty_mutual"}
+    assert all(q["source"] == "tinyfish" for q in quotes.values())
+    assert errors["allstate"]["code"] == "provider_declined"
+    assert errors["state_farm"]["code"] == "provider_blocked"
+    agent_messages = [
+        e["message"] for e in by_type["activity"] if not e["message"].startswith("Starting")
+    ]
+    assert agent_messages, "the agent's PROGRESS purposes should arrive as activity events"
+    complete = events[-1]
+    assert complete["best"] == complete["quotes"][0]["provider"]
+    assert sorted(complete["failed"]) == ["allstate", "state_farm"]
+    assert len(tinyfish.requests) == 5
+    goals = [r["goal"] for r in tinyfish.requests]
+    assert all("Ana" in g and "1990-04-12" in g for g in goals)
+    for event in events:
+        assert "Ana" not in json.dumps(event) and "1990-04-12" not in json.dumps(event)
