@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ from lib.validation import validation_problem
 from lib.workflow import QuoteRun, new_run_record, run_deadline
 
 MAX_BODY_BYTES = 16 * 1024
+RATE_WINDOW_SECONDS = 60
 _JSON_MEDIA_TYPE = re.compile(r"application/(?:[\w.+-]+\+)?json", re.IGNORECASE)
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
@@ -79,6 +81,28 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
+def client_key(request: Request) -> str:
+    """Who is asking: the first X-Forwarded-For address Vercel's edge sets, else the peer."""
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
+    return forwarded or (request.client.host if request.client else "unknown")
+
+
+async def _enforce_rate_limit(request: Request, context: FunctionContext) -> None:
+    limit = context.settings.rate_limit_per_minute
+    if limit <= 0:
+        return
+    count = await context.store.count_request(client_key(request), RATE_WINDOW_SECONDS)
+    if count > limit:
+        retry_after = RATE_WINDOW_SECONDS - int(time.time()) % RATE_WINDOW_SECONDS
+        raise Problem(
+            429,
+            "rate-limited",
+            "Too many quote runs",
+            f"At most {limit} quote runs a minute may be started from one address.",
+            headers={"Retry-After": str(retry_after)},
+        )
+
+
 async def start_quote_run(request: Request, context: FunctionContext) -> Response:
     _check_content_type(request)
     payload = _parse_json(await _read_body(request))
@@ -92,6 +116,7 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
         raise validation_problem(error) from None
 
     store = context.store
+    await _enforce_rate_limit(request, context)
     run_id = new_run_id()
     providers = quote_request.selected_providers(settings.providers)
     record = new_run_record(

@@ -38,6 +38,7 @@ class Settings:
     cors_allow_origins: tuple[str, ...]
     run_lease_seconds: float
     simulated_delay_scale: float
+    rate_limit_per_minute: int
     on_vercel_deployment: bool
 
     @property
@@ -117,6 +118,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         cors_allow_origins=origins or ("*",),
         run_lease_seconds=_number(env, "RUN_LEASE_SECONDS", 45, minimum=0.3),
         simulated_delay_scale=_number(env, "SIMULATED_DELAY_SCALE", 1.0),
+        rate_limit_per_minute=int(_number(env, "QUOTE_RATE_LIMIT_PER_MINUTE", 30)),
         on_vercel_deployment=env.get("VERCEL") == "1"
         and env.get("VERCEL_ENV") in ("production", "preview"),
     )

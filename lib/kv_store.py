@@ -44,6 +44,7 @@ from lib.store import (
     encode_event,
     idempotency_value,
     parse_idempotency_value,
+    rate_key,
     wire_event,
 )
 
@@ -104,6 +105,12 @@ if ARGV[1] ~= '' then
   end
 end
 return out
+"""
+
+_COUNT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1])) end
+return count
 """
 
 _REFUSED, _MISSING, _CHANGED = -1, -2, -3
@@ -298,6 +305,10 @@ class KVStore(Store):
         except (RunFinalized, RunChanged, RunNotFound):
             return None
 
+    async def count_request(self, client_key: str, window_seconds: int) -> int:
+        key, _ = rate_key(client_key, window_seconds, time.time())
+        return int(await self._script("count", _COUNT_SCRIPT, [key], [str(window_seconds)]))
+
     def watch(self, run_id: str) -> EventWatch:
         return KVEventWatch(self, run_id)
 
@@ -329,6 +340,7 @@ _APPEND_SCRIPT = _Script(_APPEND)
 _UPDATE_SCRIPT = _Script(_UPDATE)
 _CREATE_SCRIPT = _Script(_CREATE)
 _READ_SCRIPT = _Script(_READ)
+_COUNT_SCRIPT = _Script(_COUNT)
 
 
 def _raise_for(result: int, run_id: str) -> None:

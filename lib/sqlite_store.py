@@ -29,6 +29,7 @@ from lib.store import (
     encode_event,
     idempotency_value,
     parse_idempotency_value,
+    rate_key,
     wire_event,
 )
 
@@ -50,6 +51,11 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (run_id, id)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_nonce ON events (run_id, nonce);
+CREATE TABLE IF NOT EXISTS request_counts (
+    key        TEXT PRIMARY KEY,
+    count      INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency (
     key_hash   TEXT PRIMARY KEY,
     value      TEXT NOT NULL,
@@ -111,6 +117,7 @@ class SQLiteStore(Store):
         )
         db.execute("DELETE FROM runs WHERE expires_at <= ?", (now,))
         db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+        db.execute("DELETE FROM request_counts WHERE expires_at <= ?", (now,))
 
     async def create_run(
         self, record: RunRecord, idempotency: IdempotencyClaim | None = None
@@ -289,6 +296,20 @@ class SQLiteStore(Store):
             )
         except (RunFinalized, RunChanged, RunNotFound):
             return None
+
+    async def count_request(self, client_key: str, window_seconds: int) -> int:
+        now = time.time()
+        key, remaining = rate_key(client_key, window_seconds, now)
+
+        def count(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "INSERT INTO request_counts VALUES (?, 1, ?) ON CONFLICT (key)"
+                " DO UPDATE SET count = count + 1 RETURNING count",
+                (key, now + remaining),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._run(count)
 
     def watch(self, run_id: str) -> EventWatch:
         return SQLiteEventWatch(self, run_id)

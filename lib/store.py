@@ -129,6 +129,13 @@ class CreateOutcome:
     body_hash: str | None = None
 
 
+def rate_key(client_key: str, window_seconds: int, now: float) -> tuple[str, int]:
+    """The stored key of a client's current window, and the seconds until that window ends."""
+    window = int(now // window_seconds)
+    digest = hashlib.sha256(client_key.encode()).hexdigest()[:32]
+    return f"quote:rate:{digest}:{window}", int((window + 1) * window_seconds - now) + 1
+
+
 def idempotency_value(run_id: str, body_hash: str) -> str:
     return json.dumps({"runId": run_id, "bodyHash": body_hash}, separators=(",", ":"))
 
@@ -215,6 +222,11 @@ class Store(ABC):
         """Append the terminal `event` with `record` only if the run is unfenced and its record
         is still exactly `observed.raw` (the worker showed no sign of life since). Returns the
         event id, or None when another writer got there first. Exactly once across instances."""
+
+    @abstractmethod
+    async def count_request(self, client_key: str, window_seconds: int) -> int:
+        """Count one request by `client_key` in the current fixed window; returns the count so
+        far in that window (rate limiting). `client_key` is hashed before it is stored."""
 
     async def wait_for_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]:
         async with self.watch(run_id) as watch:

@@ -41,6 +41,7 @@ def host_env(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) ->
         "KV_REST_API_URL": "",
         "KV_REST_API_TOKEN": "",
         "TINYFISH_API_KEY": "",
+        "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
     }
     if store_kind == "kv":
         server = request.getfixturevalue("upstash_server")

@@ -42,6 +42,7 @@ def configure(store_kind: str, tmp_path, monkeypatch, request: pytest.FixtureReq
         monkeypatch.setenv("SIMULATED_DELAY_SCALE", "0")
         monkeypatch.setenv("RUN_LEASE_SECONDS", "3")
         monkeypatch.setenv("STREAM_MAX_SECONDS", "5")
+        monkeypatch.setenv("QUOTE_RATE_LIMIT_PER_MINUTE", "0")
         if store_kind == "kv":
             server = request.getfixturevalue("upstash_server")
             monkeypatch.setenv("KV_REST_API_URL", server.url)
@@ -351,6 +352,22 @@ async def test_an_unexpected_failure_is_a_500_problem_without_a_traceback(api, m
     body = problem(response, 500)
     assert "secret internals" not in response.text and "Traceback" not in response.text
     assert body["detail"] == "The server failed to handle the request."
+
+
+async def test_too_many_runs_from_one_address_is_429_with_retry_after(api, configure) -> None:
+    configure(QUOTE_RATE_LIMIT_PER_MINUTE="2")
+    api._transport = httpx.ASGITransport(app=VercelRouter())
+    address = {"X-Forwarded-For": f"198.51.100.{uuid.uuid4().int % 250}, 10.0.0.1"}
+    statuses = [
+        (await api.post("/api/quotes", json=VALID, headers={**address, "Idempotency-Key": str(i)}))
+        for i in range(3)
+    ]
+    assert [r.status_code for r in statuses] == [202, 202, 429]
+    limited = problem(statuses[2], 429)
+    assert limited["type"].endswith("/rate-limited")
+    assert 1 <= int(statuses[2].headers["retry-after"]) <= 60
+    elsewhere = await api.post("/api/quotes", json=VALID, headers={"X-Forwarded-For": "192.0.2.9"})
+    assert elsewhere.status_code == 202
 
 
 # --- CORS -------------------------------------------------------------------------------------
