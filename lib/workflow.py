@@ -136,6 +136,9 @@ async def finalize_if_stale(store: Store, state: RunState, settings: Settings) -
 class QuoteRun:
     """Runs the selected providers concurrently and ends the run with exactly one terminal event."""
 
+    # First wait before retrying a write storage refused; it doubles up to 5 s.
+    store_retry_delay = 0.5
+
     def __init__(
         self,
         store: Store,
@@ -158,10 +161,16 @@ class QuoteRun:
         return self._record.run_id
 
     async def run(self) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat())
+        work = asyncio.create_task(self._run_to_end())
+        heartbeat = asyncio.create_task(self._heartbeat(work))
         try:
-            await self._run_to_end()
+            await work
+        except asyncio.CancelledError:
+            if not self._fenced:
+                raise
+            log.info("run %s was finalized elsewhere; this worker stopped", self.run_id)
         except RunFinalized:
+            # Finalized elsewhere (a reader judged this worker lost): stop asking providers.
             log.info("run %s was finalized elsewhere; this worker stops", self.run_id)
         except (StoreUnavailable, RunNotFound) as error:
             # Readers finalize the run as worker_lost once its heartbeat is older than the lease.
@@ -215,7 +224,7 @@ class QuoteRun:
                 )
             except ProviderError as error:
                 info = ErrorInfo(code=error.code, message=error.message)
-                await self._emit(
+                await self._emit_outcome(
                     lambda r: _with_provider(r, provider, status="failed", error=info),
                     ProviderErrorEvent(
                         provider=provider,
@@ -225,16 +234,10 @@ class QuoteRun:
                     ),
                 )
             else:
-                await self._emit(
+                await self._emit_outcome(
                     lambda r: _with_provider(r, provider, status="quoted", quote=quote),
                     QuoteEvent(provider=provider, quote=quote),
                 )
-            done = self._record.completed
-            total = len(self._record.providers)
-            await self._emit(
-                _unchanged,
-                ProgressEvent(completed=done, total=total, percent=percent(done, total)),
-            )
 
     async def _activity(
         self, provider: ProviderId, message: str, *, status: str | None = None
@@ -263,50 +266,64 @@ class QuoteRun:
             ErrorEvent(code=code, message=RUN_ERROR_MESSAGES[code]),
         )
 
-    async def _emit(self, change: Callable[[RunRecord], RunRecord], event: RunEvent) -> int:
-        """Append one event with the record it implies, as one atomic, fenced store write.
-        Writes are serialised, so ids follow the order the workflow decided on; a write that
-        storage could not take is retried with the same nonce, so it lands exactly once."""
+    async def _emit(self, change: Callable[[RunRecord], RunRecord], event: RunEvent) -> None:
         async with self._lock:
-            now = utc_now()
-            record = change(self._record).model_copy(
-                update={"updated_at": now, "heartbeat_at": now}
-            )
-            nonce = uuid.uuid4().hex
-            give_up = time.monotonic() + STORE_RETRY_SECONDS
-            delay = 0.5
-            while True:
-                try:
-                    event_id = await self._store.append_event(
-                        self.run_id, event, record=record, nonce=nonce
-                    )
-                    break
-                except StoreUnavailable:
-                    if time.monotonic() + delay > give_up:
-                        raise
-                    log.warning("run %s: storage unavailable, retrying an append", self.run_id)
-                    await asyncio.sleep(delay * (1 + random.random() / 2))
-                    delay = min(delay * 2, 5.0)
-            self._record = record
-            self._last_write = time.monotonic()
-            return event_id
+            await self._append(change, event)
 
-    async def _heartbeat(self) -> None:
-        """Every append refreshes the heartbeat; when none came for lease/3, write one."""
+    async def _emit_outcome(
+        self, change: Callable[[RunRecord], RunRecord], event: RunEvent
+    ) -> None:
+        """A provider's quote or error, then the run's progress, with no write in between: two
+        providers finishing at once still count 1, 2 and never 2, 2."""
+        async with self._lock:
+            await self._append(change, event)
+            done, total = self._record.completed, len(self._record.providers)
+            await self._append(
+                _unchanged, ProgressEvent(completed=done, total=total, percent=percent(done, total))
+            )
+
+    async def _append(self, change: Callable[[RunRecord], RunRecord], event: RunEvent) -> None:
+        """Append one event with the record it implies, as one atomic, fenced store write (the
+        caller holds the lock, so ids follow the workflow's order). A write storage could not
+        take is retried with the same nonce, so it lands exactly once."""
+        now = utc_now()
+        record = change(self._record).model_copy(update={"updated_at": now, "heartbeat_at": now})
+        nonce = uuid.uuid4().hex
+        give_up = time.monotonic() + STORE_RETRY_SECONDS
+        delay = self.store_retry_delay
+        while True:
+            try:
+                await self._store.append_event(self.run_id, event, record=record, nonce=nonce)
+                break
+            except StoreUnavailable:
+                if time.monotonic() + delay > give_up:
+                    raise
+                log.warning("run %s: storage unavailable, retrying an append", self.run_id)
+                await asyncio.sleep(delay * (1 + random.random() / 2))
+                delay = min(delay * 2, 5.0)
+        self._record = record
+        self._last_write = time.monotonic()
+
+    async def _heartbeat(self, work: asyncio.Task[None]) -> None:
+        """Every append refreshes the heartbeat; when none came for lease/3, write one. A refused
+        heartbeat means the run was finalized elsewhere: the work is cancelled."""
         interval = self._settings.run_lease_seconds / 3
         while True:
             await asyncio.sleep(max(0.0, self._last_write + interval - time.monotonic()))
             async with self._lock:
                 if time.monotonic() - self._last_write < interval:
                     continue
-                now = utc_now()
-                record = self._record.model_copy(update={"heartbeat_at": now})
+                record = self._record.model_copy(update={"heartbeat_at": utc_now()})
                 try:
                     await self._store.update_run(record)
                 except StoreUnavailable:
                     log.warning("run %s: heartbeat failed; retrying soon", self.run_id)
                     self._last_write = time.monotonic() - interval * 0.75
                     continue
+                except (RunFinalized, RunNotFound):
+                    self._fenced = True
+                    work.cancel()
+                    return
                 self._record = record
                 self._last_write = time.monotonic()
 
