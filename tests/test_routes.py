@@ -357,16 +357,16 @@ async def test_an_unexpected_failure_is_a_500_problem_without_a_traceback(api, m
 async def test_too_many_runs_from_one_address_is_429_with_retry_after(api, configure) -> None:
     configure(QUOTE_RATE_LIMIT_PER_MINUTE="2")
     api._transport = httpx.ASGITransport(app=VercelRouter())
-    address = {"X-Forwarded-For": f"198.51.100.{uuid.uuid4().int % 250}, 10.0.0.1"}
-    statuses = [
-        (await api.post("/api/quotes", json=VALID, headers={**address, "Idempotency-Key": str(i)}))
-        for i in range(3)
-    ]
+    # Unique per test run: the KV store outlives the test session within the minute.
+    address = {"X-Forwarded-For": f"client-{uuid.uuid4()}, 10.0.0.1"}
+    statuses = [(await api.post("/api/quotes", json=VALID, headers=address)) for _ in range(3)]
     assert [r.status_code for r in statuses] == [202, 202, 429]
     limited = problem(statuses[2], 429)
     assert limited["type"].endswith("/rate-limited")
     assert 1 <= int(statuses[2].headers["retry-after"]) <= 60
-    elsewhere = await api.post("/api/quotes", json=VALID, headers={"X-Forwarded-For": "192.0.2.9"})
+    elsewhere = await api.post(
+        "/api/quotes", json=VALID, headers={"X-Forwarded-For": f"client-{uuid.uuid4()}"}
+    )
     assert elsewhere.status_code == 202
 
 
