@@ -35,9 +35,8 @@ class VercelRouter:
     """Dispatches to the function that owns a path, adding `runId` as Vercel does for [runId]."""
 
     def __init__(self) -> None:
-        self.functions: dict[str, Any] = {
-            key: load_function(path).app for key, path in FUNCTION_FILES.items()
-        }
+        self.modules = {key: load_function(path) for key, path in FUNCTION_FILES.items()}
+        self.functions: dict[str, Any] = {key: m.app for key, m in self.modules.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]

@@ -233,6 +233,25 @@ async def test_a_stream_whose_subscription_drops_falls_back_to_polling(
     assert events[-1]["type"] == "complete"
 
 
+async def test_a_client_that_goes_away_releases_its_push_subscription_at_once(
+    client, host, request
+) -> None:
+    if host.store_kind != "kv":
+        pytest.skip("push subscriptions are the KV backend's")
+    server = request.getfixturevalue("upstash_server")
+    run_id, _ = await start_run(client)
+    baseline = server.stats()["open_subscriptions"]
+    async with aconnect_sse(client, "GET", f"/api/quotes/{run_id}/stream") as source:
+        async for sse in source.aiter_sse():
+            if sse.data:
+                break
+        assert server.stats()["open_subscriptions"] == baseline + 1
+    closed_at = time.monotonic()
+    while server.stats()["open_subscriptions"] > baseline:
+        assert time.monotonic() - closed_at < 2, "the stream kept its subscription"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def tinyfish_host(tmp_path_factory) -> Iterator[tuple[RunningDevHost, FakeTinyFishServer]]:
     with FakeTinyFishServer(

@@ -536,3 +536,35 @@ async def test_stream_closes_itself_at_stream_max_seconds(api, store, configure)
     elapsed = asyncio.get_running_loop().time() - started
     assert [e["id"] for e in sse_events(response.text)] == [0, 1]
     assert 0.9 <= elapsed < 4
+
+
+async def test_stream_closes_five_seconds_before_the_invocation_deadline(
+    api, store, configure
+) -> None:
+    from vercel_runtime.deadline import reset_deadline, set_deadline
+
+    configure(STREAM_MAX_SECONDS="", RUN_LEASE_SECONDS="60")
+    api._transport = httpx.ASGITransport(app=VercelRouter())
+    run_id = await _orphan_run(store, heartbeat_age=0, deadline_in=200)
+    deadline = (utc_now() + timedelta(seconds=6.5)).isoformat().replace("+00:00", "Z")
+    token = set_deadline(deadline)  # what Vercel's runtime does with x-vercel-internal-deadline
+    try:
+        started = asyncio.get_running_loop().time()
+        response = await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
+        elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        reset_deadline(token)
+    assert [e["id"] for e in sse_events(response.text)] == [0, 1]
+    assert 1.0 <= elapsed < 3.5
+
+
+async def test_an_idle_stream_sends_keep_alive_comments(api, store, configure) -> None:
+    configure(STREAM_MAX_SECONDS="1.2", RUN_LEASE_SECONDS="60")
+    router = VercelRouter()
+    router.modules["stream"].KEEP_ALIVE_SECONDS = 0.25
+    api._transport = httpx.ASGITransport(app=router)
+    run_id = await _orphan_run(store, heartbeat_age=0, deadline_in=200)
+    text = (await api.get(f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": "1"})).text
+    assert text.startswith("retry: 2000\n\n: keep-alive\n\n")
+    assert 3 <= text.count(": keep-alive\n\n") <= 6
+    assert "data:" not in text
