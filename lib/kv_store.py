@@ -382,9 +382,14 @@ class KVEventWatch(EventWatch):
 
     async def __aenter__(self) -> KVEventWatch:
         self._task = asyncio.create_task(self._subscribe_forever())
-        # Reading the backlog only once subscribed means no event falls between the two.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), 2.0)
+        try:
+            # Reading the backlog only once subscribed means no event falls between the two.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), 2.0)
+        except BaseException:
+            # The reader left (cancelled) while we waited: nobody will call __aexit__.
+            await self.aclose()
+            raise
         return self
 
     async def aclose(self) -> None:
@@ -468,12 +473,13 @@ class KVEventWatch(EventWatch):
                         kind, _, rest = sse.data.partition(",")
                         _channel, _, payload = rest.partition(",")
                         if kind == "subscribe":
-                            if self._subscribed.is_set():
-                                # Resubscribed: whatever was published meanwhile is lost.
-                                self._need_read = True
+                            # Whatever was published before this point (while resubscribing, or
+                            # after a backlog read that beat a slow confirmation) was not pushed.
+                            self._need_read = True
                             self._push_healthy = True
                             self._last_signal = time.monotonic()
                             self._subscribed.set()
+                            self._wake.set()
                             delay = 0.25
                         elif kind == "message":
                             self._on_message(payload)

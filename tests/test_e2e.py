@@ -252,6 +252,26 @@ async def test_a_client_that_goes_away_releases_its_push_subscription_at_once(
         await asyncio.sleep(0.05)
 
 
+async def test_a_client_gone_before_the_subscription_is_confirmed_releases_it(
+    client, host, request
+) -> None:
+    if host.store_kind != "kv":
+        pytest.skip("push subscriptions are the KV backend's")
+    server = request.getfixturevalue("upstash_server")
+    run_id, _ = await start_run(client)
+    baseline = server.stats()["open_subscriptions"]
+    for _ in range(5):
+        # Leave right after the retry line: the stream is still waiting for its subscription.
+        async with client.stream("GET", f"/api/quotes/{run_id}/stream") as response:
+            async for line in response.aiter_lines():
+                if line.startswith("retry:"):
+                    break
+    closed_at = time.monotonic()
+    while server.stats()["open_subscriptions"] > baseline:
+        assert time.monotonic() - closed_at < 3, "a stream kept its subscription"
+        await asyncio.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def tinyfish_host(tmp_path_factory) -> Iterator[tuple[RunningDevHost, FakeTinyFishServer]]:
     with FakeTinyFishServer(

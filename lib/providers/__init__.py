@@ -1,47 +1,23 @@
 """Quote sources: the TinyFish web-agent API when TINYFISH_API_KEY is set, else the simulated
-demo source. `quote_with_retries` gives one provider its whole budget (timeout and retries)."""
+demo source. `quote_with_retries` (lib.providers.retry) gives one provider its whole budget.
+
+Kept light on purpose: the stream and snapshot functions import this package (for the error
+types) and should not pay for importing either source on a cold start."""
 
 from __future__ import annotations
 
 from lib.config import Settings
-from lib.providers.base import (
-    ProviderAuth,
-    ProviderBadOutput,
-    ProviderBlocked,
-    ProviderDeclined,
-    ProviderError,
-    ProviderRequestRejected,
-    ProviderTimeout,
-    ProviderUnavailable,
-    QuoteSource,
-    ReportActivity,
-)
-from lib.providers.retry import quote_with_retries
-from lib.providers.simulated import SimulatedQuoteSource
-from lib.providers.tinyfish import TinyFishQuoteSource
-
-__all__ = [
-    "ProviderAuth",
-    "ProviderBadOutput",
-    "ProviderBlocked",
-    "ProviderDeclined",
-    "ProviderError",
-    "ProviderRequestRejected",
-    "ProviderTimeout",
-    "ProviderUnavailable",
-    "QuoteSource",
-    "ReportActivity",
-    "SimulatedQuoteSource",
-    "TinyFishQuoteSource",
-    "build_quote_source",
-    "quote_with_retries",
-]
+from lib.providers.base import QuoteSource
 
 
 def build_quote_source(settings: Settings) -> QuoteSource:
     """TinyFish when an API key is configured, else the simulated source (never real prices)."""
     if settings.tinyfish_api_key:
+        from lib.providers.tinyfish import TinyFishQuoteSource
+
         return TinyFishQuoteSource(
             api_key=settings.tinyfish_api_key, api_url=settings.tinyfish_api_url
         )
+    from lib.providers.simulated import SimulatedQuoteSource
+
     return SimulatedQuoteSource(delay_scale=settings.simulated_delay_scale)
