@@ -38,9 +38,9 @@ from lib.models import (
     PROVIDER_NAMES,
     ActivityEvent,
     CompleteEvent,
-    ProviderState,
     Quote,
     QuoteEvent,
+    QuoteRequest,
     RunEvent,
     RunRecord,
     StartedEvent,
@@ -48,6 +48,7 @@ from lib.models import (
     utc_now,
 )
 from lib.store import encode_event
+from lib.workflow import new_run_record
 
 STREAM_FUNCTION = "api/quotes/[runId]/stream.py"
 EVENTS_PER_RUN = 100
@@ -96,16 +97,19 @@ def sse_client(connections: int | None = None) -> httpx.AsyncClient:
     )
 
 
+SAMPLE_REQUEST = QuoteRequest.model_validate(
+    {
+        "vin": "2C3CDZAG2GH967639",
+        "zip": "94107",
+        "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
+    }
+)
+
+
 def new_record(run_id: str) -> RunRecord:
-    now = utc_now()
-    return RunRecord(
-        run_id=run_id,
-        created_at=now,
-        updated_at=now,
-        heartbeat_at=now,
-        deadline=now + timedelta(seconds=290),
-        coverage="standard",
-        providers=[ProviderState(provider=p) for p in PROVIDER_IDS],
+    """A processing run of all five insurers, as POST /api/quotes creates it."""
+    return new_run_record(
+        run_id, SAMPLE_REQUEST, list(PROVIDER_IDS), utc_now() + timedelta(seconds=290)
     )
 
 

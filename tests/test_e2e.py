@@ -58,6 +58,14 @@ def host(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[RunningDe
 
 
 @pytest.fixture
+def kv_server(host: RunningDevHost, request: pytest.FixtureRequest) -> Any:
+    """The KV endpoint behind the host, for tests of push delivery (the KV backend's alone)."""
+    if host.store_kind != "kv":  # type: ignore[attr-defined]
+        pytest.skip("push delivery and its subscriptions are the KV backend's")
+    return request.getfixturevalue("upstash_server")
+
+
+@pytest.fixture
 async def client(host: RunningDevHost) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=host.url, timeout=30) as http:
         yield http
@@ -117,6 +125,14 @@ async def read_whole_run(client: httpx.AsyncClient, run_id: str) -> list[dict[st
         assert visit.status == 200
         events.extend(visit.events)
     return events
+
+
+async def subscriptions_back_to(server: Any, baseline: int, *, within: float) -> None:
+    """Wait until the KV endpoint holds no more subscriptions than `baseline`."""
+    closed_at = time.monotonic()
+    while server.stats()["open_subscriptions"] > baseline:
+        assert time.monotonic() - closed_at < within, "a stream kept its subscription"
+        await asyncio.sleep(0.05)
 
 
 def assert_gap_free(events: list[dict[str, Any]]) -> None:
@@ -181,11 +197,9 @@ async def test_a_killed_worker_is_finalized_worker_lost_and_open_streams_end_wit
 
 
 async def test_a_stream_whose_push_goes_silent_still_delivers_every_event(
-    client, host, request
+    client, kv_server
 ) -> None:
-    if host.store_kind != "kv":
-        pytest.skip("push delivery is the KV backend's")
-    server = request.getfixturevalue("upstash_server")
+    server = kv_server
     silence_window = LEASE_SECONDS / 3 + 1
     received_at: dict[int, float] = {}
 
@@ -212,12 +226,8 @@ async def test_a_stream_whose_push_goes_silent_still_delivers_every_event(
     assert max(lateness) > 0.5, "push was silenced, so some events must have come by polling"
 
 
-async def test_a_stream_whose_subscription_drops_falls_back_to_polling(
-    client, host, request
-) -> None:
-    if host.store_kind != "kv":
-        pytest.skip("push delivery is the KV backend's")
-    server = request.getfixturevalue("upstash_server")
+async def test_a_stream_whose_subscription_drops_falls_back_to_polling(client, kv_server) -> None:
+    server = kv_server
     run_id, _ = await start_run(client)
     first = await visit_stream(client, run_id, None, max_events=2)
     reader = asyncio.create_task(visit_stream(client, run_id, first.events[-1]["id"]))
@@ -234,11 +244,9 @@ async def test_a_stream_whose_subscription_drops_falls_back_to_polling(
 
 
 async def test_a_client_that_goes_away_releases_its_push_subscription_at_once(
-    client, host, request
+    client, kv_server
 ) -> None:
-    if host.store_kind != "kv":
-        pytest.skip("push subscriptions are the KV backend's")
-    server = request.getfixturevalue("upstash_server")
+    server = kv_server
     run_id, _ = await start_run(client)
     baseline = server.stats()["open_subscriptions"]
     async with aconnect_sse(client, "GET", f"/api/quotes/{run_id}/stream") as source:
@@ -246,18 +254,13 @@ async def test_a_client_that_goes_away_releases_its_push_subscription_at_once(
             if sse.data:
                 break
         assert server.stats()["open_subscriptions"] == baseline + 1
-    closed_at = time.monotonic()
-    while server.stats()["open_subscriptions"] > baseline:
-        assert time.monotonic() - closed_at < 2, "the stream kept its subscription"
-        await asyncio.sleep(0.05)
+    await subscriptions_back_to(server, baseline, within=2)
 
 
 async def test_a_client_gone_before_the_subscription_is_confirmed_releases_it(
-    client, host, request
+    client, kv_server
 ) -> None:
-    if host.store_kind != "kv":
-        pytest.skip("push subscriptions are the KV backend's")
-    server = request.getfixturevalue("upstash_server")
+    server = kv_server
     run_id, _ = await start_run(client)
     baseline = server.stats()["open_subscriptions"]
     for _ in range(5):
@@ -266,10 +269,7 @@ async def test_a_client_gone_before_the_subscription_is_confirmed_releases_it(
             async for line in response.aiter_lines():
                 if line.startswith("retry:"):
                     break
-    closed_at = time.monotonic()
-    while server.stats()["open_subscriptions"] > baseline:
-        assert time.monotonic() - closed_at < 3, "a stream kept its subscription"
-        await asyncio.sleep(0.05)
+    await subscriptions_back_to(server, baseline, within=3)
 
 
 @pytest.fixture(scope="module")
