@@ -81,5 +81,6 @@ def test_an_event_is_stored_without_its_id_and_sent_with_it_first() -> None:
     assert '"id"' not in stored
     assert wire.data.startswith('{"id":12,"type":"activity","provider":"geico"')
     assert "\n" not in wire.data
-    assert wire.parse() == event
+    assert wire.as_dict() == {"id": 12, **event.model_dump(mode="json")}
+    assert wire.type == "activity"
     assert not wire.is_terminal

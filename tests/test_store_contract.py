@@ -352,3 +352,18 @@ async def test_every_row_the_sqlite_store_writes_expires_within_the_ttl(tmp_path
         assert rows, table
         assert all(row[0] <= horizon for row in rows), table
     db.close()
+
+
+async def test_wait_for_events_returns_what_arrives_or_nothing_at_the_timeout(store: Store) -> None:
+    record = make_record()
+    await store.create_run(record)
+    assert await store.wait_for_events(record.run_id, after=-1, timeout=0.2) == []
+
+    async def append_soon() -> None:
+        await asyncio.sleep(0.1)
+        await store.append_event(record.run_id, activity("soon"))
+
+    writer = asyncio.create_task(append_soon())
+    events = await store.wait_for_events(record.run_id, after=-1, timeout=5)
+    await writer
+    assert [e.id for e in events] == [0]
