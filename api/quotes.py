@@ -65,6 +65,10 @@ def _parse_json(body: bytes) -> Any:
         raise Problem(
             400, "malformed-json", "Malformed JSON", f"The request body is not valid JSON{where}."
         ) from None
+    except RecursionError:
+        raise Problem(
+            400, "malformed-json", "Malformed JSON", "The request body is nested too deeply."
+        ) from None
 
 
 def _idempotency_key(request: Request) -> str | None:

@@ -190,6 +190,19 @@ async def test_malformed_json_is_400(api) -> None:
     assert "not valid JSON" in problem(response, 400)["detail"]
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 10000, b'{"vin": "\xff\xfe"}', b"\xef\xbb\xbf{}", b"", b"{} {}", b"NaN"],
+    ids=["deep", "bad-utf8", "bom", "empty", "two-values", "nan"],
+)
+async def test_hostile_bodies_are_a_clear_problem_never_a_500(api, body) -> None:
+    response = await api.post(
+        "/api/quotes", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code in (400, 422), response.text
+    problem(response, response.status_code)
+
+
 async def test_checks_run_in_the_documented_order(api) -> None:
     big_text = b"x" * 20000
     assert (await api.put("/api/quotes", content=big_text)).status_code == 405
