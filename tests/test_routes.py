@@ -443,7 +443,10 @@ async def test_since_and_limit_page_through_events(api) -> None:
     assert "events" not in plain
 
 
-@pytest.mark.parametrize("query", ["since=abc", "since=-2", "since=1.5", "limit=0", "limit=1001"])
+@pytest.mark.parametrize(
+    "query",
+    ["since=abc", "since=-2", "since=1.5", "since=1_0", "since=%D9%A1", "limit=0", "limit=1001"],
+)
 async def test_malformed_since_or_limit_is_400(api, query) -> None:
     run_id = (await api.post("/api/quotes", json=VALID)).json()["runId"]
     problem(await api.get(f"/api/quotes/{run_id}?{query}"), 400)
@@ -533,7 +536,7 @@ async def test_stream_of_a_terminal_run_with_nothing_after_the_cursor_is_204(api
     assert response.content == b""
 
 
-@pytest.mark.parametrize("cursor", ["abc", "-1", "1.0", "1e3", " "])
+@pytest.mark.parametrize("cursor", ["abc", "-1", "1.0", "1e3", "1_0", "%D9%A1", "+1"])
 async def test_malformed_cursor_is_400(api, cursor) -> None:
     run_id = (await api.post("/api/quotes", json=VALID)).json()["runId"]
     response = await api.get(f"/api/quotes/{run_id}/stream?lastEventId={cursor}")

@@ -3,6 +3,7 @@ clients that poll instead of streaming. Finalizes a run whose worker is gone."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 from starlette.requests import Request
@@ -14,17 +15,16 @@ from lib.store import RunState
 from lib.workflow import finalize_if_stale
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
+_INTEGER = re.compile(r"-?[0-9]{1,16}")
 
 
 def _integer_param(request: Request, name: str, *, minimum: int, maximum: int) -> int | None:
     raw = request.query_params.get(name)
     if raw is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = minimum - 1
-    if not minimum <= value <= maximum or raw.strip() != raw:
+    # ASCII digits only: int() alone would take "1_0", " 7" and other scripts' digits.
+    value = int(raw) if _INTEGER.fullmatch(raw) else minimum - 1
+    if not minimum <= value <= maximum:
         raise Problem(
             400,
             "invalid-query-parameter",

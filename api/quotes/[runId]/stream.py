@@ -33,7 +33,7 @@ DEADLINE_MARGIN_SECONDS = 5.0
 DEFAULT_STREAM_SECONDS = 280.0
 # Staleness is checked at most this often, even while the run looks overdue.
 MIN_CHECK_INTERVAL = 1.0
-_CURSOR = re.compile(r"\d{1,16}")
+_CURSOR = re.compile(r"[0-9]{1,16}")  # ASCII digits only: \d and int() take any script's
 
 
 def _cursor(request: Request) -> int:
