@@ -141,6 +141,43 @@ if (params.get("mode") === "after") {
 """
 
 
+def readme_snippet() -> str:
+    """The README's browser example, exactly as a front-end developer would copy it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### In the browser") :]
+    return section[section.index("```js\n") + 6 : section.index("```\n", section.index("```js"))]
+
+
+def readme_page() -> str:
+    """The README's snippet as a module script, its show… callbacks recording what it shows."""
+    snippet = readme_snippet()
+    assert 'const api = "http://127.0.0.1:3000";' in snippet
+    snippet = snippet.replace(
+        'const api = "http://127.0.0.1:3000";', 'const api = params.get("api");'
+    )
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>README example</title></head><body>
+<script>
+const params = new URLSearchParams(location.search);
+const shown = [];
+function report(body) {{
+  fetch("/report/" + params.get("token"), {{method: "POST", body: JSON.stringify(body)}});
+}}
+window.onerror = (message) => report({{failure: "page error: " + message}});
+function showActivity(provider, message) {{ shown.push(["activity", provider]); }}
+function showQuote(quote) {{ shown.push(["quote", quote.provider]); }}
+function showProviderError(provider, code) {{ shown.push(["provider_error", provider, code]); }}
+function showProgress(percent) {{ shown.push(["progress", percent]); }}
+function showResult(quotes, best) {{ report({{shown, quotes, best}}); }}
+function showFailure(code, message) {{ report({{failure: "run failed: " + code}}); }}
+</script>
+<script type="module">
+{snippet}
+</script>
+</body></html>
+"""
+
+
 class Collector:
     """Serves the page and receives reports, on 127.0.0.1 (another origin than the API)."""
 
@@ -151,10 +188,12 @@ class Collector:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                if self.path.split("?", 1)[0] != "/page":
+                pages = {"/page": PAGE, "/readme": readme_page()}
+                page = pages.get(self.path.split("?", 1)[0])
+                if page is None:
                     self.send_error(404)
                     return
-                body = PAGE.encode()
+                body = page.encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
@@ -182,8 +221,8 @@ class Collector:
         with self._lock:
             return self._reports.setdefault(token, queue.Queue())
 
-    def page_url(self, token: str, **params: str) -> str:
-        return f"{self.url}/page?{urlencode({'token': token, **params})}"
+    def page_url(self, token: str, page: str = "page", **params: str) -> str:
+        return f"{self.url}/{page}?{urlencode({'token': token, **params})}"
 
     def wait_report(self, token: str, timeout: float) -> dict[str, Any] | None:
         try:
@@ -249,10 +288,10 @@ class Browser:
         shutil.rmtree(self._profile, ignore_errors=True)
 
 
-def run_page(collector: Collector, api: Api, **params: str) -> dict[str, Any]:
+def run_page(collector: Collector, api: Api, page: str = "page", **params: str) -> dict[str, Any]:
     """Open the page in a fresh browser; return its report (fails with the logs if none comes)."""
     token = os.urandom(8).hex()
-    browser = Browser(collector.page_url(token, api=api.url, **params))
+    browser = Browser(collector.page_url(token, page, api=api.url, **params))
     try:
         report = collector.wait_report(token, REPORT_TIMEOUT_SECONDS)
         exited = browser.process.poll()
@@ -360,3 +399,15 @@ def test_a_browser_reopening_a_finished_run_gets_204_and_stops(
         "errors": [2],
         "fetchStatus": 204,
     }
+
+
+def test_the_readme_browser_example_runs_as_written(collector: Collector, api: Api) -> None:
+    report = run_page(collector, api, page="readme")
+    shown = report["shown"]
+    percents = [entry[1] for entry in shown if entry[0] == "progress"]
+    assert percents == sorted(percents)
+    assert percents[-1] == 100
+    quoted = [entry[1] for entry in shown if entry[0] == "quote"]
+    assert len(quoted) == len(report["quotes"]) >= 1
+    assert report["best"] == report["quotes"][0]["provider"]
+    assert sum(entry[0] == "activity" for entry in shown) >= 5
