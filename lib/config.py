@@ -41,14 +41,6 @@ class Settings:
     rate_limit_per_minute: int
     on_vercel_deployment: bool
 
-    @property
-    def quote_source_name(self) -> str:
-        return "tinyfish" if self.tinyfish_api_key else "simulated"
-
-    @property
-    def store_name(self) -> str:
-        return "kv" if self.kv else "sqlite"
-
 
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
     raw = env.get(name, "").strip()

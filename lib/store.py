@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
-from lib.models import ErrorEvent, RunEvent, RunRecord
+from lib.models import TERMINAL_EVENT_TYPES, ErrorEvent, RunEvent, RunRecord
 
 if TYPE_CHECKING:
     from lib.config import Settings
@@ -81,7 +81,7 @@ class StoredEvent:
 
     @property
     def is_terminal(self) -> bool:
-        return self.type in ("complete", "error")
+        return self.type in TERMINAL_EVENT_TYPES
 
     def as_dict(self) -> dict[str, object]:
         value: dict[str, object] = json.loads(self.data)

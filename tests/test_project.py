@@ -61,7 +61,7 @@ def test_settings_defaults_match_the_documented_configuration() -> None:
     assert settings.run_max_seconds == 290
     assert settings.run_lease_seconds == 45
     assert settings.cors_allow_origins == ("*",)
-    assert settings.quote_source_name == "simulated"
+    assert settings.tinyfish_api_key is None
 
 
 def test_kv_credentials_come_from_either_naming() -> None:
