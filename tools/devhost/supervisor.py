@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,6 +59,12 @@ class StartupError(RuntimeError):
     pass
 
 
+_UVICORN_STARTUP = re.compile(
+    r"INFO:\s+(Started server process|Waiting for application startup|"
+    r"Application startup complete|Uvicorn running on)"
+)
+
+
 class _InstanceOutput(asyncio.SubprocessProtocol):
     """Relays an instance's output line by line, prefixed, and notes when its process exits.
 
@@ -91,7 +98,10 @@ class _InstanceOutput(asyncio.SubprocessProtocol):
             self.exited.set_result(self._transport.get_returncode() or 0)
 
     def _write(self, line: bytes) -> None:
-        sys.stderr.write(f"[{self.label}] {line.decode(errors='replace').rstrip()}\n")
+        text = line.decode(errors="replace").rstrip()
+        if _UVICORN_STARTUP.match(text):
+            return  # the host announces readiness itself; four lines per instance are noise
+        sys.stderr.write(f"[{self.label}] {text}\n")
         sys.stderr.flush()
 
 
