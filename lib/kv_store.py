@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
-from httpx_sse import aconnect_sse
 from upstash_redis.asyncio import Redis
 from upstash_redis.errors import UpstashError
 
@@ -465,12 +464,17 @@ class KVEventWatch(EventWatch):
         delay = 0.25
         while True:
             try:
-                async with aconnect_sse(
-                    self._store.stream_client, "GET", url, headers=headers
-                ) as source:
-                    source.response.raise_for_status()
-                    async for sse in source.aiter_sse():
-                        kind, _, rest = sse.data.partition(",")
+                # POST, as Upstash's own JS SDK subscribes. Each `data:` line is one pub/sub
+                # reply ("message,<channel>,<payload>"), read line by line so the stream works
+                # whether or not the server separates them with blank lines.
+                async with self._store.stream_client.stream(
+                    "POST", url, headers=headers, json=[]
+                ) as response:
+                    response.raise_for_status()
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data:"):
+                            continue
+                        kind, _, rest = line[5:].removeprefix(" ").partition(",")
                         _channel, _, payload = rest.partition(",")
                         if kind == "subscribe":
                             # Whatever was published before this point (while resubscribing, or

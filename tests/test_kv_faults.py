@@ -140,3 +140,33 @@ async def test_a_watch_whose_subscription_is_refused_polls_instead(upstash_serve
         upstash_server.set_fail_subscribe(False)
         await store.aclose()
     assert [e.id for e in events] == [0]
+
+
+@pytest.mark.parametrize("framing", ["\n\n", "\n", "\r\n"], ids=["blank-line", "line-only", "crlf"])
+async def test_pushed_events_are_read_line_by_line_however_the_stream_is_framed(
+    faulty_kv, framing
+) -> None:
+    channel = "quote:" + "r" * 22 + ":events"
+    lines = [
+        f"data: subscribe,{channel},1",
+        f'data: message,{channel},{{"id":0,"type":"activity","message":"a,b"}}',
+        f'data: message,{channel},{{"lastId":0}}',
+        f'data: message,{channel},{{"id":1,"type":"activity","message":"c"}}',
+    ]
+    body = framing.join(lines) + framing
+    with respx.mock(assert_all_called=False) as mock:
+        subscribe = mock.post(f"{KV_URL}/subscribe/{channel}").mock(
+            return_value=httpx.Response(
+                200, text=body, headers={"content-type": "text/event-stream"}
+            )
+        )
+        reads = mock.post(KV_URL).mock(return_value=httpx.Response(200, json={"result": []}))
+        async with faulty_kv.watch("r" * 22) as watch:
+            events = await watch.next_events(-1, timeout=2)
+    await faulty_kv.aclose()
+    assert subscribe.called
+    assert [e.data for e in events] == [
+        '{"id":0,"type":"activity","message":"a,b"}',
+        '{"id":1,"type":"activity","message":"c"}',
+    ]
+    assert reads.call_count <= 1, "pushed events need no reads beyond the backlog's"
