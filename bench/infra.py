@@ -28,7 +28,7 @@ import httpx
 import redis
 
 from tools.devhost.routes import FunctionSpec, discover_functions
-from tools.devhost.supervisor import _INSTANCE_MAIN
+from tools.devhost.supervisor import _INSTANCE_MAIN, free_port, instance_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -204,13 +204,6 @@ def function_spec(relative_path: str) -> FunctionSpec:
     raise BenchError(f"no function {relative_path} under {ROOT / 'api'}")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class FunctionHost:
     """One instance of one function in its own process, as `make dev` hosts it."""
 
@@ -222,21 +215,9 @@ class FunctionHost:
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, within: float = 30.0) -> Self:
-        self.port = _free_port()
+        self.port = free_port()
         spec = self.spec
-        # The variables tools/devhost/supervisor.py (Supervisor._spawn) sets for an instance.
-        env = {
-            **os.environ,
-            **self.env,
-            "PORT": str(self.port),
-            "VERCEL_DEV_MODULE_NAME": spec.module,
-            "VERCEL_DEV_ENTRY_ABS": str(spec.entry),
-            "VERCEL_DEV_FRAMEWORK": "python",
-            "VERCEL_DEV_VARIABLE_NAME": spec.variable,
-            "__VC_HANDLER_ENTRYPOINT_ABS": str(spec.entry),
-            "DEVHOST_RELOAD": "0",
-            "NO_COLOR": "1",
-        }
+        env = {**os.environ, **self.env, **instance_environment(spec, self.port), "NO_COLOR": "1"}
         log = self.log_path.open("ab")
         self._process = subprocess.Popen(
             [sys.executable, "-u", "-c", _INSTANCE_MAIN, f"bench:{spec.file}"],

@@ -246,20 +246,8 @@ class Supervisor:
                 await asyncio.sleep(backoff)
 
     async def _spawn(self, instance: Instance) -> asyncio.Future[int]:
-        instance.port = _free_port()
-        spec = instance.spec
-        env = {
-            **self.env,
-            "PORT": str(instance.port),
-            "VERCEL_DEV_MODULE_NAME": spec.module,
-            "VERCEL_DEV_ENTRY_ABS": str(spec.entry),
-            # `vercel_runtime.dev` only distinguishes "django"; any other non-empty value
-            # serves the file's ASGI/WSGI app as is. "python" is the generic framework id.
-            "VERCEL_DEV_FRAMEWORK": "python",
-            "VERCEL_DEV_VARIABLE_NAME": spec.variable,
-            "__VC_HANDLER_ENTRYPOINT_ABS": str(spec.entry),
-            "DEVHOST_RELOAD": "1" if self.reload else "0",
-        }
+        instance.port = free_port()
+        env = {**self.env, **instance_environment(instance.spec, instance.port, self.reload)}
         if not sys.stderr.isatty():
             env.setdefault("NO_COLOR", "1")  # their output is relayed, prefixed, to ours
         output = _InstanceOutput(instance.label)
@@ -297,7 +285,22 @@ class Supervisor:
         return False
 
 
-def _free_port() -> int:
+def instance_environment(spec: FunctionSpec, port: int, reload: bool = False) -> dict[str, str]:
+    """What `_INSTANCE_MAIN` (vercel_runtime.dev) reads to serve one function file on `port`."""
+    return {
+        "PORT": str(port),
+        "VERCEL_DEV_MODULE_NAME": spec.module,
+        "VERCEL_DEV_ENTRY_ABS": str(spec.entry),
+        # `vercel_runtime.dev` only distinguishes "django"; any other non-empty value serves
+        # the file's ASGI/WSGI app as is. "python" is the generic framework id.
+        "VERCEL_DEV_FRAMEWORK": "python",
+        "VERCEL_DEV_VARIABLE_NAME": spec.variable,
+        "__VC_HANDLER_ENTRYPOINT_ABS": str(spec.entry),
+        "DEVHOST_RELOAD": "1" if reload else "0",
+    }
+
+
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
