@@ -281,9 +281,13 @@ class SQLiteStore(Store):
         self, run_id: str, after: int, limit: int | None = None
     ) -> list[StoredEvent]:
         def read(db: sqlite3.Connection) -> list[StoredEvent]:
-            if self._live_run(db, run_id) is None:
-                return []
-            return self._events(db, run_id, after, limit)
+            # One indexed query per poll: the events of a run that has not expired.
+            rows = db.execute(
+                "SELECT e.id, e.body FROM events e JOIN runs r ON r.run_id = e.run_id"
+                " WHERE e.run_id = ? AND r.expires_at > ? AND e.id > ? ORDER BY e.id LIMIT ?",
+                (run_id, time.time(), after, -1 if limit is None else limit),
+            ).fetchall()
+            return [StoredEvent(event_id, wire_event(event_id, body)) for event_id, body in rows]
 
         return await self._run(read)
 

@@ -6,7 +6,15 @@ from datetime import timedelta
 import pytest
 
 from lib.kv_store import KVStore
-from lib.models import PROVIDER_IDS, ProviderState, RunRecord, new_run_id, utc_now
+from lib.models import (
+    PROVIDER_IDS,
+    ProviderId,
+    ProviderState,
+    Quote,
+    RunRecord,
+    new_run_id,
+    utc_now,
+)
 from lib.sqlite_store import SQLiteStore
 from lib.store import Store
 
@@ -25,6 +33,32 @@ def make_record(run_id: str | None = None, **changes: object) -> RunRecord:
         providers=[ProviderState(provider=p) for p in PROVIDER_IDS],
     )
     return record.model_copy(update=changes)
+
+
+def make_quote(provider: ProviderId = "geico", monthly: float = 120.0) -> Quote:
+    return Quote(
+        provider=provider,
+        monthly_premium=monthly,
+        annual_premium=round(monthly * 12, 2),
+        coverage="standard",
+        deductible=1000,
+        source="simulated",
+        quoted_at=utc_now(),
+    )
+
+
+class ActivityRecorder:
+    """Stands in for a workflow's activity callback and for asyncio.sleep, recording both."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.sleeps: list[float] = []
+
+    async def report(self, message: str) -> None:
+        self.messages.append(message)
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
 
 
 @pytest.fixture(params=["sqlite", "kv"])

@@ -199,7 +199,6 @@ async def test_a_killed_worker_is_finalized_worker_lost_and_open_streams_end_wit
 async def test_a_stream_whose_push_goes_silent_still_delivers_every_event(
     client, kv_server
 ) -> None:
-    server = kv_server
     silence_window = LEASE_SECONDS / 3 + 1
     received_at: dict[int, float] = {}
 
@@ -207,7 +206,7 @@ async def test_a_stream_whose_push_goes_silent_still_delivers_every_event(
         received_at[event["id"]] = time.time()
         if event["id"] == 1:
             # The subscription is established and delivering; now it goes quiet.
-            await asyncio.to_thread(server.set_subscription_mode, "silent")
+            await asyncio.to_thread(kv_server.set_subscription_mode, "silent")
 
     try:
         run_id, _ = await start_run(client)
@@ -216,7 +215,7 @@ async def test_a_stream_whose_push_goes_silent_still_delivers_every_event(
             timeout=30,
         )
     finally:
-        server.set_subscription_mode("normal")
+        kv_server.set_subscription_mode("normal")
     assert_gap_free(visit.events)
     assert visit.events[-1]["type"] == "complete"
     lateness = [
@@ -227,17 +226,16 @@ async def test_a_stream_whose_push_goes_silent_still_delivers_every_event(
 
 
 async def test_a_stream_whose_subscription_drops_falls_back_to_polling(client, kv_server) -> None:
-    server = kv_server
     run_id, _ = await start_run(client)
     first = await visit_stream(client, run_id, None, max_events=2)
     reader = asyncio.create_task(visit_stream(client, run_id, first.events[-1]["id"]))
     await asyncio.sleep(0.3)
-    server.set_subscription_mode("drop")
-    server.set_fail_subscribe(True)
+    kv_server.set_subscription_mode("drop")
+    kv_server.set_fail_subscribe(True)
     try:
         rest = await asyncio.wait_for(reader, timeout=30)
     finally:
-        server.set_fail_subscribe(False)
+        kv_server.set_fail_subscribe(False)
     events = first.events + rest.events
     assert_gap_free(events)
     assert events[-1]["type"] == "complete"
@@ -246,30 +244,28 @@ async def test_a_stream_whose_subscription_drops_falls_back_to_polling(client, k
 async def test_a_client_that_goes_away_releases_its_push_subscription_at_once(
     client, kv_server
 ) -> None:
-    server = kv_server
     run_id, _ = await start_run(client)
-    baseline = server.stats()["open_subscriptions"]
+    baseline = kv_server.stats()["open_subscriptions"]
     async with aconnect_sse(client, "GET", f"/api/quotes/{run_id}/stream") as source:
         async for sse in source.aiter_sse():
             if sse.data:
                 break
-        assert server.stats()["open_subscriptions"] == baseline + 1
-    await subscriptions_back_to(server, baseline, within=2)
+        assert kv_server.stats()["open_subscriptions"] == baseline + 1
+    await subscriptions_back_to(kv_server, baseline, within=2)
 
 
 async def test_a_client_gone_before_the_subscription_is_confirmed_releases_it(
     client, kv_server
 ) -> None:
-    server = kv_server
     run_id, _ = await start_run(client)
-    baseline = server.stats()["open_subscriptions"]
+    baseline = kv_server.stats()["open_subscriptions"]
     for _ in range(5):
         # Leave right after the retry line: the stream is still waiting for its subscription.
         async with client.stream("GET", f"/api/quotes/{run_id}/stream") as response:
             async for line in response.aiter_lines():
                 if line.startswith("retry:"):
                     break
-    await subscriptions_back_to(server, baseline, within=3)
+    await subscriptions_back_to(kv_server, baseline, within=3)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from lib.models import Quote, QuoteRequest, utc_now
+from lib.models import Quote, QuoteRequest
 from lib.providers.base import (
     ProviderBadOutput,
     ProviderBlocked,
@@ -18,6 +18,7 @@ from lib.providers.base import (
     ReportActivity,
 )
 from lib.providers.retry import backoff_delay, quote_with_retries
+from tests.conftest import ActivityRecorder, make_quote
 
 REQUEST = QuoteRequest.model_validate(
     {
@@ -26,18 +27,6 @@ REQUEST = QuoteRequest.model_validate(
         "driver": {"firstName": "Zelinda", "lastName": "Quarrington", "dateOfBirth": "1987-03-09"},
     }
 )
-
-
-def a_quote() -> Quote:
-    return Quote(
-        provider="geico",
-        monthly_premium=120.0,
-        annual_premium=1440.0,
-        coverage="standard",
-        deductible=1000,
-        source="simulated",
-        quoted_at=utc_now(),
-    )
 
 
 class ScriptedSource:
@@ -68,20 +57,8 @@ class ScriptedSource:
         return None
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.sleeps: list[float] = []
-
-    async def report(self, message: str) -> None:
-        self.messages.append(message)
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-
-
 async def test_first_success_is_returned_without_retry_messages() -> None:
-    rec, quote = Recorder(), a_quote()
+    rec, quote = ActivityRecorder(), make_quote()
     source = ScriptedSource(quote)
     got = await quote_with_retries(
         source, REQUEST, "geico", rec.report, timeout_seconds=30, sleep=rec.sleep
@@ -91,7 +68,7 @@ async def test_first_success_is_returned_without_retry_messages() -> None:
 
 
 async def test_transient_error_is_retried_with_growing_backoff_and_a_message() -> None:
-    rec, quote = Recorder(), a_quote()
+    rec, quote = ActivityRecorder(), make_quote()
     source = ScriptedSource(
         ProviderUnavailable("TinyFish returned HTTP 503"),
         ProviderBadOutput("GEICO's agent finished without a monthly premium"),
@@ -110,7 +87,7 @@ async def test_transient_error_is_retried_with_growing_backoff_and_a_message() -
 
 
 async def test_transient_errors_past_the_last_attempt_raise_the_last_error() -> None:
-    rec = Recorder()
+    rec = ActivityRecorder()
     last = ProviderUnavailable("TinyFish returned HTTP 502")
     source = ScriptedSource(ProviderUnavailable("first"), ProviderUnavailable("second"), last)
     with pytest.raises(ProviderUnavailable) as caught:
@@ -127,8 +104,8 @@ async def test_transient_errors_past_the_last_attempt_raise_the_last_error() -> 
     [ProviderDeclined("no quote"), ProviderBlocked("captcha"), ProviderTimeout("agent timeout")],
 )
 async def test_non_transient_error_is_raised_at_once(error: ProviderError) -> None:
-    rec = Recorder()
-    source = ScriptedSource(error, a_quote())
+    rec = ActivityRecorder()
+    source = ScriptedSource(error, make_quote())
     with pytest.raises(type(error)) as caught:
         await quote_with_retries(
             source, REQUEST, "geico", rec.report, timeout_seconds=60, sleep=rec.sleep
@@ -138,7 +115,7 @@ async def test_non_transient_error_is_raised_at_once(error: ProviderError) -> No
 
 
 async def test_unexpected_exception_becomes_provider_unavailable_without_its_text() -> None:
-    rec, quote = Recorder(), a_quote()
+    rec, quote = ActivityRecorder(), make_quote()
     source = ScriptedSource(KeyError("Zelinda Quarrington 1987-03-09"), quote)
     got = await quote_with_retries(
         source, REQUEST, "progressive", rec.report, timeout_seconds=60, sleep=rec.sleep
@@ -167,7 +144,7 @@ async def test_an_exception_raised_by_report_is_the_callers_and_propagates() -> 
             self, request: QuoteRequest, provider: str, report: ReportActivity
         ) -> Quote:
             await report("Opening GEICO quote page")
-            return a_quote()
+            return make_quote()
 
     with pytest.raises(StoreFenced):
         await quote_with_retries(
@@ -182,7 +159,9 @@ async def test_budget_running_out_during_an_attempt_raises_provider_timeout() ->
 
     source = ScriptedSource(forever)
     with pytest.raises(ProviderTimeout, match=r"GEICO gave no quote within 0\.05 s"):
-        await quote_with_retries(source, REQUEST, "geico", Recorder().report, timeout_seconds=0.05)
+        await quote_with_retries(
+            source, REQUEST, "geico", ActivityRecorder().report, timeout_seconds=0.05
+        )
 
 
 async def test_budget_running_out_during_backoff_raises_provider_timeout() -> None:
@@ -192,14 +171,14 @@ async def test_budget_running_out_during_backoff_raises_provider_timeout() -> No
         waits.append(seconds)
         await asyncio.sleep(60)
 
-    source = ScriptedSource(ProviderUnavailable("TinyFish returned HTTP 500"), a_quote())
+    source = ScriptedSource(ProviderUnavailable("TinyFish returned HTTP 500"), make_quote())
     # With no jitter the first backoff is 0.75 s: it fits the 0.9 s budget, which ends mid-wait.
     with pytest.raises(ProviderTimeout):
         await quote_with_retries(
             source,
             REQUEST,
             "geico",
-            Recorder().report,
+            ActivityRecorder().report,
             timeout_seconds=0.9,
             sleep=slow_sleep,
             jitter=lambda: 0.0,
@@ -209,7 +188,7 @@ async def test_budget_running_out_during_backoff_raises_provider_timeout() -> No
 
 
 async def test_retry_after_is_respected_when_it_fits_the_budget() -> None:
-    rec, quote = Recorder(), a_quote()
+    rec, quote = ActivityRecorder(), make_quote()
     source = ScriptedSource(ProviderUnavailable("TinyFish rate limit", retry_after=7), quote)
     assert (
         await quote_with_retries(
@@ -221,9 +200,9 @@ async def test_retry_after_is_respected_when_it_fits_the_budget() -> None:
 
 
 async def test_a_wait_that_does_not_fit_the_budget_raises_the_error_now() -> None:
-    rec = Recorder()
+    rec = ActivityRecorder()
     error = ProviderUnavailable("TinyFish rate limit", retry_after=120)
-    source = ScriptedSource(error, a_quote())
+    source = ScriptedSource(error, make_quote())
     with pytest.raises(ProviderUnavailable) as caught:
         await quote_with_retries(
             source, REQUEST, "geico", rec.report, timeout_seconds=30, sleep=rec.sleep
@@ -242,7 +221,7 @@ async def test_cancellation_propagates_and_is_not_turned_into_a_provider_error()
 
     task = asyncio.create_task(
         quote_with_retries(
-            ScriptedSource(hang), REQUEST, "geico", Recorder().report, timeout_seconds=30
+            ScriptedSource(hang), REQUEST, "geico", ActivityRecorder().report, timeout_seconds=30
         )
     )
     await started.wait()

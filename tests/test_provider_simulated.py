@@ -13,6 +13,7 @@ from lib.providers import build_quote_source
 from lib.providers.base import ProviderDeclined
 from lib.providers.simulated import SimulatedQuoteSource
 from lib.providers.tinyfish import TinyFishQuoteSource
+from tests.conftest import ActivityRecorder
 
 FIRST, LAST, BORN = "Zelinda", "Quarrington", "1987-03-09"
 
@@ -40,22 +41,10 @@ def make_request(**changes: Any) -> QuoteRequest:
     return QuoteRequest.model_validate(body)
 
 
-class Activity:
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.sleeps: list[float] = []
-
-    async def report(self, message: str) -> None:
-        self.messages.append(message)
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-
-
 async def quote(
     request: QuoteRequest, provider: ProviderId = "geico", scale: float = 0.0
-) -> tuple[Quote, Activity]:
-    activity = Activity()
+) -> tuple[Quote, ActivityRecorder]:
+    activity = ActivityRecorder()
     source = SimulatedQuoteSource(delay_scale=scale, sleep=activity.sleep)
     return await source.get_quote(request, provider, activity.report), activity
 

@@ -26,6 +26,7 @@ from lib.providers.base import ProviderDeclined, ReportActivity
 from lib.sqlite_store import SQLiteStore
 from lib.store import StoreUnavailable
 from lib.workflow import QuoteRun, new_run_record
+from tests.conftest import make_quote
 
 REQUEST = QuoteRequest.model_validate(
     {
@@ -35,18 +36,6 @@ REQUEST = QuoteRequest.model_validate(
     }
 )
 SETTINGS = replace(settings_from_env({}), run_lease_seconds=0.6, provider_timeout_seconds=5)
-
-
-def quote_for(provider: ProviderId, monthly: float) -> Quote:
-    return Quote(
-        provider=provider,
-        monthly_premium=monthly,
-        annual_premium=monthly * 12,
-        coverage="standard",
-        deductible=1000,
-        source="simulated",
-        quoted_at=utc_now(),
-    )
 
 
 class ScriptedSource:
@@ -78,7 +67,7 @@ class ScriptedSource:
             raise
         if provider in self.declines:
             raise ProviderDeclined("No quote is offered online for this driver.")
-        return quote_for(provider, 100 + PROVIDER_IDS.index(provider))
+        return make_quote(provider, 100 + PROVIDER_IDS.index(provider))
 
     async def aclose(self) -> None:
         return None
