@@ -32,7 +32,6 @@ from httpx_sse import aconnect_sse
 
 from bench.infra import ROOT, FunctionHost, UpstashEndpoint
 from bench.seed import SeedStore
-from lib.kv_store import KVStore
 from lib.models import (
     PROVIDER_IDS,
     PROVIDER_NAMES,
@@ -47,7 +46,8 @@ from lib.models import (
     new_run_id,
     utc_now,
 )
-from lib.store import encode_event
+from lib.store.base import stored_event_json
+from lib.store.kv import KVStore
 from lib.workflow import new_run_record
 
 STREAM_FUNCTION = "api/quotes/[runId]/stream.py"
@@ -270,7 +270,7 @@ def _counted(design: str, clients: int, events: list[RunEvent], **figures: Any) 
         design=design,
         clients=clients,
         events=len(events),
-        event_bytes=statistics.fmean(len(encode_event(e).encode()) for e in events),
+        event_bytes=statistics.fmean(len(stored_event_json(e).encode()) for e in events),
         requests=int(stats["requests"]),
         commands=int(stats["commands"]),
         bytes_out=int(stats["bytes_out"]),
@@ -349,7 +349,7 @@ async def seed_delivery(setup: Setup, clients: int, gap_scale: float = 1.0) -> D
 
     async def append(index: int, event: RunEvent) -> None:
         status = "completed" if index == len(events) - 1 else None
-        await store.append_event(run_id, json.loads(encode_event(event)), status=status)
+        await store.append_event(run_id, json.loads(stored_event_json(event)), status=status)
 
     await setup.reset_stats()
     try:
@@ -543,7 +543,7 @@ async def seed_writers(setup: Setup, writers: int = 50, each: int = 20) -> Write
     run_id = new_run_id()
 
     async def append(w: int, seq: int) -> None:
-        await store.append_event(run_id, json.loads(encode_event(_writer_event(w, seq))))
+        await store.append_event(run_id, json.loads(stored_event_json(_writer_event(w, seq))))
 
     try:
         await store.create_run(run_id)

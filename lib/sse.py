@@ -23,7 +23,7 @@ HEADERS = {
 }
 
 
-def encode_event(event: StoredEvent) -> bytes:
+def sse_frame(event: StoredEvent) -> bytes:
     # Stored JSON is compact and escapes newlines, so one data line always suffices.
     return f"id: {event.id}\ndata: {event.data}\n\n".encode()
 

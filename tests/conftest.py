@@ -5,7 +5,6 @@ from datetime import timedelta
 
 import pytest
 
-from lib.kv_store import KVStore
 from lib.models import (
     PROVIDER_IDS,
     ProviderId,
@@ -15,8 +14,9 @@ from lib.models import (
     new_run_id,
     utc_now,
 )
-from lib.sqlite_store import SQLiteStore
 from lib.store import Store
+from lib.store.kv import KVStore
+from lib.store.sqlite import SQLiteStore
 
 pytest_plugins = ["tests.upstash_rest"]
 

@@ -12,10 +12,10 @@ import json
 import sys
 import time
 
-from lib.kv_store import KVStore
 from lib.models import ActivityEvent, ErrorEvent, utc_now
-from lib.sqlite_store import SQLiteStore
 from lib.store import Store
+from lib.store.kv import KVStore
+from lib.store.sqlite import SQLiteStore
 
 
 def build(args: list[str]) -> tuple[Store, list[str]]:

@@ -9,9 +9,9 @@ import httpx
 import pytest
 import respx
 
-from lib.kv_store import KVStore
 from lib.models import ActivityEvent
 from lib.store import StoreUnavailable
+from lib.store.kv import KVStore
 from tests.conftest import make_record
 
 KV_URL = "https://kv.invalid"

@@ -15,7 +15,7 @@ from lib.models import (
     percent,
     vin_check_digit,
 )
-from lib.store import StoredEvent, encode_event, wire_event
+from lib.store.base import StoredEvent, stored_event_json, wire_event
 
 
 @pytest.mark.parametrize(
@@ -76,7 +76,7 @@ def test_quotes_sort_cheapest_first_with_a_stable_tie_break() -> None:
 
 def test_an_event_is_stored_without_its_id_and_sent_with_it_first() -> None:
     event = ActivityEvent(provider="geico", message='Entering "vehicle"\nnext line')
-    stored = encode_event(event)
+    stored = stored_event_json(event)
     wire = StoredEvent(12, wire_event(12, stored))
     assert '"id"' not in stored
     assert wire.data.startswith('{"id":12,"type":"activity","provider":"geico"')

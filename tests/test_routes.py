@@ -359,8 +359,8 @@ async def test_an_unexpected_failure_is_a_500_problem_without_a_traceback(api, m
     async def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("secret internals /srv/app.py line 3")
 
-    monkeypatch.setattr("lib.sqlite_store.SQLiteStore.get_run", broken)
-    monkeypatch.setattr("lib.kv_store.KVStore.get_run", broken)
+    monkeypatch.setattr("lib.store.sqlite.SQLiteStore.get_run", broken)
+    monkeypatch.setattr("lib.store.kv.KVStore.get_run", broken)
     response = await api.get("/api/quotes/" + "c" * 22)
     body = problem(response, 500)
     assert "secret internals" not in response.text and "Traceback" not in response.text

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as redis_asyncio
 
-from lib.kv_store import KVStore
 from lib.models import ActivityEvent, CompleteEvent, ErrorEvent, StartedEvent, utc_now
-from lib.sqlite_store import SQLiteStore
 from lib.store import IdempotencyClaim, RunFinalized, RunNotFound, Store
+from lib.store.kv import KVStore
+from lib.store.sqlite import SQLiteStore
 from tests.conftest import make_record
 from tests.upstash_rest import kv_redis_url
 

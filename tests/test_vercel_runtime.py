@@ -38,8 +38,8 @@ import httpx
 import pytest
 
 from lib.models import PROVIDER_IDS, QuoteRequest, new_run_id
-from lib.sqlite_store import SQLiteStore
 from lib.store import RunState
+from lib.store.sqlite import SQLiteStore
 from lib.workflow import new_run_record
 
 pytestmark = pytest.mark.e2e

@@ -23,8 +23,8 @@ from lib.models import (
     utc_now,
 )
 from lib.providers.base import ProviderDeclined, ReportActivity
-from lib.sqlite_store import SQLiteStore
 from lib.store import StoreUnavailable
+from lib.store.sqlite import SQLiteStore
 from lib.workflow import QuoteRun, new_run_record
 from tests.conftest import make_quote
 

@@ -22,7 +22,7 @@ from lib.http import (
     run_not_found,
 )
 from lib.models import is_run_id
-from lib.sse import KEEP_ALIVE, RETRY, EventStreamResponse, encode_event
+from lib.sse import KEEP_ALIVE, RETRY, EventStreamResponse, sse_frame
 from lib.store import RunState, Store, StoreUnavailable
 from lib.workflow import finalize_if_stale, next_stale_check
 
@@ -80,7 +80,7 @@ async def _run_events(
                 events = await watch.next_events(cursor, timeout=max(0.0, wake_at - now))
                 if events:
                     for event in events:
-                        yield encode_event(event)
+                        yield sse_frame(event)
                         cursor = event.id
                         if event.is_terminal:
                             return

@@ -14,24 +14,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from lib.models import ErrorEvent, RunEvent, RunRecord, is_terminal
-from lib.store import (
+from lib.models import RunEvent, RunRecord, is_terminal
+from lib.store.base import (
     CreateOutcome,
     EventWatch,
     IdempotencyClaim,
-    RunChanged,
-    RunFinalized,
-    RunNotFound,
     RunState,
     Store,
     StoredEvent,
-    StoreUnavailable,
-    encode_event,
     idempotency_value,
     parse_idempotency_value,
     rate_key,
+    stored_event_json,
     wire_event,
 )
+from lib.store.errors import RunChanged, RunFinalized, RunNotFound, StoreUnavailable
 
 T = TypeVar("T")
 
@@ -233,7 +230,7 @@ class SQLiteStore(Store):
         *,
         expected: str | None,
     ) -> int:
-        body = encode_event(event)
+        body = stored_event_json(event)
         record_json = record.model_dump_json() if record is not None else None
         terminal = is_terminal(event)
 
@@ -291,15 +288,10 @@ class SQLiteStore(Store):
 
         return await self._run(read)
 
-    async def finalize_stale_run(
-        self, observed: RunState, event: ErrorEvent, record: RunRecord
-    ) -> int | None:
-        try:
-            return await self._append(
-                record.run_id, event, record, uuid.uuid4().hex, expected=observed.raw
-            )
-        except (RunFinalized, RunChanged, RunNotFound):
-            return None
+    async def _append_if_unchanged(
+        self, run_id: str, event: RunEvent, record: RunRecord, expected_raw: str
+    ) -> int:
+        return await self._append(run_id, event, record, uuid.uuid4().hex, expected=expected_raw)
 
     async def count_request(self, client_key: str, window_seconds: int) -> int:
         now = time.time()

@@ -1,10 +1,4 @@
-"""The run store: one interface in the language of runs and events, two backends.
-
-- `KVStore` (lib/kv_store.py): Vercel KV / Upstash Redis over its REST API, push delivery.
-- `SQLiteStore` (lib/sqlite_store.py): one WAL-mode file shared by local processes, polled.
-
-`open_store(settings)` picks one from the configuration. There is deliberately no in-process
-store: per-instance memory is the bug this project exists to avoid.
+"""The run store's interface and its value types; it depends on nothing below it.
 
 Events are stored as JSON without their id (the id is the event's position); readers get
 `StoredEvent.data`, the wire JSON with `"id"` first, ready to send.
@@ -19,47 +13,16 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import Self
 
 from lib.models import TERMINAL_EVENT_TYPES, ErrorEvent, RunEvent, RunRecord
-
-if TYPE_CHECKING:
-    from lib.config import Settings
-
-
-class StoreError(Exception):
-    """Base of the store's typed errors; routes map each to an HTTP status in one place."""
-
-
-class StoreUnavailable(StoreError):
-    """Storage could not be reached or answered with an error; retrying later can help."""
-
-    def __init__(self, message: str, *, retry_after: int | None = 2) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class StoreNotConfigured(StoreError):
-    """Deployed on Vercel without a KV store linked: refusing beats a per-instance fallback."""
-
-
-class RunNotFound(StoreError):
-    """The run never existed or has expired."""
-
-
-class RunFinalized(StoreError):
-    """The run already has its terminal event; the write was refused by the fence."""
-
-
-class RunChanged(StoreError):
-    """A conditional write found the run record changed since it was read."""
-
+from lib.store.errors import RunChanged, RunFinalized, RunNotFound
 
 # Every event's JSON starts with its id and type (see wire_event and the event models).
 _TYPE_FIELD = re.compile(r'\{"id":\d+,"type":"([a-z_]+)"')
 
 
-def encode_event(event: RunEvent) -> str:
+def stored_event_json(event: RunEvent) -> str:
     """The stored form of an event: its JSON without the id."""
     return event.model_dump_json()
 
@@ -210,13 +173,23 @@ class Store(ABC):
     def watch(self, run_id: str) -> EventWatch:
         """A live view of the run's events for a streaming reader."""
 
-    @abstractmethod
     async def finalize_stale_run(
         self, observed: RunState, event: ErrorEvent, record: RunRecord
     ) -> int | None:
         """Append the terminal `event` with `record` only if the run is unfenced and its record
         is still exactly `observed.raw` (the worker showed no sign of life since). Returns the
         event id, or None when another writer got there first. Exactly once across instances."""
+        try:
+            return await self._append_if_unchanged(record.run_id, event, record, observed.raw)
+        except (RunFinalized, RunChanged, RunNotFound):
+            return None
+
+    @abstractmethod
+    async def _append_if_unchanged(
+        self, run_id: str, event: RunEvent, record: RunRecord, expected_raw: str
+    ) -> int:
+        """Append with `record` only while the stored record is exactly `expected_raw`.
+        Raises RunChanged, RunFinalized, RunNotFound."""
 
     @abstractmethod
     async def count_request(self, client_key: str, window_seconds: int) -> int:
@@ -229,25 +202,3 @@ class Store(ABC):
 
     async def aclose(self) -> None:
         return None
-
-
-def open_store(settings: Settings) -> Store:
-    """The configured backend: KV when credentials are set; the embedded SQLite file locally;
-    never a per-instance fallback on a Vercel deployment."""
-    if settings.kv is not None:
-        from lib.kv_store import KVStore
-
-        return KVStore(
-            settings.kv.url,
-            settings.kv.token,
-            ttl_seconds=settings.run_ttl_seconds,
-            silence_seconds=settings.run_lease_seconds / 3 + 1,
-        )
-    if settings.on_vercel_deployment:
-        raise StoreNotConfigured(
-            "No KV store is linked to this deployment. Link a Vercel KV (Upstash Redis) store "
-            "to the project so KV_REST_API_URL and KV_REST_API_TOKEN are set, then redeploy."
-        )
-    from lib.sqlite_store import SQLiteStore
-
-    return SQLiteStore(settings.db_path, ttl_seconds=settings.run_ttl_seconds)
