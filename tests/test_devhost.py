@@ -122,6 +122,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "vercel.json": json.dumps(VERCEL_JSON),
         ".env": "ONLY_DOTENV=dotenv\nSHARED=dotenv\n",
         ".env.local": "SHARED=local\nREAL_WINS=file\n",
+        "public/index.html": "<!doctype html><title>home</title>\n",
+        "public/app.js": "export const page = 1;\n",
+        "public/docs/index.html": "<!doctype html><title>docs</title>\n",
+        "public/.env": "SECRET=1\n",
+        "outside.txt": "not public\n",
     }
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -176,6 +181,40 @@ def test_unknown_path_is_a_404_problem(client: httpx.Client) -> None:
     problem = response.json()
     assert problem["status"] == 404
     assert {"type", "title", "detail"} <= problem.keys()
+
+
+def test_public_files_are_served_at_the_root_as_vercel_does(client: httpx.Client) -> None:
+    home = client.get("/")
+    assert home.status_code == 200
+    assert home.text == "<!doctype html><title>home</title>\n"
+    assert home.headers["content-type"] == "text/html; charset=utf-8"
+    assert home.headers["cache-control"] == "public, max-age=0, must-revalidate"
+    assert "x-devhost-instance" not in home.headers  # no function was involved
+    script = client.get("/app.js")
+    assert script.headers["content-type"].startswith("text/javascript")
+    assert script.text == "export const page = 1;\n"
+    assert (
+        client.get("/docs/").text == client.get("/docs").text == client.get("/docs/index.html").text
+    )
+    head = client.head("/")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == str(len(home.content))
+
+
+def test_paths_without_a_public_file_go_to_the_functions(client: httpx.Client) -> None:
+    assert client.get("/api/hello").json()["path"] == "/api/hello"
+    for path in (
+        "/missing.html",
+        "/.env",
+        "/%2e%2e/outside.txt",
+        "/docs/%2e%2e/%2e%2e/outside.txt",
+    ):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert response.headers["content-type"] == "application/problem+json", path
+    # Only GET and HEAD read files; a POST to a page's path is not a file's to answer.
+    assert client.post("/", content=b"x").status_code == 404
 
 
 def test_requests_spread_round_robin_over_instances(client: httpx.Client) -> None:

@@ -3,7 +3,8 @@
 A raw ASGI app. Per request it picks the function by path (see `routes`), an instance
 round-robin (see `supervisor.Pool`), adds the platform's ``x-vercel-internal-deadline`` header,
 and relays request and response bodies chunk by chunk. When the client goes away the upstream
-connection is closed; when the function's maxDuration passes the response is cut.
+connection is closed; when the function's maxDuration passes the response is cut. A GET for a
+file under ``public/`` is answered with that file first, as Vercel does (see `static`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from urllib.parse import quote, urlencode
 import httpx
 
 from tools.devhost.routes import FunctionSpec, Router
+from tools.devhost.static import PublicFiles
 from tools.devhost.supervisor import Instance, Pool
 
 Scope = MutableMapping[str, Any]
@@ -57,14 +59,24 @@ def new_upstream_client() -> httpx.AsyncClient:
 
 
 class DevProxy:
-    def __init__(self, router: Router, pools: dict[str, Pool], client: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        router: Router,
+        pools: dict[str, Pool],
+        client: httpx.AsyncClient,
+        public: PublicFiles | None = None,
+    ) -> None:
         self.router = router
         self.pools = pools
         self.client = client
+        self.public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # websockets are not routed (lifespan is off)
+        if self.public and (file := self.public.find(scope["method"], scope["path"])):
+            await self.public.serve(file, scope, receive, send)
+            return
         resolved = self.router.resolve(scope["path"])
         if resolved is None:
             await send_problem(send, 404, "NOT_FOUND", f"No function serves {scope['path']}.")
