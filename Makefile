@@ -3,6 +3,8 @@ PYTHON ?= $(shell command -v python3.12 2>/dev/null || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# npm dev tools (axe-core for the page's accessibility tests), exactly as package-lock.json pins.
+NODE_STAMP := node_modules/.installed
 
 .PHONY: dev test check bench fmt clean
 
@@ -16,10 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -r $(VENV)/requirements.lock.in
 	@touch $(STAMP)
 
+$(NODE_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "npm is required for the page's accessibility tests (apt-get install -y npm)"; exit 1; }
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $(NODE_STAMP)
+
 dev: $(STAMP)
 	$(BIN)/python -m tools.devhost $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 check: $(STAMP)
@@ -35,4 +42,4 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache node_modules .artifacts
