@@ -1,4 +1,4 @@
-"""Loads the three Vercel functions (api/*.py, whose names are not importable) and routes
+"""Loads the Vercel functions (api/*.py, whose names are not importable) and routes
 requests to them the way Vercel's filesystem routing does, for in-process tests."""
 
 from __future__ import annotations
@@ -17,11 +17,18 @@ FUNCTION_FILES = {
     "quotes": "api/quotes.py",
     "run": "api/quotes/[runId].py",
     "stream": "api/quotes/[runId]/stream.py",
+    "work": "api/work.py",
 }
+ROUTED = ("quotes", "run", "stream")  # the worker is reached through the queue, not by path
 
 
 def load_function(relative_path: str) -> ModuleType:
     """A fresh import of one function file, as a new instance would import it."""
+    if relative_path == FUNCTION_FILES["work"]:
+        # A new instance starts with no queue subscribers; this process may have some already.
+        from vercel.queue.testing import clear_subscriptions
+
+        clear_subscriptions()
     name = "fn_" + re.sub(r"\W", "_", relative_path)
     spec = importlib.util.spec_from_file_location(name, ROOT / relative_path)
     assert spec is not None and spec.loader is not None
@@ -35,7 +42,7 @@ class VercelRouter:
     """Dispatches to the function that owns a path, adding `runId` as Vercel does for [runId]."""
 
     def __init__(self) -> None:
-        self.modules = {key: load_function(path) for key, path in FUNCTION_FILES.items()}
+        self.modules = {key: load_function(FUNCTION_FILES[key]) for key in ROUTED}
         self.functions: dict[str, Any] = {key: m.app for key, m in self.modules.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

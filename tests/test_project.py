@@ -39,7 +39,7 @@ def test_each_function_exports_an_asgi_app_and_has_a_max_duration(path: str) -> 
     assert 10 <= functions[path]["maxDuration"] <= 300
 
 
-def test_every_api_file_is_one_of_the_three_functions() -> None:
+def test_every_api_file_is_one_of_the_functions() -> None:
     found = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "api").rglob("*.py"))
     assert found == sorted(FUNCTION_FILES.values())
 
