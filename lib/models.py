@@ -126,7 +126,7 @@ def _check_vin(value: str) -> str:
     return vin
 
 
-_ZIP = re.compile(r"\d{5}(-\d{4})?")
+_ZIP = re.compile(r"[0-9]{5}(-[0-9]{4})?")  # ASCII digits only: \d takes any script's
 
 
 def _check_zip(value: str) -> str:

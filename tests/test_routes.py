@@ -225,6 +225,7 @@ async def test_checks_run_in_the_documented_order(api) -> None:
         ({"vin": "2C3CDZAG2GH96763"}, "vin", "must be 17 characters, got 16"),
         ({"vin": "2C3CDZAG2GHI67639"}, "vin", "must not contain the letters I, O or Q (found I)"),
         ({"zip": "9410"}, "zip", "must be a US ZIP code: 12345 or 12345-6789"),
+        ({"zip": "\u0669\u0664\u0661\u0660\u0667"}, "zip", "must be a US ZIP code"),
         ({"coverage": "platinum"}, "coverage", "must be one of minimum, standard or full"),
         ({"providers": []}, "providers", "must name at least one provider"),
         ({"providers": ["geico", "acme"]}, "providers.1", "unknown provider 'acme'"),
