@@ -13,7 +13,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -21,6 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lib.config import ConfigError, Settings, get_settings
+from lib.models import FieldError, ProblemDetail
 from lib.providers.base import QuoteSource
 from lib.store import RunNotFound, Store, StoreNotConfigured, StoreUnavailable, open_store
 
@@ -40,7 +40,7 @@ class Problem(Exception):
         detail: str,
         *,
         headers: dict[str, str] | None = None,
-        **extra: Any,
+        errors: list[FieldError] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -48,18 +48,20 @@ class Problem(Exception):
         self.title = title
         self.detail = detail
         self.headers = headers or {}
-        self.extra = extra
+        self.errors = errors
+
+    def problem_detail(self) -> ProblemDetail:
+        return ProblemDetail(
+            type=PROBLEM_BASE + self.slug,
+            title=self.title,
+            status=self.status,
+            detail=self.detail,
+            errors=self.errors,
+        )
 
     def response(self) -> Response:
-        body = {
-            "type": PROBLEM_BASE + self.slug,
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            **self.extra,
-        }
         return JSONResponse(
-            body,
+            self.problem_detail().model_dump(mode="json", exclude_none=True),
             status_code=self.status,
             headers={"Cache-Control": "no-store", **self.headers},
             media_type="application/problem+json",

@@ -398,3 +398,23 @@ class RunSnapshot(CamelModel):
     stream_url: str
     error: ErrorInfo | None = None
     events: list[dict[str, Any]] | None = None
+
+
+# --- problem details (RFC 9457), the body of every error response ---------------------------------
+
+
+class FieldError(CamelModel):
+    field: str = Field(description="The field's dotted camelCase path, e.g. driver.dateOfBirth.")
+    message: str
+
+
+class ProblemDetail(CamelModel):
+    """An RFC 9457 problem detail, sent as application/problem+json."""
+
+    type: str = Field(description="A stable URI naming the kind of problem.")
+    title: str
+    status: int = Field(ge=400, le=599)
+    detail: str
+    errors: list[FieldError] | None = Field(
+        default=None, description="Each invalid field, on a validation error (422)."
+    )

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 
 from lib.http import Problem
+from lib.models import FieldError
 
 _MESSAGES = {
     "missing": "is required",
@@ -36,7 +37,7 @@ def _message(error: ErrorDetails) -> str:
 
 
 def validation_problem(error: ValidationError) -> Problem:
-    errors = [{"field": _field(e["loc"]), "message": _message(e)} for e in error.errors()]
+    errors = [FieldError(field=_field(e["loc"]), message=_message(e)) for e in error.errors()]
     count = len(errors)
     return Problem(
         422,
