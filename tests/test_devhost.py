@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tools.devhost import RunningDevHost, start_devhost_process
-from tools.devhost.routes import Router, discover_functions
+from tools.devhost.routes import Router, discover_functions, discover_rewrites
 
 pytestmark = pytest.mark.e2e
 
@@ -105,7 +105,12 @@ VERCEL_JSON = {
     "functions": {
         "api/items/[itemId]/events.py": {"maxDuration": 3},
         "api/slo*.py": {"maxDuration": 1},
-    }
+    },
+    "rewrites": [
+        {"source": "/api/hello.json", "destination": "/api/hello"},
+        {"source": "/api/items/new", "destination": "/api/hello"},
+        {"source": "/api/old/:rest*", "destination": "/api/hello"},
+    ],
 }
 
 
@@ -158,6 +163,23 @@ def test_routes_follow_vercel_filesystem_routing(project: Path) -> None:
     assert resolved[0].max_duration == 3
     assert router.resolve("/api/_shared") is None
     assert router.resolve("/api/items") is None
+
+
+def test_literal_rewrites_apply_after_the_filesystem(project: Path) -> None:
+    router = Router(discover_functions(project), discover_rewrites(project))
+    rewritten = router.resolve("/api/hello.json")
+    assert rewritten is not None
+    assert rewritten[0].file == "api/hello.py"
+    filesystem_first = router.resolve("/api/items/new")
+    assert filesystem_first is not None
+    assert filesystem_first[0].file == "api/items/new.py"
+    assert router.resolve("/api/old/thing") is None  # patterns are not supported
+
+
+def test_rewritten_request_keeps_the_path_the_client_asked_for(client: httpx.Client) -> None:
+    response = client.get("/api/hello.json")
+    assert response.status_code == 200
+    assert response.json()["path"] == "/api/hello.json"
 
 
 def test_dynamic_segment_becomes_a_query_parameter(client: httpx.Client) -> None:

@@ -17,7 +17,7 @@ from dotenv import dotenv_values
 
 from tools.devhost import project
 from tools.devhost.proxy import DevProxy, new_upstream_client
-from tools.devhost.routes import Router, discover_functions
+from tools.devhost.routes import Router, discover_functions, discover_rewrites
 from tools.devhost.static import PublicFiles
 from tools.devhost.supervisor import StartupError, Supervisor
 
@@ -102,7 +102,12 @@ async def serve(args: argparse.Namespace) -> int:
     client = new_upstream_client()
     server = _Server(
         uvicorn.Config(
-            DevProxy(Router(specs), supervisor.pools, client, PublicFiles(root / "public")),
+            DevProxy(
+                Router(specs, discover_rewrites(root)),
+                supervisor.pools,
+                client,
+                PublicFiles(root / "public"),
+            ),
             lifespan="off",
             access_log=False,
             log_level="warning",

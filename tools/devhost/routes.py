@@ -3,7 +3,8 @@
 Each ``api/**/*.py`` file is a function (files and folders starting with ``_`` or ``.`` are not).
 ``api/items/[itemId].py`` serves ``/api/items/<one segment>`` and receives the segment as the
 query parameter ``itemId``; ``index.py`` serves its folder's path. Static segments win over
-dynamic ones.
+dynamic ones. vercel.json ``rewrites`` with a literal ``source`` apply after the filesystem, as
+on Vercel; the function still sees the path the client asked for.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 DEFAULT_MAX_DURATION = 300.0
 _APP_VARIABLES = ("app", "application", "handler")
@@ -56,11 +57,20 @@ class Route:
 
 
 class Router:
-    def __init__(self, specs: list[FunctionSpec]) -> None:
+    def __init__(
+        self, specs: list[FunctionSpec], rewrites: Mapping[str, str] | None = None
+    ) -> None:
         routes = [Route(spec, _route_segments(spec.file)) for spec in specs]
         self.routes = sorted(routes, key=lambda r: (r.sort_key, r.segments))
+        self.rewrites = dict(rewrites or {})
 
     def resolve(self, path: str) -> tuple[FunctionSpec, dict[str, str]] | None:
+        resolved = self._match(path)
+        if resolved is None and path in self.rewrites:
+            resolved = self._match(self.rewrites[path])
+        return resolved
+
+    def _match(self, path: str) -> tuple[FunctionSpec, dict[str, str]] | None:
         parts = [part for part in path.split("/") if part]
         for route in self.routes:
             params = route.match(parts)
@@ -90,6 +100,31 @@ def discover_functions(root: Path) -> list[FunctionSpec]:
     return specs
 
 
+def discover_rewrites(root: Path) -> dict[str, str]:
+    """``root/vercel.json``'s rewrites from one literal path to another (patterns are skipped)."""
+    rules = _vercel_json(root).get("rewrites")
+    rewrites: dict[str, str] = {}
+    for rule in rules if isinstance(rules, list) else []:
+        if not isinstance(rule, Mapping):
+            continue
+        source, destination = rule.get("source"), rule.get("destination")
+        if _is_literal_path(source) and _is_literal_path(destination):
+            rewrites[source] = destination
+    return rewrites
+
+
+def _is_literal_path(value: object) -> TypeGuard[str]:
+    return isinstance(value, str) and value.startswith("/") and not any(c in value for c in ":*(?[")
+
+
+def _vercel_json(root: Path) -> Mapping[str, Any]:
+    config_path = root / "vercel.json"
+    if not config_path.is_file():
+        return {}
+    config: Any = json.loads(config_path.read_text(encoding="utf-8"))
+    return config if isinstance(config, Mapping) else {}
+
+
 def _route_segments(file: str) -> tuple[str, ...]:
     segments = file.removesuffix(".py").split("/")
     if segments[-1] == "index":
@@ -98,11 +133,7 @@ def _route_segments(file: str) -> tuple[str, ...]:
 
 
 def _function_durations(root: Path) -> dict[str, float]:
-    config_path = root / "vercel.json"
-    if not config_path.is_file():
-        return {}
-    config: Any = json.loads(config_path.read_text(encoding="utf-8"))
-    functions = config.get("functions") if isinstance(config, Mapping) else None
+    functions = _vercel_json(root).get("functions")
     if not isinstance(functions, Mapping):
         return {}
     return {
