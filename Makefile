@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # npm dev tools (axe-core for the page's accessibility tests), exactly as package-lock.json pins.
 NODE_STAMP := node_modules/.installed
 
-.PHONY: dev test check bench fmt clean
+.PHONY: dev test check bench fmt clean openapi
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || \
@@ -33,6 +33,9 @@ check: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy api lib
+
+openapi: $(STAMP)
+	$(BIN)/python -m tools.openapi
 
 bench: $(STAMP)
 	$(BIN)/python -m bench $(ARGS)

@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -81,6 +82,7 @@ UtcTime = Annotated[
     datetime,
     AfterValidator(_as_utc),
     PlainSerializer(format_time, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 
 
@@ -157,6 +159,13 @@ def _configured_provider(value: str, info: ValidationInfo) -> str:
     return value
 
 
+ConfiguredProvider = Annotated[
+    str,
+    AfterValidator(_configured_provider),
+    WithJsonSchema({"type": "string", "enum": list(PROVIDER_IDS)}),
+]
+
+
 class Driver(CamelModel):
     first_name: Annotated[str, AfterValidator(_check_name)]
     last_name: Annotated[str, AfterValidator(_check_name)]
@@ -190,12 +199,22 @@ class Vehicle(CamelModel):
 class QuoteRequest(CamelModel):
     """POST /api/quotes. Validated with context {"providers": the configured provider ids}."""
 
-    vin: Annotated[str, Field(strict=True), AfterValidator(_check_vin)]
-    zip: Annotated[str, Field(strict=True), AfterValidator(_check_zip)]
+    vin: Annotated[
+        str,
+        Field(strict=True, json_schema_extra={"pattern": "^[A-HJ-NPR-Za-hj-npr-z0-9]{17}$"}),
+        AfterValidator(_check_vin),
+    ] = Field(description="With a valid check digit (position 9, 49 CFR 565); upper-cased.")
+    zip: Annotated[
+        str,
+        Field(strict=True, json_schema_extra={"pattern": "^[0-9]{5}(-[0-9]{4})?$"}),
+        AfterValidator(_check_zip),
+    ]
     driver: Driver
     vehicle: Vehicle = Field(default_factory=Vehicle)
     coverage: Coverage = "standard"
-    providers: list[Annotated[str, AfterValidator(_configured_provider)]] | None = None
+    providers: list[ConfiguredProvider] | None = Field(
+        default=None, description="Distinct ids of configured providers; default all."
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -18,8 +18,11 @@ FUNCTION_FILES = {
     "run": "api/quotes/[runId].py",
     "stream": "api/quotes/[runId]/stream.py",
     "work": "api/work.py",
+    "openapi": "api/openapi.py",
 }
-ROUTED = ("quotes", "run", "stream")  # the worker is reached through the queue, not by path
+ROUTED = ("quotes", "run", "stream", "openapi")  # the worker is reached through the queue
+# vercel.json's rewrites.
+REWRITES = {"/api/openapi.json": "/api/openapi"}
 
 
 def load_function(relative_path: str) -> ModuleType:
@@ -46,8 +49,10 @@ class VercelRouter:
         self.functions: dict[str, Any] = {key: m.app for key, m in self.modules.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
-        if path == "/api/quotes":
+        path = REWRITES.get(scope["path"], scope["path"])
+        if path == "/api/openapi":
+            app = self.functions["openapi"]
+        elif path == "/api/quotes":
             app = self.functions["quotes"]
         elif match := re.fullmatch(r"/api/quotes/([^/]+)(/stream)?", path):
             app = self.functions["stream" if match.group(2) else "run"]
