@@ -192,6 +192,10 @@ class Store(ABC):
         Raises RunChanged, RunFinalized, RunNotFound."""
 
     @abstractmethod
+    async def ping(self) -> None:
+        """One cheap round trip to storage (the health check); raises StoreUnavailable."""
+
+    @abstractmethod
     async def count_request(self, client_key: str, window_seconds: int) -> int:
         """Count one request by `client_key` in the current fixed window; returns the count so
         far in that window (rate limiting). `client_key` is hashed before it is stored."""

@@ -158,11 +158,14 @@ class KVStore(Store):
 
     # --- plumbing ------------------------------------------------------------------------------
 
-    async def _call(self, label: str, operation: Callable[[], Awaitable[T]]) -> T:
+    async def _call(
+        self, label: str, operation: Callable[[], Awaitable[T]], *, attempts: int | None = None
+    ) -> T:
         """Run one REST request, retrying transport faults; every failure is StoreUnavailable.
         Only idempotent operations come through here (writes carry nonces)."""
+        attempts = attempts or self._attempts
         delay = 0.05
-        for attempt in range(1, self._attempts + 1):
+        for attempt in range(1, attempts + 1):
             try:
                 return await operation()
             except UpstashError as error:
@@ -181,10 +184,10 @@ class KVStore(Store):
                 # A non-JSON body (a proxy's 5xx page) or, in upstash-redis 1.8, an error body
                 # on a pipeline: the request's fate is unknown, so it is retried.
                 problem = f"KV sent an unreadable reply to {label}"
-            if attempt < self._attempts:
+            if attempt < attempts:
                 await asyncio.sleep(delay * (1 + random.random()))
                 delay *= 4
-        log.warning("%s after %d attempts", problem, self._attempts)
+        log.warning("%s after %d attempts", problem, attempts)
         raise StoreUnavailable(problem)
 
     async def _script(self, label: str, script: _Script, keys: list[str], args: list[str]) -> Any:
@@ -294,6 +297,10 @@ class KVStore(Store):
         self, run_id: str, event: RunEvent, record: RunRecord, expected_raw: str
     ) -> int:
         return await self._append(run_id, event, record=record, nonce=None, expected=expected_raw)
+
+    async def ping(self) -> None:
+        # One attempt: a health check reports what it finds now, within its short maxDuration.
+        await self._call("ping", self._redis.ping, attempts=1)
 
     async def count_request(self, client_key: str, window_seconds: int) -> int:
         key, _ = rate_key(client_key, window_seconds, time.time())

@@ -90,7 +90,7 @@ class SQLiteStore(Store):
         def call() -> T:
             try:
                 return operation(self._connect())
-            except sqlite3.Error as error:
+            except (sqlite3.Error, OSError) as error:  # OSError: its folder cannot be made
                 raise StoreUnavailable(f"the local store failed: {error}", retry_after=1) from None
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
@@ -292,6 +292,9 @@ class SQLiteStore(Store):
         self, run_id: str, event: RunEvent, record: RunRecord, expected_raw: str
     ) -> int:
         return await self._append(run_id, event, record, uuid.uuid4().hex, expected=expected_raw)
+
+    async def ping(self) -> None:
+        await self._run(lambda db: db.execute("SELECT 1").fetchone())
 
     async def count_request(self, client_key: str, window_seconds: int) -> int:
         now = time.time()
