@@ -7,8 +7,9 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Literal
 
-from lib.models import PROVIDER_IDS, ProviderId
+from lib.models import PROVIDER_IDS, ProviderId, QuoteSourceName
 
 DEFAULT_TINYFISH_API_URL = "https://agent.tinyfish.ai"
 
@@ -40,6 +41,22 @@ class Settings:
     simulated_delay_scale: float
     rate_limit_per_minute: int
     on_vercel_deployment: bool
+    on_vercel: bool = False
+    queue_base_url: str | None = None
+
+    @property
+    def queue_backend(self) -> Literal["vercel", "local"] | None:
+        """Vercel Queues on Vercel (OIDC), a local queue where VERCEL_QUEUE_BASE_URL is set."""
+        if self.on_vercel:
+            return "vercel"
+        if self.queue_base_url:
+            return "local"
+        return None
+
+    @property
+    def quote_source(self) -> QuoteSourceName:
+        """The source lib.providers.build_quote_source builds."""
+        return "tinyfish" if self.tinyfish_api_key else "simulated"
 
 
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
@@ -113,6 +130,8 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         rate_limit_per_minute=int(_number(env, "QUOTE_RATE_LIMIT_PER_MINUTE", 30)),
         on_vercel_deployment=env.get("VERCEL") == "1"
         and env.get("VERCEL_ENV") in ("production", "preview"),
+        on_vercel=env.get("VERCEL") == "1",
+        queue_base_url=env.get("VERCEL_QUEUE_BASE_URL", "").strip().rstrip("/") or None,
     )
 
 

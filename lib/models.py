@@ -437,3 +437,12 @@ class ProblemDetail(CamelModel):
     errors: list[FieldError] | None = Field(
         default=None, description="Each invalid field, on a validation error (422)."
     )
+
+
+class HealthReport(CamelModel):
+    """GET /api/health when this deployment can run quotes. Never holds a secret."""
+
+    status: Literal["ok"] = "ok"
+    store: Literal["kv", "sqlite"]
+    queue: Literal["vercel", "local"]
+    source: QuoteSourceName

@@ -19,8 +19,9 @@ FUNCTION_FILES = {
     "stream": "api/quotes/[runId]/stream.py",
     "work": "api/work.py",
     "openapi": "api/openapi.py",
+    "health": "api/health.py",
 }
-ROUTED = ("quotes", "run", "stream", "openapi")  # the worker is reached through the queue
+ROUTED = ("quotes", "run", "stream", "openapi", "health")  # the worker is reached through the queue
 # vercel.json's rewrites.
 REWRITES = {"/api/openapi.json": "/api/openapi"}
 
@@ -50,8 +51,8 @@ class VercelRouter:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = REWRITES.get(scope["path"], scope["path"])
-        if path == "/api/openapi":
-            app = self.functions["openapi"]
+        if path in ("/api/openapi", "/api/health"):
+            app = self.functions[path.removeprefix("/api/")]
         elif path == "/api/quotes":
             app = self.functions["quotes"]
         elif match := re.fullmatch(r"/api/quotes/([^/]+)(/stream)?", path):

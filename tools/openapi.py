@@ -72,6 +72,7 @@ COMPONENT_TYPES: list[tuple[str, JsonSchemaMode, Any]] = [
     ("RunAccepted", "serialization", models.RunAccepted),
     ("RunSnapshot", "serialization", models.RunSnapshot),
     ("ProblemDetail", "serialization", models.ProblemDetail),
+    ("HealthReport", "serialization", models.HealthReport),
 ]
 
 
@@ -339,6 +340,7 @@ PATHS: dict[str, Any] = {
     "/api/quotes": {"post": START_RUN},
     "/api/quotes/{runId}": {"get": GET_RUN},
     "/api/quotes/{runId}/stream": {"get": STREAM_RUN},
+    "/api/health": {"get": HEALTH},
     "/api/openapi.json": {"get": DESCRIBE},
 }
 
