@@ -8,7 +8,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lib.http import FunctionContext, Problem, function_app
-from lib.models import HealthReport
 from lib.store import StoreNotConfigured, StoreUnavailable
 
 
@@ -39,6 +38,9 @@ async def report_health(request: Request, context: FunctionContext) -> Response:
             " ".join(missing),
             headers={"Retry-After": str(retry_after)} if retry_after else None,
         )
+    # Imported on first use: the models (pydantic) cost more to import than Starlette itself.
+    from lib.models import HealthReport
+
     report = HealthReport.model_validate(
         {"store": store_name, "queue": settings.queue_backend, "source": settings.quote_source}
     )

@@ -8,16 +8,13 @@ import re
 import time
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lib.http import FunctionContext, Problem, function_app, invocation_deadline
-from lib.models import QuoteRequest, RunAccepted, new_run_id
 from lib.store import IdempotencyClaim
-from lib.validation import validation_problem
-from lib.workflow import QuoteRun, new_run_record, run_deadline
+from lib.terms import new_run_id
 
 MAX_BODY_BYTES = 16 * 1024
 RATE_WINDOW_SECONDS = 60
@@ -108,6 +105,14 @@ async def _enforce_rate_limit(request: Request, context: FunctionContext) -> Non
 
 
 async def start_quote_run(request: Request, context: FunctionContext) -> Response:
+    # Imported with the first request, not at cold start: the models (pydantic), their
+    # validation and the workflow cost more to import than Starlette itself.
+    from pydantic import ValidationError
+
+    from lib.models import QuoteRequest, RunAccepted
+    from lib.validation import validation_problem
+    from lib.workflow import QuoteRun, new_run_record, run_deadline
+
     _check_content_type(request)
     payload = _parse_json(await _read_body(request))
     key = _idempotency_key(request)

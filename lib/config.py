@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-from lib.models import PROVIDER_IDS, ProviderId, QuoteSourceName
+from lib.terms import PROVIDER_IDS, ProviderId, QuoteSourceName
 
 DEFAULT_TINYFISH_API_URL = "https://agent.tinyfish.ai"
 

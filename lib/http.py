@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -20,9 +21,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lib.config import ConfigError, Settings, get_settings
-from lib.models import FieldError, ProblemDetail
-from lib.providers.base import QuoteSource
 from lib.store import RunNotFound, Store, StoreNotConfigured, StoreUnavailable, open_store
+
+if TYPE_CHECKING:
+    from lib.models import FieldError, ProblemDetail
+    from lib.providers.base import QuoteSource
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ class Problem(Exception):
         self.errors = errors
 
     def problem_detail(self) -> ProblemDetail:
+        # Imported when a problem is answered: pydantic costs more to import than Starlette.
+        from lib.models import ProblemDetail
+
         return ProblemDetail(
             type=PROBLEM_BASE + self.slug,
             title=self.title,

@@ -4,7 +4,6 @@ snapshot GET returns. Handlers validate and serialise with these; nothing builds
 from __future__ import annotations
 
 import re
-import secrets
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
@@ -21,56 +20,23 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-ProviderId = Literal["geico", "progressive", "state_farm", "allstate", "liberty_mutual"]
-PROVIDER_IDS: tuple[ProviderId, ...] = (
-    "geico",
-    "progressive",
-    "state_farm",
-    "allstate",
-    "liberty_mutual",
-)
-PROVIDER_NAMES: dict[ProviderId, str] = {
-    "geico": "GEICO",
-    "progressive": "Progressive",
-    "state_farm": "State Farm",
-    "allstate": "Allstate",
-    "liberty_mutual": "Liberty Mutual",
-}
-Coverage = Literal["minimum", "standard", "full"]
-RunStatus = Literal["processing", "completed", "failed"]
-ProviderStatus = Literal["pending", "running", "quoted", "failed"]
-QuoteSourceName = Literal["tinyfish", "simulated"]
-ProviderErrorCode = Literal[
-    "provider_timeout",
-    "provider_blocked",
-    "provider_declined",
-    "provider_bad_output",
-    "provider_unavailable",
-    "provider_auth",
-]
-RunErrorCode = Literal["worker_lost", "deadline_exceeded", "internal"]
-
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
-
-
-def new_run_id() -> str:
-    return secrets.token_urlsafe(16)
-
-
-def is_run_id(value: str) -> bool:
-    return RUN_ID_PATTERN.fullmatch(value) is not None
-
-
-def utc_now() -> datetime:
-    """Now, to the millisecond: the precision every timestamp is stored and sent with."""
-    now = datetime.now(UTC)
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def format_time(value: datetime) -> str:
-    """RFC 3339 UTC with milliseconds: 2026-11-28T14:03:07.412Z."""
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+# The plain terms live in lib.terms (no pydantic); lib.models re-exports every one of them.
+from lib.terms import PROVIDER_IDS as PROVIDER_IDS
+from lib.terms import PROVIDER_NAMES as PROVIDER_NAMES
+from lib.terms import RUN_ID_PATTERN as RUN_ID_PATTERN
+from lib.terms import TERMINAL_EVENT_TYPES as TERMINAL_EVENT_TYPES
+from lib.terms import Coverage as Coverage
+from lib.terms import ProviderErrorCode as ProviderErrorCode
+from lib.terms import ProviderId as ProviderId
+from lib.terms import ProviderStatus as ProviderStatus
+from lib.terms import QuoteSourceName as QuoteSourceName
+from lib.terms import RunErrorCode as RunErrorCode
+from lib.terms import RunStatus as RunStatus
+from lib.terms import format_time as format_time
+from lib.terms import is_run_id as is_run_id
+from lib.terms import new_run_id as new_run_id
+from lib.terms import percent as percent
+from lib.terms import utc_now as utc_now
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -88,7 +54,12 @@ UtcTime = Annotated[
 
 class CamelModel(BaseModel):
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", serialize_by_alias=True
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        serialize_by_alias=True,
+        # Each model's validator is built when first used: a function builds only its own.
+        defer_build=True,
     )
 
 
@@ -343,15 +314,10 @@ RunEvent = Annotated[
     | ErrorEvent,
     Field(discriminator="type"),
 ]
-TERMINAL_EVENT_TYPES = frozenset({"complete", "error"})
 
 
 def is_terminal(event: BaseModel) -> bool:
     return getattr(event, "type", None) in TERMINAL_EVENT_TYPES
-
-
-def percent(completed: int, total: int) -> int:
-    return completed * 100 // total if total else 100
 
 
 # --- the stored run record and the snapshot GET returns -----------------------------------------

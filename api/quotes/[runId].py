@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lib.http import FunctionContext, Problem, function_app, run_id_from, run_not_found
-from lib.models import Progress, RunSnapshot, is_run_id, percent
+from lib.staleness import finalize_if_stale
 from lib.store import RunState
-from lib.workflow import finalize_if_stale
+from lib.terms import is_run_id, percent
+
+if TYPE_CHECKING:
+    from lib.models import RunSnapshot
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 _INTEGER = re.compile(r"-?[0-9]{1,16}")
@@ -35,6 +39,9 @@ def _integer_param(request: Request, name: str, *, minimum: int, maximum: int) -
 
 
 def snapshot(state: RunState, ttl_seconds: int, *, with_events: bool) -> RunSnapshot:
+    # Imported on first use: the models (pydantic) cost more to import than Starlette itself.
+    from lib.models import Progress, RunSnapshot
+
     record = state.record
     total = len(record.providers)
     last_write = max(record.updated_at, record.heartbeat_at)

@@ -13,10 +13,13 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
-from lib.models import TERMINAL_EVENT_TYPES, ErrorEvent, RunEvent, RunRecord
 from lib.store.errors import RunChanged, RunFinalized, RunNotFound
+from lib.terms import TERMINAL_EVENT_TYPES
+
+if TYPE_CHECKING:
+    from lib.models import ErrorEvent, RunEvent, RunRecord
 
 # Every event's JSON starts with its id and type (see wire_event and the event models).
 _TYPE_FIELD = re.compile(r'\{"id":\d+,"type":"([a-z_]+)"')

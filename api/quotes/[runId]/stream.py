@@ -21,10 +21,10 @@ from lib.http import (
     run_id_from,
     run_not_found,
 )
-from lib.models import is_run_id
 from lib.sse import KEEP_ALIVE, RETRY, EventStreamResponse, sse_frame
+from lib.staleness import finalize_if_stale, next_stale_check
 from lib.store import RunState, Store, StoreUnavailable
-from lib.workflow import finalize_if_stale, next_stale_check
+from lib.terms import is_run_id
 
 KEEP_ALIVE_SECONDS = 15.0
 # A stream ends this long before its invocation would be cut off.
