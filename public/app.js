@@ -122,7 +122,6 @@ async function startRun(event) {
       const started = await response.json();
       history.pushState({ run: started.runId }, "", pageUrl(started.runId));
       showRun(newRun(started.runId, started.statusUrl, started.streamUrl));
-      $("run-heading").focus();
       announce("Run started: asking the insurers.");
     } else {
       await showProblem(response, request);
@@ -207,7 +206,7 @@ function locateField(field, request) {
   if (entry) {
     const sent = request.providers[Number(entry[1])];
     const container = document.querySelector('[data-field="providers"]');
-    const target = document.getElementById(`provider-${sent}`);
+    const target = [...container.querySelectorAll("input[name=providers]")].find((box) => box.value === sent);
     return { container, target, label: PROVIDER_NAMES[sent] ?? `Insurer ${sent}` };
   }
   for (let name = field; name; name = name.includes(".") ? name.slice(0, name.lastIndexOf(".")) : "") {
@@ -273,6 +272,9 @@ function showRun(next) {
   for (const id of ["simulated-banner", "connection-notice", "run-problem"]) $(id).hidden = true;
   render();
   follow(run);
+  // On a phone the run is below the form: bring its heading to the top, and focus there.
+  $("run-heading").scrollIntoView({ block: "start" });
+  $("run-heading").focus({ preventScroll: true });
 }
 
 function stopFollowing() {
@@ -291,7 +293,7 @@ async function resumeRun(runId) {
       stopFollowing();
       run = null;
       $("run").hidden = true;
-      showFormProblem(`Run ${runId} was not found: runs are kept for two hours after their last update. Start a new one below.`);
+      showFormProblem(`Run ${runId} was not found: runs are kept for a limited time after their last update (two hours unless configured otherwise). Start a new one below.`);
       return;
     }
     if (response.ok) snapshot = await response.json();
@@ -343,7 +345,7 @@ async function afterRefusedStream(current) {
     const response = await fetch(apiUrl(current.statusUrl), { cache: "no-store" });
     if (response.status === 404) {
       current.finished = true;
-      showNotice($("run-problem"), "This run has expired or never existed: runs are kept for two hours.");
+      showNotice($("run-problem"), "This run has expired or never existed: runs are kept for a limited time (two hours unless configured otherwise).");
       return;
     }
     const snapshot = response.ok ? await response.json() : null;
@@ -462,6 +464,7 @@ function render() {
         ? "Connecting…"
         : `Asking ${total} insurer${total === 1 ? "" : "s"}…`;
   $("run").dataset.state = current.failure ? "failed" : current.ranking ? "completed" : "processing";
+  $("run").dataset.lastEventId = current.lastId ?? "";
 
   const cards = $("cards");
   for (const entry of current.cards.values()) {
@@ -530,9 +533,10 @@ function rankingItem(current, quote, index) {
   item.dataset.provider = quote.provider;
   const best = current.ranking ? quote.provider === current.best : index === 0;
   if (best) item.classList.add("best");
-  const name = element("span", "ranking-name", PROVIDER_NAMES[quote.provider] ?? quote.provider);
-  const marker = best ? element("span", "badge badge-best", current.ranking ? "Best price" : "Cheapest so far") : "";
-  item.append(name, marker, price(quote, false));
+  const who = element("div", "ranking-who");
+  who.append(element("span", "ranking-name", PROVIDER_NAMES[quote.provider] ?? quote.provider));
+  if (best) who.append(element("span", "badge badge-best", current.ranking ? "Best price" : "Cheapest so far"));
+  item.append(who, price(quote, false));
   return item;
 }
 
@@ -544,7 +548,7 @@ function price(quote, best) {
     "p",
     "price-details",
     `${money(quote.annualPremium, quote.currency)} a year · ${quote.coverage} coverage · ` +
-      `${quote.deductible ? `${money(quote.deductible, quote.currency)} deductible` : "no deductible"}`,
+      `${quote.deductible ? `${money(quote.deductible, quote.currency, { whole: true })} deductible` : "no deductible"}`,
   );
   box.append(monthly, details, sourceBadge(quote));
   if (best) box.prepend(element("span", "badge badge-best", "Best price"));
@@ -558,8 +562,9 @@ function sourceBadge(quote) {
   return element("p", "source", `Source: ${quote.source}`);
 }
 
-function money(amount, currency = "USD") {
-  return new Intl.NumberFormat("en-US", { style: "currency", currency }).format(amount);
+function money(amount, currency = "USD", { whole = false } = {}) {
+  const digits = whole && Number.isInteger(amount) ? { minimumFractionDigits: 0 } : {};
+  return new Intl.NumberFormat("en-US", { style: "currency", currency, ...digits }).format(amount);
 }
 
 function element(tag, className, text) {

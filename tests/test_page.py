@@ -9,8 +9,11 @@ finished run; screenshots at 1280 and 375 px go to `.artifacts/`.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -217,6 +220,31 @@ def test_the_form_is_served_at_the_root_prefilled_and_accessible(
     assert axe_violations(page) == []
     screenshot(page, "form-1280.png")
 
+    # Every control is reached with Tab, in reading order, up to the button.
+    reached: list[str] = []
+    while len(reached) < 40 and (not reached or reached[-1] != "submit"):
+        page.keyboard.press("Tab")
+        focused = page.evaluate(
+            "() => { const e = document.activeElement;"
+            " return e.id || (e.tagName === 'SUMMARY' ? 'summary' : e.tagName); }"
+        )
+        if not reached or reached[-1] != focused:  # a date input tabs through its parts
+            reached.append(focused)
+    assert reached == [
+        "vin",
+        "use",
+        "annualMileage",
+        "ownership",
+        "firstName",
+        "lastName",
+        "dateOfBirth",
+        "zip",
+        "INPUT",  # the coverage radio group, entered at its checked choice
+        *[f"provider-{p}" for p in PROVIDERS],
+        "summary",
+        "submit",
+    ]
+
 
 def test_a_click_runs_to_the_ranked_result_while_streams_close_every_second(
     page: Page, host: RunningDevHost
@@ -269,3 +297,188 @@ def test_an_invalid_vin_is_shown_at_its_field(page: Page, host: RunningDevHost) 
     assert page.locator("#run").is_hidden()
     assert "run" not in parse_qs(urlsplit(page.url).query)
     assert axe_violations(page) == []
+
+
+def test_a_reload_mid_run_resumes_without_repeating_or_losing_an_update(
+    page: Page, host: RunningDevHost
+) -> None:
+    page.goto(f"{host.url}/")
+    page.get_by_label("ZIP code where the car is kept").press("Enter")  # started by keyboard
+    page.wait_for_selector("#cards .card[data-status=running]")
+    assert page.evaluate("document.activeElement.id") == "run-heading"
+    run_id = run_id_of(page)
+    before = shown_cards(page)
+    assert snapshot(host, run_id)["status"] == "processing", "the reload must come mid-run"
+
+    page.reload()
+    wait_finished(page)
+
+    assert run_id_of(page) == run_id
+    assert_cards_match_the_stored_run(page, host, run_id)
+    assert_ranked_result(page, host, run_id)
+    after = shown_cards(page)
+    for provider, card in before.items():
+        assert after[provider]["log"][: len(card["log"])] == card["log"]
+    shown_before = sum(len(card["log"]) for card in before.values())
+    assert sum(len(card["log"]) for card in after.values()) > shown_before, (
+        "updates arrived after the reload"
+    )
+
+
+def test_a_refused_stream_is_reopened_after_a_pause_from_the_last_event(
+    page: Page, host: RunningDevHost
+) -> None:
+    streams = stream_requests(page)
+
+    def refuse_the_second(route: Any) -> None:
+        if len(streams) == 2:  # the browser's first reconnect: storage is "unavailable"
+            route.fulfill(
+                status=503,
+                content_type="application/problem+json",
+                body='{"type":"about:blank","title":"Storage unavailable","status":503,'
+                '"detail":"try again"}',
+            )
+        else:
+            route.continue_()
+
+    page.route("**/api/quotes/*/stream*", refuse_the_second)
+    page.goto(f"{host.url}/")
+    page.get_by_role("button", name="Compare quotes").click()
+    expect(page.locator("#connection-notice")).to_contain_text("Reconnecting in 2 seconds")
+    applied = page.locator("#run").get_attribute("data-last-event-id")
+    wait_finished(page)
+
+    run_id = run_id_of(page)
+    assert len(streams) >= 3
+    # The reopened stream starts after the last event the page applied (a first connection
+    # names it in the query), and the browser's own reconnects go on from there.
+    assert parse_qs(urlsplit(streams[2].url).query)["lastEventId"] == [applied]
+    assert_cards_match_the_stored_run(page, host, run_id)
+    assert_ranked_result(page, host, run_id)
+    assert page.locator("#connection-notice").is_hidden()
+
+
+def young_business_driver() -> dict[str, Any]:
+    """The simulated source's documented decline: Allstate, a driver under 21, business use."""
+    today = datetime.now(UTC).date()
+    born = today.replace(year=today.year - 19, day=min(today.day, 28))
+    return {
+        "vin": "2C3CDZAG2GH967639",
+        "zip": "94107",
+        "driver": {"firstName": "Sam", "lastName": "Ortiz", "dateOfBirth": born.isoformat()},
+        "vehicle": {"annualMileage": 15000, "use": "business", "ownership": "financed"},
+        "coverage": "full",
+    }
+
+
+def test_a_link_to_a_finished_run_shows_its_result(page: Page, host: RunningDevHost) -> None:
+    started = httpx.post(f"{host.url}/api/quotes", json=young_business_driver(), timeout=10)
+    assert started.status_code == 202, started.text
+    run_id = started.json()["runId"]
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while snapshot(host, run_id)["status"] == "processing":
+        assert time.monotonic() < deadline, "the run did not finish"
+        time.sleep(0.2)
+
+    page.goto(f"{host.url}/?run={run_id}")
+    wait_finished(page)
+
+    assert_cards_match_the_stored_run(page, host, run_id)
+    assert_ranked_result(page, host, run_id)
+    allstate = page.locator(".card[data-provider=allstate]")
+    assert allstate.get_attribute("data-status") == "failed"
+    assert allstate.locator(".card-status").inner_text() == "No quote"
+    assert allstate.locator(".card-error").inner_text() == (
+        "Allstate does not offer a quote for this driver or car."
+    )
+    assert page.locator("#ranking [data-provider=allstate]").count() == 0
+    assert "1 insurer could not quote" in page.locator("#run-status").inner_text()
+    assert axe_violations(page) == []
+    screenshot(page, "finished-with-a-decline-1280.png")
+    page.locator("#run").screenshot(path=str(ARTIFACTS / "run-finished-with-a-decline.png"))
+
+
+def test_a_link_to_an_unknown_run_says_so(page: Page, host: RunningDevHost) -> None:
+    page.goto(f"{host.url}/?run=AAAAAAAAAAAAAAAAAAAAAA")
+    expect(page.locator("#form-problem")).to_contain_text("was not found")
+    assert page.locator("#run").is_hidden()
+
+
+PROBLEMS = {
+    429: ("Too many runs have been started from here.", "42", "in 42 seconds"),
+    503: ("The quote service is unavailable right now.", "5", "in 5 seconds"),
+}
+
+
+@pytest.mark.parametrize("status", sorted(PROBLEMS))
+def test_a_refused_start_says_what_to_do_and_when(
+    page: Page, host: RunningDevHost, status: int
+) -> None:
+    message, retry_after, when = PROBLEMS[status]
+    body = {"type": "about:blank", "title": "Refused", "status": status, "detail": "Hold on."}
+    page.route(
+        "**/api/quotes",
+        lambda route: route.fulfill(
+            status=status,
+            content_type="application/problem+json",
+            headers={"Retry-After": retry_after},
+            body=json.dumps(body),
+        ),
+    )
+    page.goto(f"{host.url}/")
+    page.get_by_role("button", name="Compare quotes").click()
+    problem = page.locator("#form-problem")
+    expect(problem).to_contain_text(message)
+    assert "Hold on." in problem.inner_text()
+    assert f"Try again {when}" in problem.inner_text()
+    assert page.locator("#run").is_hidden()
+
+
+def test_a_start_refused_for_credentials_asks_for_the_api_key_and_sends_it(
+    page: Page, host: RunningDevHost
+) -> None:
+    sent: list[str | None] = []
+
+    def deployment_with_keys(route: Any) -> None:
+        authorization = route.request.headers.get("authorization")
+        sent.append(authorization)
+        if authorization == "Bearer key-123":
+            route.continue_()  # this host needs no key: the real API starts the run
+        else:
+            route.fulfill(
+                status=401,
+                content_type="application/problem+json",
+                headers={"WWW-Authenticate": "Bearer"},
+                body='{"type":"about:blank","title":"Unauthorized","status":401,"detail":"x"}',
+            )
+
+    page.route("**/api/quotes", deployment_with_keys)
+    page.goto(f"{host.url}/")
+    page.get_by_role("button", name="Compare quotes").click()
+    expect(page.locator("#form-problem")).to_contain_text("needs an API key")
+    key = page.get_by_label("API key (only if this service asks for one)")
+    assert key.evaluate("(input) => input === document.activeElement")
+    assert page.locator("#apiKey-error").is_visible()
+
+    key.fill("key-123")
+    page.get_by_role("button", name="Compare quotes").click()
+    page.wait_for_selector("#run:not([hidden])")
+    assert sent == [None, "Bearer key-123"]
+    assert page.evaluate("sessionStorage.getItem('quotes:apiKey')") == "key-123"
+    page.reload()
+    assert key.input_value() == "key-123", "kept for this tab"
+
+
+def test_the_page_calls_another_origin_given_as_api(page: Page, host: RunningDevHost) -> None:
+    api = host.url  # http://127.0.0.1:<port>; the page comes from http://localhost:<port>
+    page_origin = api.replace("127.0.0.1", "localhost")
+    calls: list[str] = []
+    page.on("request", lambda r: calls.append(r.url) if "/api/" in r.url else None)
+    page.goto(f"{page_origin}/?api={api}")
+    page.get_by_role("button", name="Compare quotes").click()
+    wait_finished(page)
+
+    assert urlsplit(page.url).netloc == urlsplit(page_origin).netloc
+    assert calls and all(url.startswith(f"{api}/api/") for url in calls)
+    assert parse_qs(urlsplit(page.url).query)["api"] == [api], "kept beside ?run="
+    assert_cards_match_the_stored_run(page, host, run_id_of(page))
