@@ -31,10 +31,11 @@ def describe(env: Mapping[str, str]) -> list[str]:
 
 
 def example(base_url: str) -> list[str]:
-    """A ready-to-paste request: start a quote run, then follow its event stream."""
+    """The page's address, and a ready-to-paste request: start a run, follow its event stream."""
     body = shlex.quote(json.dumps(EXAMPLE_QUOTE_REQUEST, separators=(",", ":")))
     pick_run_id = shlex.quote('import json,sys; print(json.load(sys.stdin)["runId"])')
     return [
+        f"page:          {base_url}/",
         "try it:",
         f"  RUN_ID=$(curl -s -X POST {base_url}/api/quotes -H 'content-type: application/json' \\",
         f"    -d {body} | python3 -c {pick_run_id})",
