@@ -17,6 +17,7 @@ from dotenv import dotenv_values
 
 from tools.devhost import project
 from tools.devhost.proxy import DevProxy, new_upstream_client
+from tools.devhost.queues import QueueConfigError, QueueService, discover_triggers
 from tools.devhost.routes import Router, discover_functions, discover_rewrites
 from tools.devhost.static import PublicFiles
 from tools.devhost.supervisor import StartupError, Supervisor
@@ -78,13 +79,23 @@ async def serve(args: argparse.Namespace) -> int:
     if not specs:
         say(f"devhost: no functions under {root / 'api'}")
         return 1
-    env = function_environment(root)
+    try:
+        queue = QueueService(discover_triggers(root, specs), log=say)
+    except QueueConfigError as exc:
+        say(f"devhost: {exc}")
+        return 1
+    env = {**function_environment(root), **queue.environment()}
     listener = socket.create_server((args.host, args.port))
-    base_url = f"http://{args.host}:{listener.getsockname()[1]}"
+    port = listener.getsockname()[1]
+    base_url = f"http://{args.host}:{port}"
+    local_host = "127.0.0.1" if args.host in ("", "0.0.0.0", "::") else args.host
 
     say(f"devhost: serving {root} at {base_url}")
     for spec in specs:
         say(f"  {spec.file}  maxDuration {spec.max_duration:g} s")
+    say(f"queue:         {queue.url} (Vercel Queues: vercel-queue's embedded service)")
+    for trigger in queue.triggers:
+        say(f"  {trigger.describe()}")
     for line in project.describe(env):
         say(line)
     say(f"instances:     {args.instances} per function (vercel_runtime.dev, own processes)")
@@ -118,6 +129,7 @@ async def serve(args: argparse.Namespace) -> int:
     )
     server_task: asyncio.Task[None] | None = None
     try:
+        await queue.start()
         starting = asyncio.create_task(supervisor.start(args.startup_timeout))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -136,6 +148,7 @@ async def serve(args: argparse.Namespace) -> int:
         listening.cancel()
         if server_task.done():
             return 1
+        queue.start_delivery(f"http://{local_host}:{port}")
         say(f"READY {base_url}")
         stop_wait = asyncio.create_task(stop.wait())
         await asyncio.wait({server_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -145,7 +158,10 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         server.should_exit = True
         await asyncio.gather(
-            supervisor.stop(), *([server_task] if server_task else []), return_exceptions=True
+            supervisor.stop(),
+            queue.stop(),
+            *([server_task] if server_task else []),
+            return_exceptions=True,
         )
         await client.aclose()
         listener.close()

@@ -28,6 +28,7 @@ class RunningDevHost:
     def __init__(self, process: subprocess.Popen[bytes]) -> None:
         self.process = process
         self.url = ""
+        self.queue_url = ""  # the embedded Vercel Queues service (VERCEL_QUEUE_BASE_URL)
         self._lines: collections.deque[str] = collections.deque(maxlen=2000)
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -81,6 +82,8 @@ class RunningDevHost:
         for raw in self.process.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             self._lines.append(line)
+            if line.startswith("queue:") and not self.queue_url:
+                self.queue_url = line.split()[1]
             if line.startswith("READY ") and not self._ready.is_set():
                 self.url = line.removeprefix("READY ").strip()
                 self._ready.set()

@@ -164,6 +164,7 @@ class _Exchange:
                     502,
                     "NO_RESPONSE_FROM_FUNCTION",
                     f"{instance.label} closed the connection without a response ({exc!r}).",
+                    extra_headers=[(INSTANCE_HEADER, self._instance_tag().encode())],
                 )
                 return
             try:
