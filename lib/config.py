@@ -39,6 +39,8 @@ class Settings:
     cors_allow_origins: tuple[str, ...]
     run_lease_seconds: float
     simulated_delay_scale: float
+    simulated_min_seconds: float
+    tinyfish_max_steps: int | None
     rate_limit_per_minute: int
     on_vercel_deployment: bool
     on_vercel: bool = False
@@ -70,6 +72,15 @@ def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {raw!r}")
     return value
+
+
+def _max_steps(raw: str) -> int | None:
+    """TINYFISH_MAX_STEPS: a whole number of agent steps, 1–500 (TinyFish's own bounds)."""
+    if not raw.strip():
+        return None
+    if not raw.strip().isascii() or not raw.strip().isdigit() or not 1 <= int(raw) <= 500:
+        raise ConfigError(f"TINYFISH_MAX_STEPS must be a whole number from 1 to 500, got {raw!r}")
+    return int(raw)
 
 
 def _providers(raw: str) -> tuple[ProviderId, ...]:
@@ -127,6 +138,8 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         cors_allow_origins=origins or ("*",),
         run_lease_seconds=_number(env, "RUN_LEASE_SECONDS", 45, minimum=0.3),
         simulated_delay_scale=_number(env, "SIMULATED_DELAY_SCALE", 1.0),
+        simulated_min_seconds=_number(env, "SIMULATED_MIN_SECONDS", 0),
+        tinyfish_max_steps=_max_steps(env.get("TINYFISH_MAX_STEPS", "")),
         rate_limit_per_minute=int(_number(env, "QUOTE_RATE_LIMIT_PER_MINUTE", 30)),
         on_vercel_deployment=env.get("VERCEL") == "1"
         and env.get("VERCEL_ENV") in ("production", "preview"),

@@ -7,15 +7,16 @@ from collections.abc import Callable
 
 import pytest
 
-from lib.models import Quote, QuoteRequest
+from lib.models import ProviderId, Quote, QuoteRequest, utc_now
 from lib.providers.base import (
+    AgentAttempt,
+    AttemptListener,
     ProviderBadOutput,
     ProviderBlocked,
     ProviderDeclined,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
-    ReportActivity,
 )
 from lib.providers.retry import backoff_delay, quote_with_retries
 from tests.conftest import ActivityRecorder, make_quote
@@ -30,18 +31,32 @@ REQUEST = QuoteRequest.model_validate(
 
 
 class ScriptedSource:
-    """Plays one outcome per attempt: an exception to raise, or a quote to return."""
+    """Plays one outcome per attempt: an exception to raise, or a quote to return. Each attempt
+    reports an agent run "agent-N" first when `agent_runs` is set; cancels are recorded."""
 
     name = "scripted"
+    billable = False
 
-    def __init__(self, *outcomes: BaseException | Quote | Callable[[], object]) -> None:
+    def __init__(
+        self, *outcomes: BaseException | Quote | Callable[[], object], agent_runs: bool = False
+    ) -> None:
         self.outcomes = list(outcomes)
         self.attempts = 0
+        self.agent_runs = agent_runs
+        self.seen: list[AgentAttempt] = []
+        self.cancelled: list[str] = []
 
-    async def get_quote(
-        self, request: QuoteRequest, provider: str, report: ReportActivity
+    async def quote(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
     ) -> Quote:
         self.attempts += 1
+        self.seen.append(attempt)
+        if self.agent_runs:
+            await listener.agent_run_started(f"agent-{self.attempts}")
         outcome = self.outcomes.pop(0)
         if isinstance(outcome, BaseException):
             raise outcome
@@ -52,6 +67,9 @@ class ScriptedSource:
             result = await result
         assert isinstance(result, Quote)
         return result
+
+    async def cancel(self, agent_run_id: str) -> None:
+        self.cancelled.append(agent_run_id)
 
     async def aclose(self) -> None:
         return None
@@ -140,10 +158,14 @@ async def test_an_exception_raised_by_report_is_the_callers_and_propagates() -> 
         raise StoreFenced(message)
 
     class ReportingSource(ScriptedSource):
-        async def get_quote(
-            self, request: QuoteRequest, provider: str, report: ReportActivity
+        async def quote(
+            self,
+            request: QuoteRequest,
+            provider: ProviderId,
+            attempt: AgentAttempt,
+            listener: AttemptListener,
         ) -> Quote:
-            await report("Opening GEICO quote page")
+            await listener.activity("Opening GEICO quote page")
             return make_quote()
 
     with pytest.raises(StoreFenced):
@@ -235,3 +257,70 @@ def test_backoff_doubles_from_one_second_and_is_capped_with_jitter() -> None:
     assert nominal == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
     assert backoff_delay(3, jitter=lambda: 0.0) == 3.0
     assert backoff_delay(3, jitter=lambda: 0.999999) == pytest.approx(5.0, abs=1e-4)
+
+
+async def test_attempts_are_numbered_and_share_the_budgets_deadline() -> None:
+    rec, quote = ActivityRecorder(), make_quote()
+    source = ScriptedSource(ProviderUnavailable("a"), ProviderUnavailable("b"), quote)
+    before = utc_now()
+    await quote_with_retries(
+        source, REQUEST, "geico", rec.report, timeout_seconds=60, sleep=rec.sleep
+    )
+    assert [a.number for a in source.seen] == [1, 2, 3]
+    assert all(a.agent_run_id is None for a in source.seen)
+    assert len({a.deadline for a in source.seen}) == 1
+    assert 59 <= (source.seen[0].deadline - before).total_seconds() <= 61
+
+
+async def test_an_agent_run_left_going_is_cancelled_before_the_next_attempt() -> None:
+    rec, quote = ActivityRecorder(), make_quote()
+    going = ProviderUnavailable("TinyFish stopped answering")
+    over = ProviderBadOutput("GEICO's agent finished without a monthly premium")
+    over.agent_run_finished = True
+    source = ScriptedSource(going, over, quote, agent_runs=True)
+    got = await quote_with_retries(
+        source, REQUEST, "geico", rec.report, timeout_seconds=60, sleep=rec.sleep
+    )
+    assert got is quote
+    # agent-1 may still be going (cancelled); agent-2 was over; agent-3 gave the quote.
+    assert source.cancelled == ["agent-1"]
+    assert going.agent_run_id == "agent-1"
+
+
+async def test_the_agent_run_of_an_attempt_cut_by_the_budget_is_cancelled() -> None:
+    async def forever() -> Quote:
+        await asyncio.sleep(60)
+        raise AssertionError("unreachable")
+
+    source = ScriptedSource(forever, agent_runs=True)
+    with pytest.raises(ProviderTimeout):
+        await quote_with_retries(
+            source, REQUEST, "geico", ActivityRecorder().report, timeout_seconds=0.05
+        )
+    assert source.cancelled == ["agent-1"]
+
+
+async def test_the_agent_run_of_a_cancelled_caller_is_cancelled() -> None:
+    started = asyncio.Event()
+
+    async def hang() -> Quote:
+        started.set()
+        await asyncio.sleep(60)
+        raise AssertionError("unreachable")
+
+    source = ScriptedSource(hang, agent_runs=True)
+    task = asyncio.create_task(
+        quote_with_retries(source, REQUEST, "geico", ActivityRecorder().report, timeout_seconds=30)
+    )
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert source.cancelled == ["agent-1"]
+
+
+async def test_a_quoted_attempt_cancels_nothing() -> None:
+    source = ScriptedSource(make_quote(), agent_runs=True)
+    rec = ActivityRecorder()
+    await quote_with_retries(source, REQUEST, "geico", rec.report, timeout_seconds=5)
+    assert source.cancelled == []

@@ -3,23 +3,28 @@ maps to a typed ProviderError, and that the driver's personal data goes nowhere 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 import respx
 
-from lib.models import PROVIDER_IDS, Quote, QuoteRequest
+from lib.models import PROVIDER_IDS, Quote, QuoteRequest, utc_now
 from lib.providers.base import (
+    AgentAttempt,
+    ProviderAgentFailed,
     ProviderAuth,
     ProviderBadOutput,
     ProviderBlocked,
     ProviderDeclined,
     ProviderError,
     ProviderRequestRejected,
+    ProviderTimeout,
     ProviderUnavailable,
 )
 from lib.providers.retry import quote_with_retries
@@ -121,11 +126,37 @@ def api() -> Iterator[respx.MockRouter]:
 
 
 class Activity:
+    """An AttemptListener that records what it is told."""
+
     def __init__(self) -> None:
         self.messages: list[str] = []
+        self.agent_runs: list[str] = []
 
-    async def __call__(self, message: str) -> None:
+    async def activity(self, message: str) -> None:
         self.messages.append(message)
+
+    async def agent_run_started(self, agent_run_id: str) -> None:
+        self.agent_runs.append(agent_run_id)
+
+
+def new_attempt(seconds: float = 300, agent_run_id: str | None = None) -> AgentAttempt:
+    now = utc_now()
+    return AgentAttempt(
+        number=1,
+        started_at=now,
+        deadline=now + timedelta(seconds=seconds),
+        agent_run_id=agent_run_id,
+    )
+
+
+def fast_source(api_url: str = API_URL, **options: Any) -> TinyFishQuoteSource:
+    """A source that polls (and retries cancels) without real waits."""
+    options.setdefault("sleep", no_sleep)
+    return TinyFishQuoteSource(api_key=API_KEY, api_url=api_url, **options)
+
+
+async def no_sleep(seconds: float) -> None:
+    await asyncio.sleep(0)
 
 
 async def ask(
@@ -136,9 +167,9 @@ async def ask(
 ) -> tuple[Quote, Activity, respx.Route]:
     route = api.post(ENDPOINT).mock(side_effect=list(responses))
     activity = Activity()
-    source = TinyFishQuoteSource(api_key=API_KEY, api_url=API_URL)
+    source = fast_source()
     try:
-        return await source.get_quote(request, provider, activity), activity, route
+        return await source.quote(request, provider, new_attempt(), activity), activity, route
     finally:
         await source.aclose()
 
@@ -166,28 +197,54 @@ async def test_run_request_wire_format(api: respx.MockRouter) -> None:
     assert body["output_schema"] == QUOTE_OUTPUT_SCHEMA
     assert body["browser_profile"] == "stealth"
     assert body["proxy_config"] == {"enabled": True, "country_code": "US"}
+    # The cost cap: the attempt's whole seconds left (300 s budget, a moment spent).
+    assert body["agent_config"] in ({"max_duration_seconds": 299}, {"max_duration_seconds": 300})
+    assert "max_steps" not in body["agent_config"]
 
 
-async def test_goal_carries_the_details_and_forbids_buying(api: respx.MockRouter) -> None:
-    _, _, route = await ask(api, sse_response(run_events()))
-    goal = json.loads(route.calls.last.request.content)["goal"]
-    for detail in (
-        "GEICO",
-        "2C3CDZAG2GH967639",
-        "94107",
-        f"{FIRST} {LAST}",
-        BORN,
-        "8,500 miles",
-        "pleasure",
-        "leased",
-        "$1,000 deductible",
-    ):
-        assert detail in goal
-    assert "Never buy, bind, pay for, sign" in goal
-    assert "Do not create an account" in goal
-    assert "CAPTCHA" in goal
-    assert "monthly_premium" in goal
-    assert '"no_quote"' in goal
+async def test_caps_carry_max_steps_and_never_exceed_tinyfishs_own_limit(
+    api: respx.MockRouter,
+) -> None:
+    route = api.post(ENDPOINT).mock(side_effect=[sse_response(run_events())])
+    source = fast_source(max_steps=60)
+    try:
+        await source.quote(REQUEST, "geico", new_attempt(seconds=3600), Activity())
+    finally:
+        await source.aclose()
+    body = json.loads(route.calls.last.request.content)
+    assert body["agent_config"] == {"max_duration_seconds": 600, "max_steps": 60}
+
+
+async def test_too_little_time_left_starts_no_agent_run(api: respx.MockRouter) -> None:
+    route = api.post(ENDPOINT).mock(side_effect=[sse_response(run_events())])
+    source = fast_source()
+    try:
+        with pytest.raises(ProviderTimeout) as caught:
+            await source.quote(REQUEST, "geico", new_attempt(seconds=8), Activity())
+    finally:
+        await source.aclose()
+    assert not route.called
+    assert caught.value.agent_run_id is None
+    assert not caught.value.agent_run_may_be_going
+
+
+async def test_started_reports_the_agent_run_before_anything_else(api: respx.MockRouter) -> None:
+    order: list[str] = []
+
+    class Ordered(Activity):
+        async def activity(self, message: str) -> None:
+            order.append(f"activity:{message}")
+
+        async def agent_run_started(self, agent_run_id: str) -> None:
+            order.append(f"started:{agent_run_id}")
+
+    api.post(ENDPOINT).mock(side_effect=[sse_response(run_events(GOOD_RESULT, "Navigating"))])
+    source = fast_source()
+    try:
+        await source.quote(REQUEST, "geico", new_attempt(), Ordered())
+    finally:
+        await source.aclose()
+    assert order == ["started:run_123", "activity:Navigating"]
 
 
 def test_output_schema_uses_only_keywords_tinyfish_accepts() -> None:
@@ -292,31 +349,62 @@ async def test_long_purpose_is_truncated(api: respx.MockRouter) -> None:
     assert activity.messages[0].endswith("…")
 
 
-async def test_stream_ending_without_complete_is_transient_unavailable(
+def run_object(status: str, result: Any = None, error: Any = None, **extra: Any) -> dict[str, Any]:
+    """GET /v1/runs/{id}'s answer, shaped like the SDK's Run."""
+    return {
+        "run_id": "run_123",
+        "status": status,
+        "goal": "…",
+        "created_at": "2026-11-28T14:00:00Z",
+        "result": result,
+        "error": error,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pytest.param(None, id="clean end before COMPLETE"),
+        pytest.param(httpx.RemoteProtocolError("peer closed connection"), id="dropped"),
+        pytest.param(httpx.ReadTimeout("timed out"), id="silent past the read timeout"),
+    ],
+)
+async def test_a_stream_lost_after_started_polls_that_run_and_starts_no_other(
+    api: respx.MockRouter, broken: Exception | None
+) -> None:
+    start = api.post(ENDPOINT).mock(
+        side_effect=[sse_response([started(), progress("Entering vehicle details")], broken)]
+    )
+    poll = api.get(f"{API_URL}/v1/runs/run_123").mock(
+        side_effect=[
+            httpx.Response(200, json=run_object("RUNNING")),
+            httpx.Response(503),
+            httpx.ConnectError("refused"),
+            httpx.Response(200, json=run_object("COMPLETED", GOOD_RESULT)),
+        ]
+    )
+    source, activity = fast_source(), Activity()
+    try:
+        quote = await source.quote(REQUEST, "geico", new_attempt(), activity)
+    finally:
+        await source.aclose()
+    assert quote.monthly_premium == 142.5
+    assert start.call_count == 1
+    assert poll.call_count == 4
+    assert poll.calls.last.request.headers["x-api-key"] == API_KEY
+    assert activity.agent_runs == ["run_123"]
+    assert activity.messages == ["Entering vehicle details"]
+
+
+async def test_a_stream_that_ends_before_started_is_transient_unavailable(
     api: respx.MockRouter,
 ) -> None:
-    error = await failure(api, sse_response([started(), progress("Entering vehicle details")]))
+    error = await failure(api, sse_response([b": keep-alive\n\n"]))
     assert isinstance(error, ProviderUnavailable)
     assert error.transient
-    assert "ended before the run finished" in error.message
-
-
-async def test_connection_dropped_mid_stream_is_transient_unavailable(
-    api: respx.MockRouter,
-) -> None:
-    drop = httpx.RemoteProtocolError("peer closed connection without sending complete message")
-    error = await failure(api, sse_response([started(), progress("Filling in")], drop))
-    assert isinstance(error, ProviderUnavailable)
-    assert error.transient
-
-
-async def test_silence_beyond_the_read_timeout_is_transient_unavailable(
-    api: respx.MockRouter,
-) -> None:
-    error = await failure(api, sse_response([started()], httpx.ReadTimeout("timed out")))
-    assert isinstance(error, ProviderUnavailable)
-    assert error.transient
-    assert "timed out" in error.message
+    assert error.agent_run_id is None
+    assert "before" in error.message
 
 
 async def test_connection_refused_is_transient_unavailable(api: respx.MockRouter) -> None:
@@ -498,26 +586,55 @@ async def test_403_to_output_schema_retries_once_without_it_and_remembers(
 ) -> None:
     route = api.post(ENDPOINT).mock(
         side_effect=[
-            api_error(403, "FORBIDDEN"),
+            httpx.Response(403, json={"error": {"code": "FORBIDDEN", "message": "beta only"}}),
             sse_response(run_events()),
             sse_response(run_events()),
         ]
     )
-    source = TinyFishQuoteSource(api_key=API_KEY, api_url=API_URL)
+    source = fast_source()
     try:
-        first = await source.get_quote(REQUEST, "geico", Activity())
-        second = await source.get_quote(REQUEST, "allstate", Activity())
+        first = await source.quote(REQUEST, "geico", new_attempt(), Activity())
+        second = await source.quote(REQUEST, "allstate", new_attempt(), Activity())
     finally:
         await source.aclose()
     bodies = [json.loads(call.request.content) for call in route.calls]
     assert ["output_schema" in body for body in bodies] == [True, False, False]
+    assert all("agent_config" in body for body in bodies)
     assert "monthly_premium" in bodies[1]["goal"]
     assert (first.provider, second.provider) == ("geico", "allstate")
 
 
-async def test_403_without_output_schema_is_provider_auth(api: respx.MockRouter) -> None:
-    error = await failure(api, api_error(403, "FORBIDDEN"), api_error(403, "FORBIDDEN"))
-    assert isinstance(error, ProviderAuth)
+async def test_403_naming_agent_config_drops_only_the_caps(api: respx.MockRouter) -> None:
+    refused = {"error": {"code": "FORBIDDEN", "message": "agent_config.max_steps is not enabled"}}
+    route = api.post(ENDPOINT).mock(
+        side_effect=[httpx.Response(403, json=refused), sse_response(run_events())]
+    )
+    source = fast_source(max_steps=40)
+    try:
+        await source.quote(REQUEST, "geico", new_attempt(), Activity())
+    finally:
+        await source.aclose()
+    bodies = [json.loads(call.request.content) for call in route.calls]
+    assert [("output_schema" in b, "agent_config" in b) for b in bodies] == [
+        (True, True),
+        (True, False),
+    ]
+
+
+async def test_403_with_nothing_left_to_drop_is_provider_auth(api: respx.MockRouter) -> None:
+    route = api.post(ENDPOINT).mock(side_effect=[api_error(403, "FORBIDDEN")] * 3)
+    source = fast_source()
+    try:
+        with pytest.raises(ProviderAuth):
+            await source.quote(REQUEST, "geico", new_attempt(), Activity())
+    finally:
+        await source.aclose()
+    bodies = [json.loads(call.request.content) for call in route.calls]
+    assert [sorted(set(b) & {"output_schema", "agent_config"}) for b in bodies] == [
+        ["agent_config", "output_schema"],
+        ["agent_config"],
+        [],
+    ]
 
 
 # --- personal data ------------------------------------------------------------------------------
@@ -549,9 +666,19 @@ async def test_personal_data_reaches_no_log_record_activity_or_error(
         activity = Activity()
         api.routes.clear()
         api.post(ENDPOINT).mock(side_effect=responses)
-        source = TinyFishQuoteSource(api_key=API_KEY, api_url=API_URL)
+        api.get(f"{API_URL}/v1/runs/run_123").mock(
+            return_value=httpx.Response(
+                200,
+                json=run_object(
+                    "FAILED",
+                    error={"message": f"{FIRST} {LAST} typed", "category": "AGENT_FAILURE"},
+                    steps=[{"purpose": f"Typing {BORN}"}],
+                ),
+            )
+        )
+        source = fast_source()
         try:
-            await source.get_quote(REQUEST, "geico", activity)
+            await source.quote(REQUEST, "geico", new_attempt(), activity)
         except ProviderError as exc:
             seen += [str(exc), exc.message, repr(exc)]
         finally:
@@ -570,12 +697,12 @@ async def test_personal_data_reaches_no_log_record_activity_or_error(
 async def test_one_client_is_created_lazily_reused_and_closed(api: respx.MockRouter) -> None:
     api.post(ENDPOINT).mock(side_effect=[sse_response(run_events()), sse_response(run_events())])
     source = TinyFishQuoteSource(api_key=API_KEY, api_url=API_URL)
-    assert source._client is None
-    await source.get_quote(REQUEST, "geico", Activity())
-    client = source._client
+    assert source._client._client is None
+    await source.quote(REQUEST, "geico", new_attempt(), Activity())
+    client = source._client._client
     assert client is not None
-    await source.get_quote(REQUEST, "state_farm", Activity())
-    assert source._client is client
+    await source.quote(REQUEST, "state_farm", new_attempt(), Activity())
+    assert source._client._client is client
     await source.aclose()
     assert client.is_closed
     await source.aclose()
@@ -595,7 +722,7 @@ async def test_adapter_against_fake_tinyfish_over_real_sockets() -> None:
         source = TinyFishQuoteSource(api_key=API_KEY, api_url=fake.url)
         try:
             activity = Activity()
-            quote = await source.get_quote(REQUEST, "geico", activity)
+            quote = await source.quote(REQUEST, "geico", new_attempt(), activity)
             assert quote.source == "tinyfish"
             assert quote.deductible == 1000
             assert 80 <= quote.monthly_premium <= 230
@@ -605,7 +732,7 @@ async def test_adapter_against_fake_tinyfish_over_real_sockets() -> None:
             outcomes: dict[str, type[ProviderError]] = {}
             for provider in ("progressive", "state_farm", "allstate", "liberty_mutual"):
                 with pytest.raises(ProviderError) as caught:
-                    await source.get_quote(REQUEST, provider, Activity())  # type: ignore[arg-type]
+                    await source.quote(REQUEST, provider, new_attempt(), Activity())  # type: ignore[arg-type]
                 outcomes[provider] = type(caught.value)
         finally:
             await source.aclose()
@@ -625,8 +752,8 @@ async def test_wrong_key_and_missing_beta_against_fake_tinyfish() -> None:
         right = TinyFishQuoteSource(api_key="right", api_url=fake.url)
         try:
             with pytest.raises(ProviderAuth):
-                await wrong.get_quote(REQUEST, "geico", Activity())
-            quote = await right.get_quote(REQUEST, "geico", Activity())
+                await wrong.quote(REQUEST, "geico", new_attempt(), Activity())
+            quote = await right.quote(REQUEST, "geico", new_attempt(), Activity())
         finally:
             await wrong.aclose()
             await right.aclose()
@@ -646,10 +773,335 @@ async def test_retries_over_real_sockets_end_in_the_last_transient_error() -> No
         try:
             with pytest.raises(ProviderUnavailable, match="HTTP 500"):
                 await quote_with_retries(
-                    source, REQUEST, "geico", activity, timeout_seconds=30, sleep=no_wait
+                    source, REQUEST, "geico", activity.activity, timeout_seconds=30, sleep=no_wait
                 )
         finally:
             await source.aclose()
         assert len(fake.requests) == 3
         assert len(sleeps) == 2
         assert activity.messages[-1].endswith("(attempt 3 of 3)")
+
+
+# --- reattaching to an agent run by its id ------------------------------------------------------
+
+RUN_URL = f"{API_URL}/v1/runs/run_123"
+CANCEL_URL = f"{RUN_URL}/cancel"
+
+
+async def reattach(
+    api: respx.MockRouter, *answers: httpx.Response | Exception, seconds: float = 300
+) -> tuple[Quote | ProviderError, Activity, respx.Route]:
+    start = api.post(ENDPOINT).mock(side_effect=AssertionError("a second agent run was started"))
+    poll = api.get(RUN_URL).mock(side_effect=list(answers))
+    source, activity = fast_source(), Activity()
+    try:
+        outcome: Quote | ProviderError = await source.quote(
+            REQUEST, "geico", new_attempt(seconds, agent_run_id="run_123"), activity
+        )
+    except ProviderError as error:
+        outcome = error
+    finally:
+        await source.aclose()
+    assert not start.called
+    assert activity.agent_runs == []
+    return outcome, activity, poll
+
+
+def got(status: str, result: Any = None, error: Any = None, **extra: Any) -> httpx.Response:
+    return httpx.Response(200, json=run_object(status, result, error, **extra))
+
+
+async def test_reattach_relays_the_latest_step_then_each_new_one(api: respx.MockRouter) -> None:
+    a, b, c = ({"purpose": p} for p in ("Opening the page", "Typing the ZIP", "Reading the price"))
+    outcome, activity, poll = await reattach(
+        api,
+        got("RUNNING", steps=[a, b]),
+        got("RUNNING", steps=[a, b]),
+        got("RUNNING", steps=[a, b, {"screenshot": None}]),
+        got("RUNNING", steps=[a, b, {"screenshot": None}, c]),
+        got("COMPLETED", GOOD_RESULT, steps=[a, b, {}, c]),
+    )
+    assert isinstance(outcome, Quote)
+    assert outcome.monthly_premium == 142.5
+    assert poll.call_count == 5
+    # The steps before the hand-off were relayed by the call that handed off: only the latest.
+    assert activity.messages == ["Typing the ZIP", "Reading the price"]
+
+
+async def test_a_run_waiting_in_tinyfishs_queue_shows_once_as_activity(
+    api: respx.MockRouter,
+) -> None:
+    outcome, activity, _ = await reattach(
+        api,
+        got("PENDING", steps=[]),
+        got("PENDING", steps=[]),
+        got("RUNNING", steps=[{"purpose": "Opening the page"}]),
+        got("COMPLETED", GOOD_RESULT),
+    )
+    assert isinstance(outcome, Quote)
+    assert activity.messages == [
+        "Waiting for TinyFish to start the web agent (queued)",
+        "Opening the page",
+    ]
+
+
+async def test_reattach_to_a_run_without_steps_relays_nothing_but_pending(
+    api: respx.MockRouter,
+) -> None:
+    # SDK 0.11's Run has no steps: RUNNING then shows nothing new.
+    outcome, activity, _ = await reattach(
+        api, got("RUNNING"), got("RUNNING"), got("COMPLETED", GOOD_RESULT)
+    )
+    assert isinstance(outcome, Quote)
+    assert activity.messages == []
+
+
+async def test_polling_backs_off_from_one_second_to_five() -> None:
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    with respx.mock() as api:
+        api.get(RUN_URL).mock(side_effect=[got("RUNNING")] * 7 + [got("COMPLETED", GOOD_RESULT)])
+        source = TinyFishQuoteSource(api_key=API_KEY, api_url=API_URL, sleep=record)
+        try:
+            await source.quote(REQUEST, "geico", new_attempt(agent_run_id="run_123"), Activity())
+        finally:
+            await source.aclose()
+    assert waits == pytest.approx([1.0, 1.5, 2.25, 3.375, 5.0, 5.0, 5.0])
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "transient", "words"),
+    [
+        pytest.param(
+            {
+                "code": "service_busy",
+                "message": "Browser crashed",
+                "category": "SYSTEM_FAILURE",
+                "retry_after": 30,
+            },
+            ProviderUnavailable,
+            True,
+            "Browser crashed",
+            id="system failure",
+        ),
+        pytest.param(
+            {"message": "Something odd", "category": "UNKNOWN"},
+            ProviderUnavailable,
+            True,
+            "Something odd",
+            id="unknown",
+        ),
+        pytest.param(
+            {
+                "message": "The goal asks for a page that does not exist",
+                "category": "AGENT_FAILURE",
+            },
+            ProviderAgentFailed,
+            False,
+            "could not finish the quote: The goal asks",
+            id="agent",
+        ),
+        pytest.param(
+            {"category": "AGENT_FAILURE"},
+            ProviderAgentFailed,
+            False,
+            "TinyFish gave no reason",
+            id="agent without message",
+        ),
+        pytest.param(
+            {"message": "Out of credits", "category": "BILLING_FAILURE"},
+            ProviderAuth,
+            False,
+            "billing",
+            id="billing",
+        ),
+    ],
+)
+async def test_error_category_decides_whether_to_try_again(
+    api: respx.MockRouter, error: dict[str, Any], kind: type, transient: bool, words: str
+) -> None:
+    outcome, _, _ = await reattach(api, got("FAILED", error=error))
+    assert type(outcome) is kind
+    assert isinstance(outcome, ProviderError)
+    assert outcome.transient is transient
+    assert words in outcome.message
+    assert outcome.agent_run_id == "run_123"
+    assert outcome.agent_run_finished
+    if "retry_after" in error:
+        assert outcome.retry_after == 30
+
+
+async def test_a_run_cancelled_on_tinyfishs_side_is_not_retried(api: respx.MockRouter) -> None:
+    outcome, _, _ = await reattach(api, got("CANCELLED"))
+    assert isinstance(outcome, ProviderUnavailable)
+    assert not outcome.transient
+    assert "cancelled" in outcome.message
+
+
+async def test_a_run_tinyfish_no_longer_knows_is_transient_and_over(api: respx.MockRouter) -> None:
+    outcome, _, _ = await reattach(api, httpx.Response(404, json={"error": {"code": "NOT_FOUND"}}))
+    assert isinstance(outcome, ProviderUnavailable)
+    assert outcome.transient
+    assert not outcome.agent_run_may_be_going
+
+
+async def test_a_refused_key_while_polling_leaves_the_run_to_cancel(api: respx.MockRouter) -> None:
+    outcome, _, _ = await reattach(api, got("RUNNING"), api_error(401, "INVALID_API_KEY"))
+    assert isinstance(outcome, ProviderAuth)
+    assert outcome.agent_run_may_be_going
+
+
+async def test_polling_past_the_deadline_cancels_the_run_and_times_out() -> None:
+    with respx.mock() as api:
+        api.get(RUN_URL).mock(return_value=got("RUNNING"))
+        cancel = api.post(CANCEL_URL).mock(
+            return_value=httpx.Response(200, json={"run_id": "run_123", "status": "CANCELLED"})
+        )
+        source = TinyFishQuoteSource(
+            api_key=API_KEY, api_url=API_URL, poll_first_seconds=0.01, poll_max_seconds=0.01
+        )
+        try:
+            with pytest.raises(ProviderTimeout) as caught:
+                await source.quote(
+                    REQUEST, "geico", new_attempt(0.2, agent_run_id="run_123"), Activity()
+                )
+        finally:
+            await source.aclose()
+    assert cancel.call_count == 1
+    assert caught.value.agent_run_id == "run_123"
+    assert caught.value.agent_run_finished
+
+
+# --- cancel -------------------------------------------------------------------------------------
+
+
+async def cancel_with(*answers: httpx.Response | Exception) -> respx.Route:
+    with respx.mock() as api:
+        route = api.post(CANCEL_URL).mock(side_effect=list(answers))
+        source = fast_source()
+        try:
+            await source.cancel("run_123")
+        finally:
+            await source.aclose()
+    return route
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(
+            httpx.Response(
+                200,
+                json={
+                    "run_id": "run_123",
+                    "status": "CANCELLED",
+                    "cancelled_at": "2026-12-01T09:00:00Z",
+                    "message": None,
+                },
+            ),
+            id="cancelled",
+        ),
+        pytest.param(
+            httpx.Response(
+                200,
+                json={
+                    "run_id": "run_123",
+                    "status": "COMPLETED",
+                    "cancelled_at": None,
+                    "message": "Run already finished",
+                },
+            ),
+            id="finished",
+        ),
+        pytest.param(httpx.Response(404), id="unknown"),
+        pytest.param(httpx.Response(409), id="conflict"),
+        pytest.param(
+            httpx.Response(400, json={"error": {"message": "Run already cancelled"}}), id="already"
+        ),
+    ],
+)
+async def test_cancel_is_one_request_when_tinyfish_says_the_run_is_over(
+    answer: httpx.Response,
+) -> None:
+    route = await cancel_with(answer)
+    assert route.call_count == 1
+    sent = route.calls.last.request
+    assert sent.headers["x-api-key"] == API_KEY
+    assert sent.content == b""
+
+
+async def test_cancel_retries_transient_failures_briefly() -> None:
+    route = await cancel_with(
+        httpx.Response(503), httpx.ConnectError("refused"), httpx.Response(200, json={})
+    )
+    assert route.call_count == 3
+
+
+async def test_cancel_gives_up_with_a_warning_and_never_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    route = await cancel_with(*[httpx.Response(500)] * 5)
+    assert route.call_count == 3
+    assert "gave up cancelling TinyFish agent run run_123" in caplog.text
+
+    route = await cancel_with(api_error(401, "INVALID_API_KEY"))
+    assert route.call_count == 1
+    assert "refused to cancel agent run run_123" in caplog.text
+
+
+async def test_cancel_of_a_malformed_id_sends_nothing() -> None:
+    with respx.mock(assert_all_called=False) as api:
+        route = api.route().mock(return_value=httpx.Response(200))
+        source = fast_source()
+        await source.cancel("../../v1/automation/run")
+        await source.aclose()
+    assert not route.called
+
+
+# --- the worker's hand-off: asyncio cancellation -------------------------------------------------
+
+
+class Hanging(httpx.AsyncByteStream):
+    """Sends some chunks, then waits forever; records when httpx closes it."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.closed = asyncio.Event()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            yield chunk
+        await asyncio.Event().wait()
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+async def test_cancelling_the_call_closes_the_stream_and_leaves_the_agent_run_going(
+    api: respx.MockRouter,
+) -> None:
+    body = Hanging([started(), progress("Filling in")])
+    api.post(ENDPOINT).mock(return_value=httpx.Response(200, headers=SSE_HEADERS, stream=body))
+    cancel = api.post(CANCEL_URL).mock(return_value=httpx.Response(200, json={}))
+    source, activity = fast_source(), Activity()
+    reached = asyncio.Event()
+
+    class Signalling(Activity):
+        async def activity(self, message: str) -> None:
+            await super().activity(message)
+            reached.set()
+
+    listener = Signalling()
+    task = asyncio.create_task(source.quote(REQUEST, "geico", new_attempt(), listener))
+    await reached.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(body.closed.wait(), 5)
+    await source.aclose()
+    assert listener.agent_runs == ["run_123"]
+    assert not cancel.called
+    assert activity.messages == []

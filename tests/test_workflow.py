@@ -22,7 +22,7 @@ from lib.models import (
     RunRecord,
     utc_now,
 )
-from lib.providers.base import ProviderDeclined, ReportActivity
+from lib.providers.base import AgentAttempt, AttemptListener, ProviderDeclined
 from lib.store import StoreUnavailable
 from lib.store.sqlite import SQLiteStore
 from lib.workflow import QuoteRun, new_run_record
@@ -52,13 +52,17 @@ class ScriptedSource:
         self.all_started = asyncio.Event()
         self.cancelled: list[str] = []
 
-    async def get_quote(
-        self, request: QuoteRequest, provider: ProviderId, report: ReportActivity
+    async def quote(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
     ) -> Quote:
         self.started.append(provider)
         if len(self.started) == len(PROVIDER_IDS):
             self.all_started.set()
-        await report(f"Filling in the {provider} form")
+        await listener.activity(f"Filling in the {provider} form")
         try:
             if self.gate is not None:
                 await self.gate.wait()
@@ -68,6 +72,9 @@ class ScriptedSource:
         if provider in self.declines:
             raise ProviderDeclined("No quote is offered online for this driver.")
         return make_quote(provider, 100 + PROVIDER_IDS.index(provider))
+
+    async def cancel(self, agent_run_id: str) -> None:
+        return None
 
     async def aclose(self) -> None:
         return None

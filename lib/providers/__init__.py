@@ -1,5 +1,7 @@
 """Quote sources: the TinyFish web-agent API when TINYFISH_API_KEY is set, else the simulated
-demo source. `quote_with_retries` (lib.providers.retry) gives one provider its whole budget.
+demo source. A source runs one attempt (`QuoteSource.quote`, lib.providers.base), resumable after
+a hand-off; `quote_with_retries` (lib.providers.retry) gives one provider its whole budget in one
+process.
 
 Kept light on purpose: the stream and snapshot functions import this package (for the error
 types) and should not pay for importing either source on a cold start."""
@@ -16,8 +18,12 @@ def build_quote_source(settings: Settings) -> QuoteSource:
         from lib.providers.tinyfish import TinyFishQuoteSource
 
         return TinyFishQuoteSource(
-            api_key=settings.tinyfish_api_key, api_url=settings.tinyfish_api_url
+            api_key=settings.tinyfish_api_key,
+            api_url=settings.tinyfish_api_url,
+            max_steps=settings.tinyfish_max_steps,
         )
     from lib.providers.simulated import SimulatedQuoteSource
 
-    return SimulatedQuoteSource(delay_scale=settings.simulated_delay_scale)
+    return SimulatedQuoteSource(
+        delay_scale=settings.simulated_delay_scale, min_seconds=settings.simulated_min_seconds
+    )

@@ -1,5 +1,6 @@
-"""One provider's whole budget: attempts under one timeout, transient failures retried with
-exponential backoff and jitter, every failure leaving as a typed ProviderError."""
+"""One provider's whole budget in one process: attempts under one timeout, transient failures
+retried with exponential backoff and jitter, every failure leaving as a typed ProviderError, every
+abandoned agent run cancelled. `backoff_delay` is the one backoff policy of the providers."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 
-from lib.models import PROVIDER_NAMES, ProviderId, Quote, QuoteRequest
+from lib.models import PROVIDER_NAMES, ProviderId, Quote, QuoteRequest, utc_now
 from lib.providers.base import (
+    AgentAttempt,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
@@ -24,6 +27,8 @@ Sleep = Callable[[float], Awaitable[None]]
 DEFAULT_MAX_ATTEMPTS = 3
 BASE_DELAY_SECONDS = 1.0
 MAX_DELAY_SECONDS = 8.0
+# How long an abandoned agent run's cancel may hold up the caller (cancel retries inside it).
+CANCEL_WAIT_SECONDS = 5.0
 
 
 def backoff_delay(
@@ -39,6 +44,39 @@ def backoff_delay(
     return nominal * (0.75 + 0.5 * jitter())
 
 
+class _InProcessAttempt:
+    """The listener of one in-process attempt: relays activity, remembers the agent run id, and
+    tells the caller's own exceptions apart from the source's."""
+
+    def __init__(self, report: ReportActivity) -> None:
+        self._report = report
+        self.agent_run_id: str | None = None
+        self.caller_errors: list[BaseException] = []
+
+    async def activity(self, message: str) -> None:
+        try:
+            await self._report(message)
+        except BaseException as exc:
+            self.caller_errors.append(exc)
+            raise
+
+    async def agent_run_started(self, agent_run_id: str) -> None:
+        self.agent_run_id = agent_run_id
+
+    def raised_by_caller(self, exc: BaseException) -> bool:
+        return any(exc is caller_error for caller_error in self.caller_errors)
+
+
+async def _cancel_abandoned(source: QuoteSource, agent_run_id: str | None) -> None:
+    """Cancels an agent run nobody will read, within a bounded wait, even while cancelled."""
+    if agent_run_id is None:
+        return
+    try:
+        await asyncio.shield(asyncio.wait_for(source.cancel(agent_run_id), CANCEL_WAIT_SECONDS))
+    except TimeoutError:
+        logger.warning("gave up waiting to cancel abandoned agent run %s", agent_run_id)
+
+
 async def quote_with_retries(
     source: QuoteSource,
     request: QuoteRequest,
@@ -51,6 +89,12 @@ async def quote_with_retries(
     jitter: Callable[[], float] = random.random,
 ) -> Quote:
     """Ask `source` for `provider`'s quote within `timeout_seconds`, all attempts and waits in.
+
+    In-process, for the workflow that runs a whole run in one invocation (the queue worker keeps
+    attempts in the store instead). Each attempt is one `source.quote` with a fresh AgentAttempt
+    whose deadline is the end of the budget; an agent run an attempt leaves behind (an error
+    while it may still be going, the budget running out, cancellation) is cancelled before
+    anything else happens, so two agent runs for one provider never overlap.
 
     - An error whose class is `transient` is retried (at most `max_attempts` attempts in all),
       after `report("Retrying after <reason> (attempt N of M)")` and a backoff wait (longer when
@@ -65,25 +109,25 @@ async def quote_with_retries(
     name = PROVIDER_NAMES[provider]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_seconds
-    caller_errors: list[BaseException] = []
-
-    async def report_for_source(message: str) -> None:
-        try:
-            await report(message)
-        except BaseException as exc:
-            caller_errors.append(exc)
-            raise
+    budget_ends = utc_now() + timedelta(seconds=timeout_seconds)
+    listener: _InProcessAttempt | None = None
 
     try:
         async with asyncio.timeout(timeout_seconds) as budget:
             attempt = 1
             while True:
+                listener = current = _InProcessAttempt(report)
+                this_attempt = AgentAttempt(
+                    number=attempt, started_at=utc_now(), deadline=budget_ends
+                )
                 try:
-                    return await source.get_quote(request, provider, report_for_source)
+                    quote = await source.quote(request, provider, this_attempt, current)
+                    listener = None
+                    return quote
                 except ProviderError as exc:
                     error = exc
                 except Exception as exc:
-                    if any(exc is caller_error for caller_error in caller_errors):
+                    if current.raised_by_caller(exc):
                         raise
                     logger.warning(
                         "%s: quote source %r raised %s; reported as provider_unavailable",
@@ -91,7 +135,14 @@ async def quote_with_retries(
                         getattr(source, "name", type(source).__name__),
                         type(exc).__name__,
                     )
-                    error = ProviderUnavailable(f"{name} failed unexpectedly")
+                    error = ProviderUnavailable(
+                        f"{name} failed unexpectedly", agent_run_id=current.agent_run_id
+                    )
+                if error.agent_run_id is None:
+                    error.agent_run_id = current.agent_run_id
+                if error.agent_run_may_be_going:
+                    await _cancel_abandoned(source, error.agent_run_id)
+                listener = None
                 if not error.transient or attempt >= max_attempts:
                     raise error
                 delay = backoff_delay(attempt, jitter=jitter)
@@ -117,3 +168,7 @@ async def quote_with_retries(
         if budget.expired():
             raise ProviderTimeout(f"{name} gave no quote within {timeout_seconds:g} s") from None
         raise
+    finally:
+        # Still set: the attempt ended by the budget, by cancellation or by the caller's error.
+        if listener is not None:
+            await _cancel_abandoned(source, listener.agent_run_id)

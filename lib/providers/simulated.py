@@ -11,7 +11,14 @@ Its figures are NEVER real prices. Every quote it returns carries `source: "simu
 - Before quoting it reports 3–6 activity messages that read like an agent filling in the
   insurer's form, each after a pause of 0.3–2.5 s (deterministic per request and insurer),
   multiplied by SIMULATED_DELAY_SCALE (0 = instant). Messages carry no personal data: at most the
-  VIN's last four characters.
+  VIN's last four characters. SIMULATED_MIN_SECONDS (default 0, not scaled) stretches every
+  attempt to last at least that long: the knob tests use for a provider slower than a function.
+- Resumable exactly like an agent run: an attempt's timeline (when each message is due, when it
+  ends, its quote or decline) is a pure function of the request, the insurer and the attempt's
+  `started_at`. A new attempt reports a stable agent run id ("sim-…"); any call sleeps until each
+  remaining step is due, and a resumed call (the attempt carries that id) skips the steps already
+  due when it began, so a call resumed after a hand-off or a death ends at the same moment
+  (`quotedAt`) with the same quote.
 - One documented failure mode, so demos show a provider_error: Allstate declines drivers under 21
   whose vehicle is for business use (ProviderDeclined).
 """
@@ -21,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 
 from lib.models import (
     PROVIDER_NAMES,
@@ -28,10 +37,11 @@ from lib.models import (
     ProviderId,
     Quote,
     QuoteRequest,
+    QuoteSourceName,
     age_on,
     utc_now,
 )
-from lib.providers.base import ProviderDeclined, ReportActivity
+from lib.providers.base import AgentAttempt, AttemptListener, ProviderDeclined, ProviderTimeout
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -81,13 +91,16 @@ class _Dice:
         return int.from_bytes(chunk, "big") / 65_536
 
 
-def _declines(request: QuoteRequest, provider: ProviderId) -> bool:
-    age = age_on(request.driver.date_of_birth, utc_now().date())
+def _declines(request: QuoteRequest, provider: ProviderId, on: date) -> bool:
+    age = age_on(request.driver.date_of_birth, on)
     return provider == DECLINING_INSURER and age < 21 and request.vehicle.use == "business"
 
 
-def simulated_monthly_premium(request: QuoteRequest, provider: ProviderId) -> float:
-    """The simulated monthly premium for this request at this insurer (never a real price)."""
+def simulated_monthly_premium(
+    request: QuoteRequest, provider: ProviderId, *, on: date | None = None
+) -> float:
+    """The simulated monthly premium for this request at this insurer on a day (never a real
+    price); the driver's age is taken on `on` (today by default)."""
     dice = _Dice(
         request.vin,
         request.zip,
@@ -98,7 +111,7 @@ def simulated_monthly_premium(request: QuoteRequest, provider: ProviderId) -> fl
         provider,
     )
     region = _Dice(request.zip[:3]).roll()
-    age = age_on(request.driver.date_of_birth, utc_now().date())
+    age = age_on(request.driver.date_of_birth, on or utc_now().date())
     monthly = (
         BASE_MONTHLY[request.coverage]
         * _age_factor(age)
@@ -127,30 +140,85 @@ def _steps(request: QuoteRequest, provider: ProviderId, dice: _Dice) -> list[str
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class SimulatedTimeline:
+    """When each activity message is due and when the attempt ends, in seconds after it began."""
+
+    steps: tuple[tuple[float, str], ...]
+    ends_after: float
+
+
+def simulated_timeline(
+    request: QuoteRequest, provider: ProviderId, *, delay_scale: float, min_seconds: float = 0
+) -> SimulatedTimeline:
+    """The attempt's schedule: a pure function of the request, the insurer and the knobs."""
+    dice = _Dice("activity", request.vin, request.zip, request.coverage, provider)
+    offset, steps = 0.0, []
+    for message in _steps(request, provider, dice):
+        delay = MIN_DELAY_SECONDS + (MAX_DELAY_SECONDS - MIN_DELAY_SECONDS) * dice.roll()
+        offset += delay * delay_scale
+        steps.append((offset, message))
+    return SimulatedTimeline(steps=tuple(steps), ends_after=max(offset, min_seconds))
+
+
+def simulated_agent_run_id(
+    request: QuoteRequest, provider: ProviderId, started_at: datetime
+) -> str:
+    """A stable id for one attempt's simulated agent run (no personal data goes into it)."""
+    seed = "\x1f".join(
+        [request.vin, request.zip, request.coverage, provider, started_at.isoformat()]
+    )
+    return "sim-" + hashlib.sha256(seed.encode()).hexdigest()[:24]
+
+
 class SimulatedQuoteSource:
     """Deterministic demo quotes with agent-like activity; see the module docstring."""
 
-    name = "simulated"
+    name: QuoteSourceName = "simulated"
+    billable = False
 
-    def __init__(self, *, delay_scale: float = 1.0, sleep: Sleep = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        *,
+        delay_scale: float = 1.0,
+        min_seconds: float = 0.0,
+        sleep: Sleep = asyncio.sleep,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
         self._delay_scale = delay_scale
+        self._min_seconds = min_seconds
         self._sleep = sleep
+        self._clock = clock
 
-    async def get_quote(
-        self, request: QuoteRequest, provider: ProviderId, report: ReportActivity
+    async def quote(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
     ) -> Quote:
-        dice = _Dice("activity", request.vin, request.zip, request.coverage, provider)
-        for step in _steps(request, provider, dice):
-            delay = MIN_DELAY_SECONDS + (MAX_DELAY_SECONDS - MIN_DELAY_SECONDS) * dice.roll()
-            if self._delay_scale > 0:
-                await self._sleep(delay * self._delay_scale)
-            await report(step)
-        if _declines(request, provider):
+        began = attempt.started_at
+        timeline = simulated_timeline(
+            request, provider, delay_scale=self._delay_scale, min_seconds=self._min_seconds
+        )
+        resumed = attempt.agent_run_id is not None
+        if not resumed:
+            await listener.agent_run_started(simulated_agent_run_id(request, provider, began))
+        called_at = self._clock()
+        for offset, message in timeline.steps:
+            due = began + timedelta(seconds=offset)
+            if resumed and due < called_at:
+                continue  # reported before the hand-off (or missed while nobody was working)
+            await self._wait_until(due, attempt, provider)
+            await listener.activity(message)
+        ended_at = began + timedelta(seconds=timeline.ends_after)
+        await self._wait_until(ended_at, attempt, provider)
+        if _declines(request, provider, began.date()):
             raise ProviderDeclined(
                 f"{PROVIDER_NAMES[provider]} offers no online quote for drivers under 21 "
                 "using the vehicle for business (simulated)"
             )
-        monthly = simulated_monthly_premium(request, provider)
+        monthly = simulated_monthly_premium(request, provider, on=began.date())
         return Quote(
             provider=provider,
             monthly_premium=monthly,
@@ -158,8 +226,25 @@ class SimulatedQuoteSource:
             coverage=request.coverage,
             deductible=DEDUCTIBLE[request.coverage],
             source="simulated",
-            quoted_at=utc_now(),
+            quoted_at=ended_at,
         )
+
+    async def _wait_until(self, due: datetime, attempt: AgentAttempt, provider: ProviderId) -> None:
+        if due > attempt.deadline:
+            await self._sleep_until(attempt.deadline)
+            raise ProviderTimeout(
+                f"{PROVIDER_NAMES[provider]} gave no quote in time (simulated)",
+                agent_run_id=attempt.agent_run_id,
+            )
+        await self._sleep_until(due)
+
+    async def _sleep_until(self, moment: datetime) -> None:
+        seconds = (moment - self._clock()).total_seconds()
+        if seconds > 0:
+            await self._sleep(seconds)
+
+    async def cancel(self, agent_run_id: str) -> None:
+        return None  # nothing runs between calls: the timeline is arithmetic
 
     async def aclose(self) -> None:
         return None
