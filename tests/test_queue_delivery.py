@@ -9,6 +9,7 @@ wait for other deliveries to be in flight at the same time).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -269,16 +270,22 @@ def test_a_function_sends_with_an_idempotency_key_and_a_duplicate_is_not_deliver
         f"{host.url}/api/enqueue",
         json={"topic": "jobs", "payload": {"tag": tag, "script": ["ok"]}, "key": key},
     ).json()["messageId"]
+    # The key alone decides, as in `vercel dev` (the SDK's embedded service also compares payloads).
+    changed = httpx.post(
+        f"{host.url}/api/enqueue",
+        json={"topic": "jobs", "payload": {"tag": tag, "script": ["raise"]}, "key": key},
+    ).json()["messageId"]
 
     _wait_for(log_path, host, "handled delivery", lambda r: bool(_runs(r, tag, "end")))
     _wait_settled(host, "jobs", first)
-    # The queue holds the second send as a duplicate of the first, never to be delivered.
-    response = httpx.post(
-        f"{host.queue_url}/api/v3/topic/jobs/consumer/api_Sworker_Dpy/id/{again}",
-        headers={"Authorization": "Bearer vc-dev-token", "Accept": "multipart/mixed"},
-    )
-    assert response.status_code == 409
-    assert response.json()["originalMessageId"] == first
+    # The queue holds the later sends as duplicates of the first, never to be delivered.
+    for duplicate in (again, changed):
+        response = httpx.post(
+            f"{host.queue_url}/api/v3/topic/jobs/consumer/api_Sworker_Dpy/id/{duplicate}",
+            headers={"Authorization": "Bearer vc-dev-token", "Accept": "multipart/mixed"},
+        )
+        assert response.status_code == 409
+        assert response.json()["originalMessageId"] == first
     assert [r["id"] for r in _runs(_records(log_path), tag)] == [first]
 
 
@@ -352,12 +359,34 @@ async def test_a_delivery_to_a_killed_instance_is_pushed_again_to_another(
     message_id = await queue.send("jobs", {"tag": tag, "script": ["hang", "ok"]})
     records = _wait_for(log_path, host, "first delivery", lambda r: bool(_runs(r, tag)))
     (first,) = _runs(records, tag)
+    assert first["pid"] in host.instance_pids("api/worker.py")
     os.kill(first["pid"], signal.SIGKILL)
 
     records = _wait_for(log_path, host, "redelivery", lambda r: bool(_runs(r, tag, "end")))
     first, second = _runs(records, tag)
     assert second["delivery"] == 2
     assert second["pid"] != first["pid"]
+    _wait_settled(host, "jobs", message_id)
+
+
+async def test_while_every_instance_is_being_replaced_messages_wait_for_one(
+    host: RunningDevHost, queue: QueueClient, log_path: Path
+) -> None:
+    pids = host.instance_pids("api/worker.py")
+    assert len(pids) == 2
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while not all(f"(pid {pid}) exited" in host.output() for pid in pids):
+        assert time.monotonic() < deadline, host.output()
+        await asyncio.sleep(0.02)
+
+    tag = _tag()
+    message_id = await queue.send("jobs", {"tag": tag, "script": ["ok"]})
+    records = _wait_for(log_path, host, "delivery", lambda r: bool(_runs(r, tag, "end")))
+    (start,) = _runs(records, tag)
+    assert start["delivery"] == 1  # not spent on a "no instance" 503
+    assert start["pid"] not in pids
     _wait_settled(host, "jobs", message_id)
 
 

@@ -148,7 +148,7 @@ async def serve(args: argparse.Namespace) -> int:
         listening.cancel()
         if server_task.done():
             return 1
-        queue.start_delivery(f"http://{local_host}:{port}")
+        queue.start_delivery(f"http://{local_host}:{port}", supervisor.has_ready_instance)
         say(f"READY {base_url}")
         stop_wait = asyncio.create_task(stop.wait())
         await asyncio.wait({server_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

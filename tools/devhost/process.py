@@ -38,6 +38,22 @@ class RunningDevHost:
     def pid(self) -> int:
         return self.process.pid
 
+    def instance_pids(self, file: str) -> list[int]:
+        """The pids of the running instances of one function file, e.g. "api/work.py" (Linux)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            # An instance is `python -u -c <main> <file>#<index>`, a child of the host.
+            if ppid == self.pid and any(a.startswith(f"{file}#".encode()) for a in argv[-2:]):
+                pids.append(int(entry.name))
+        return sorted(pids)
+
     def output(self) -> str:
         """The host's recent output (its own lines and its instances' logs)."""
         return "\n".join(list(self._lines))

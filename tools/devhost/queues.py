@@ -228,10 +228,15 @@ class QueueService:
                 raise RuntimeError("the embedded queue service stopped while starting")
             await asyncio.sleep(0.01)
 
-    def start_delivery(self, front_door: str) -> None:
-        """Push messages to the triggered functions through the host at `front_door`."""
+    def start_delivery(self, front_door: str, ready: Callable[[str], bool]) -> None:
+        """Push messages to the triggered functions through the host at `front_door`.
+
+        `ready(file)` says whether the function has an instance up. While it has none (all are
+        being replaced) its messages wait, as Vercel would start an instance for them, rather than
+        spend a delivery on a 503.
+        """
         if self.triggers:
-            self._dispatcher = _Dispatcher(self, front_door)
+            self._dispatcher = _Dispatcher(self, front_door, ready)
             task = asyncio.create_task(self._dispatcher.run())
             task.add_done_callback(self._report_stop)
             self._tasks.append(task)
@@ -252,7 +257,10 @@ class QueueService:
 
 
 class _Dispatcher:
-    def __init__(self, service: QueueService, front_door: str) -> None:
+    def __init__(
+        self, service: QueueService, front_door: str, ready: Callable[[str], bool]
+    ) -> None:
+        self.ready = ready
         self.server = service.server
         self.state = service.server.state
         self.triggers = service.triggers
@@ -285,6 +293,8 @@ class _Dispatcher:
 
     def _push_visible(self, trigger: QueueTrigger) -> None:
         in_flight = self._in_flight[trigger.consumer]
+        if not self.ready(trigger.spec.file):
+            return
         for topic in [t for t in self.state.by_topic if trigger.matches(t)]:
             while trigger.max_concurrency is None or len(in_flight) < trigger.max_concurrency:
                 message = self.server.next_push_message(topic, trigger.consumer, None)
@@ -342,7 +352,7 @@ class _Dispatcher:
         except httpx.HTTPError as error:
             self._failed(trigger, message, receipt, f"{where}: {error!r}")
             return
-        instance = response.headers.get(INSTANCE_HEADER.decode(), "?").split(" ")[0]
+        instance = response.headers.get(INSTANCE_HEADER.decode(), "no instance")
         outcome = (
             f"{where} ({instance}) -> {response.status_code} in {time.monotonic() - began:.1f} s"
         )

@@ -173,6 +173,9 @@ class Supervisor:
     def instances(self) -> list[Instance]:
         return [i for pool in self.pools.values() for i in pool.instances]
 
+    def has_ready_instance(self, file: str) -> bool:
+        return any(i.ready and i.alive for i in self.pools[file].instances)
+
     async def start(self, within: float) -> None:
         """Start every instance and wait until each accepts connections."""
         first_start: dict[str, asyncio.Future[None]] = {}
