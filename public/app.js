@@ -41,6 +41,8 @@ const TERMINAL_EVENTS = new Set(["complete", "error"]);
 const API_KEY_STORAGE = "quotes:apiKey";
 const MAX_REOPEN_PAUSE_SECONDS = 30;
 
+const TITLE = document.title;
+
 const $ = (id) => document.getElementById(id);
 const api = apiOrigin(new URLSearchParams(location.search).get("api"));
 let run = null; // the run on screen (see newRun)
@@ -465,6 +467,9 @@ function render() {
         : `Asking ${total} insurer${total === 1 ? "" : "s"}…`;
   $("run").dataset.state = current.failure ? "failed" : current.ranking ? "completed" : "processing";
   $("run").dataset.lastEventId = current.lastId ?? "";
+  // For a person waiting in another tab.
+  const state = current.failure ? "stopped" : current.ranking ? "done" : total ? `${completed} of ${total}` : "";
+  document.title = `${state ? `(${state}) ` : ""}${TITLE}`;
 
   const cards = $("cards");
   for (const entry of current.cards.values()) {
@@ -605,6 +610,7 @@ function route() {
     stopFollowing();
     run = null;
     $("run").hidden = true;
+    document.title = TITLE;
   }
 }
 
