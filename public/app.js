@@ -80,12 +80,14 @@ function pageUrl(runId) {
 function readRequest() {
   const form = $("quote-form");
   const value = (name) => form.elements[name].value.trim();
-  const mileage = value("annualMileage");
+  // "12,000" means 12000; anything else that is not a number goes as typed, for the API to name.
+  const mileage = value("annualMileage").replace(/[,\s]/g, "");
+  const miles = mileage === "" ? null : Number.isFinite(Number(mileage)) ? Number(mileage) : mileage;
   return {
     vin: value("vin"),
     zip: value("zip"),
     driver: { firstName: value("firstName"), lastName: value("lastName"), dateOfBirth: value("dateOfBirth") },
-    vehicle: { annualMileage: mileage === "" ? null : Number(mileage), use: value("use"), ownership: value("ownership") },
+    vehicle: { annualMileage: miles, use: value("use"), ownership: value("ownership") },
     coverage: form.querySelector("input[name=coverage]:checked")?.value ?? null,
     providers: [...form.querySelectorAll("input[name=providers]:checked")].map((box) => box.value),
   };
@@ -181,11 +183,12 @@ function retryAfterText(header) {
 function showFieldErrors(errors, request) {
   const summary = document.createElement("ul");
   for (const { field, message } of errors) {
-    const { container, target, label } = locateField(String(field), request);
+    const { container, target, label, shared } = locateField(String(field), request);
     if (container) {
       const slot = container.querySelector(".field-error");
       slot.hidden = false;
-      slot.append(...(slot.childNodes.length ? [document.createElement("br")] : []), message);
+      // One slot serves all the insurers' boxes: say which one each message is about.
+      slot.append(...(slot.childNodes.length ? [document.createElement("br")] : []), shared ? `${label}: ${message}` : message);
       (target ?? container).setAttribute("aria-invalid", "true");
       container.classList.add("has-error");
     }
@@ -209,7 +212,8 @@ function locateField(field, request) {
     const sent = request.providers[Number(entry[1])];
     const container = document.querySelector('[data-field="providers"]');
     const target = [...container.querySelectorAll("input[name=providers]")].find((box) => box.value === sent);
-    return { container, target, label: PROVIDER_NAMES[sent] ?? `Insurer ${sent}` };
+    const label = target?.closest("label").textContent.trim() ?? PROVIDER_NAMES[sent] ?? `Insurer ${sent}`;
+    return { container, target, label, shared: true };
   }
   for (let name = field; name; name = name.includes(".") ? name.slice(0, name.lastIndexOf(".")) : "") {
     const container = document.querySelector(`.field[data-field="${CSS.escape(name)}"]`);

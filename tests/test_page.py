@@ -317,6 +317,39 @@ def test_an_invalid_vin_is_shown_at_its_field(page: Page, host: RunningDevHost) 
     assert axe_violations(page) == []
 
 
+def test_each_problem_field_is_shown_at_its_own_input(page: Page, host: RunningDevHost) -> None:
+    page.goto(f"{host.url}/")
+    page.get_by_label("Miles a year").fill("lots")
+    page.get_by_label("ZIP code where the car is kept").fill("9410")
+    # An insurer this deployment does not offer (as an out-of-date page would send it).
+    page.locator("#provider-state_farm").evaluate("(box) => { box.value = 'acme'; }")
+    page.get_by_role("button", name="Compare quotes").click()
+
+    expect(page.locator("#annualMileage-error")).to_contain_text("integer")
+    assert page.locator("#annualMileage").get_attribute("aria-invalid") == "true"
+    assert page.locator("#zip-error").is_visible()
+    providers_error = page.locator("#providers-error").inner_text()
+    # `providers.2`, the third insurer sent: named by its box's label.
+    assert providers_error.startswith("State Farm: unknown provider 'acme'")
+    assert page.locator("#provider-state_farm").get_attribute("aria-invalid") == "true"
+    assert page.locator("#provider-geico").get_attribute("aria-invalid") is None
+    assert page.locator("#vin-error").is_hidden()
+    links = page.locator("#form-problem a").evaluate_all("(all) => all.map((a) => a.hash)")
+    assert sorted(links) == ["#annualMileage", "#provider-state_farm", "#zip"]
+    page.set_viewport_size({"width": 375, "height": 800})
+    assert axe_violations(page) == []
+    screenshot(page, "form-problems-375.png")
+
+    # Corrected, the same form starts a run and the problems go away.
+    page.get_by_label("Miles a year").fill("12,000")
+    page.get_by_label("ZIP code where the car is kept").fill("94107")
+    page.locator("#provider-state_farm").evaluate("(box) => { box.value = 'state_farm'; }")
+    page.get_by_role("button", name="Compare quotes").click()
+    page.wait_for_selector("#run:not([hidden])")
+    assert page.locator(".field-error:not([hidden])").count() == 0
+    assert page.locator("#form-problem").is_hidden()
+
+
 def test_a_reload_mid_run_resumes_without_repeating_or_losing_an_update(
     page: Page, host: RunningDevHost
 ) -> None:
