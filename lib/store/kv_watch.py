@@ -1,14 +1,23 @@
 """The KV backend's live view of one run: push over Upstash's /subscribe SSE, polling when push
-cannot be had."""
+cannot be had.
+
+Every watch of one run on one store shares ONE subscription (`RunSubscription`): the first watch
+opens it, the last to leave closes it, and each pushed message is parsed once and handed to every
+watch. Each watch keeps its own cursor state (what was pushed but not yet taken, the latest id
+it has heard of, whether it trusts push or polls), so the gap, heartbeat and silence checks and
+the polling fallback hold for every watcher on its own.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import re
 import time
 from typing import TYPE_CHECKING
+from weakref import WeakKeyDictionary
 
 from lib.store.base import EventWatch, StoredEvent
 
@@ -19,120 +28,89 @@ log = logging.getLogger(__name__)
 
 _EVENT_ID = re.compile(r'\{"id":(\d+),')
 _LAST_ID = re.compile(r'\{"lastId":(-?\d+)\}')
+# How long a new watch waits for a subscription being opened before it starts by polling.
+CONFIRM_WAIT_SECONDS = 2.0
 
 
-class KVEventWatch(EventWatch):
-    """Push first: a subscription to the run's channel (Upstash's /subscribe SSE endpoint) carries
-    every appended event, so a healthy stream costs no reads at all. The stored list stays the
-    truth: a gap in the pushed ids, a heartbeat naming a later id, or silence for longer than the
-    worker's heartbeat interval triggers a read from the cursor; a dropped or unavailable
-    subscription falls back to polling with backoff while it resubscribes."""
+class ChannelState(enum.Enum):
+    CONNECTING = "connecting"  # a subscribe request is under way, not yet confirmed
+    LIVE = "live"  # confirmed: every message published from now on is pushed
+    DOWN = "down"  # failed or dropped; waiting to resubscribe (watchers poll meanwhile)
 
-    _POLL_MIN, _POLL_MAX = 0.05, 1.0
+
+class Delivery(enum.Enum):
+    PUSH = "push"  # the subscription is trusted: wait for pushed events, read only when due
+    POLL = "poll"  # no working subscription (or it missed events): read with backoff
+
+
+class ReadDue(enum.Enum):
+    NONE = "none"
+    CATCH_UP = "catch-up"  # (re)subscribed, a gap, or a heartbeat naming a later id
+    SILENCE_CHECK = "silence-check"  # nothing heard for too long: events found mean push failed
+
+
+# Per store, per run: the one subscription its watches share.
+_SUBSCRIPTIONS: WeakKeyDictionary[KVStore, dict[str, RunSubscription]] = WeakKeyDictionary()
+
+
+class RunSubscription:
+    """One run's channel on one store, shared by reference: `acquire` the first time opens it,
+    `release` by the last watcher closes it."""
 
     def __init__(self, store: KVStore, run_id: str) -> None:
         self._store = store
-        self._run_id = run_id
-        self._pending: dict[int, str] = {}
-        self._latest = -1
-        self._wake = asyncio.Event()
-        self._subscribed = asyncio.Event()
-        self._push_healthy = False
-        self._poll_delay = self._POLL_MIN
-        self._last_heard: float | None = None
-        self._last_signal = time.monotonic()
-        self._need_read = True
-        self._after_silence = False
+        self.run_id = run_id
+        self.state = ChannelState.CONNECTING
+        self.watchers: set[KVEventWatch] = set()
         self._task: asyncio.Task[None] | None = None
 
-    @property
-    def last_heard(self) -> float | None:
-        return self._last_heard
+    @classmethod
+    def acquire(cls, store: KVStore, run_id: str, watcher: KVEventWatch) -> RunSubscription:
+        by_run = _SUBSCRIPTIONS.setdefault(store, {})
+        subscription = by_run.get(run_id)
+        if subscription is None:
+            subscription = by_run[run_id] = cls(store, run_id)
+        subscription.watchers.add(watcher)
+        watcher.on_joined(subscription.state)
+        if subscription._task is None:
+            subscription._task = asyncio.create_task(subscription._subscribe_forever())
+        return subscription
 
-    async def __aenter__(self) -> KVEventWatch:
-        self._task = asyncio.create_task(self._subscribe_forever())
-        try:
-            # Reading the backlog only once subscribed means no event falls between the two.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._subscribed.wait(), 2.0)
-        except BaseException:
-            # The reader left (cancelled) while we waited: nobody will call __aexit__.
-            await self.aclose()
-            raise
-        return self
+    @classmethod
+    def open_count(cls, store: KVStore) -> int:
+        """How many runs this store holds a subscription for (for tests and the benchmark)."""
+        return len(_SUBSCRIPTIONS.get(store, {}))
 
-    async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def release(self, watcher: KVEventWatch) -> None:
+        self.watchers.discard(watcher)
+        if self.watchers:
+            return
+        by_run = _SUBSCRIPTIONS.get(self._store, {})
+        if by_run.get(self.run_id) is self:
+            # Dropped before awaiting anything: a watch arriving now opens a new subscription.
+            del by_run[self.run_id]
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
 
-    async def next_events(self, after: int, timeout: float) -> list[StoredEvent]:
-        end = time.monotonic() + timeout
-        while True:
-            # Cleared before looking, so a message that lands during an await still wakes us.
-            self._wake.clear()
-            batch = self._take_contiguous(after)
-            if batch:
-                return batch
-            if self._need_read or not self._push_healthy or self._latest > after:
-                after_silence, self._after_silence = self._after_silence, False
-                self._need_read = False
-                events = await self._store.read_events(self._run_id, after)
-                if events:
-                    self._heard()
-                    self._poll_delay = self._POLL_MIN
-                    if after_silence:
-                        # Push looked healthy yet missed these: poll until it proves itself.
-                        self._push_healthy = False
-                    return events
-            now = time.monotonic()
-            if now >= end:
-                return []
-            if self._push_healthy:
-                wait = max(0.0, self._last_signal + self._store.silence_seconds - now)
-            else:
-                wait = self._poll_delay
-                self._poll_delay = min(self._poll_delay * 2, self._POLL_MAX)
-            try:
-                await asyncio.wait_for(self._wake.wait(), min(wait, end - now))
-            except TimeoutError:
-                if self._push_healthy and time.monotonic() < end:
-                    self._need_read = self._after_silence = True
-                    self._last_signal = time.monotonic()
-
-    def _take_contiguous(self, after: int) -> list[StoredEvent]:
-        for stale in [i for i in self._pending if i <= after]:
-            del self._pending[stale]
-        batch: list[StoredEvent] = []
-        next_id = after + 1
-        while next_id in self._pending:
-            batch.append(StoredEvent(next_id, self._pending.pop(next_id)))
-            next_id += 1
-        return batch
-
-    def _heard(self) -> None:
-        self._last_heard = time.time()
-        self._last_signal = time.monotonic()
-
-    def _on_message(self, payload: str) -> None:
-        self._heard()
+    def _dispatch(self, payload: str) -> None:
+        heard = time.time()
         if match := _EVENT_ID.match(payload):
             event_id = int(match.group(1))
-            self._pending[event_id] = payload
-            self._latest = max(self._latest, event_id)
-            if not self._push_healthy:
-                # A pushed event arriving again is the sign the channel works.
-                self._push_healthy = True
+            for watcher in tuple(self.watchers):
+                watcher.on_event(event_id, payload, heard)
         elif match := _LAST_ID.match(payload):
-            self._latest = max(self._latest, int(match.group(1)))
-        self._wake.set()
+            last_id = int(match.group(1))
+            for watcher in tuple(self.watchers):
+                watcher.on_heartbeat(last_id, heard)
 
     async def _subscribe_forever(self) -> None:
-        url, headers = self._store.subscribe_request(self._run_id)
+        url, headers = self._store.subscribe_request(self.run_id)
         delay = 0.25
         while True:
+            self.state = ChannelState.CONNECTING
             try:
                 # POST, as Upstash's own JS SDK subscribes. Each `data:` line is one pub/sub
                 # reply ("message,<channel>,<payload>"), read line by line so the stream works
@@ -146,23 +124,152 @@ class KVEventWatch(EventWatch):
                             continue
                         kind, _, rest = line[5:].removeprefix(" ").partition(",")
                         _channel, _, payload = rest.partition(",")
-                        if kind == "subscribe":
-                            # Whatever was published before this point (while resubscribing, or
-                            # after a backlog read that beat a slow confirmation) was not pushed.
-                            self._need_read = True
-                            self._push_healthy = True
-                            self._last_signal = time.monotonic()
-                            self._subscribed.set()
-                            self._wake.set()
+                        if kind == "message":
+                            self._dispatch(payload)
+                        elif kind == "subscribe":
+                            self.state = ChannelState.LIVE
+                            for watcher in tuple(self.watchers):
+                                watcher.on_subscribed()
                             delay = 0.25
-                        elif kind == "message":
-                            self._on_message(payload)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # any failure of the push channel means: poll instead
                 log.info("subscription to run events failed: %s", type(error).__name__)
-            self._push_healthy = False
-            self._subscribed.set()
-            self._wake.set()
+            self.state = ChannelState.DOWN
+            for watcher in tuple(self.watchers):
+                watcher.on_push_lost()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+class KVEventWatch(EventWatch):
+    """Push first: the run's shared subscription carries every appended event, so a healthy
+    stream costs no reads at all. The stored list stays the truth: a gap in the pushed ids, a
+    heartbeat naming a later id, or silence for longer than the worker's heartbeat interval
+    triggers a read from the cursor; a dropped or unavailable subscription falls back to
+    polling with backoff while it resubscribes."""
+
+    _POLL_MIN, _POLL_MAX = 0.05, 1.0
+
+    def __init__(self, store: KVStore, run_id: str) -> None:
+        self._store = store
+        self._run_id = run_id
+        self._pending: dict[int, str] = {}
+        self._latest = -1
+        self._wake = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        self._delivery = Delivery.POLL
+        self._read_due = ReadDue.CATCH_UP
+        self._poll_delay = self._POLL_MIN
+        self._last_heard: float | None = None
+        self._last_signal = time.monotonic()
+        self._subscription: RunSubscription | None = None
+
+    @property
+    def last_heard(self) -> float | None:
+        return self._last_heard
+
+    @property
+    def delivery(self) -> Delivery:
+        return self._delivery
+
+    async def __aenter__(self) -> KVEventWatch:
+        self._subscription = RunSubscription.acquire(self._store, self._run_id, self)
+        try:
+            # Reading the backlog only once subscribed means no event falls between the two.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), CONFIRM_WAIT_SECONDS)
+        except BaseException:
+            # The reader left (cancelled) while we waited: nobody will call __aexit__.
+            await self.aclose()
+            raise
+        return self
+
+    async def aclose(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            await subscription.release(self)
+
+    async def next_events(self, after: int, timeout: float) -> list[StoredEvent]:
+        end = time.monotonic() + timeout
+        while True:
+            # Cleared before looking, so a message that lands during an await still wakes us.
+            self._wake.clear()
+            batch = self._take_contiguous(after)
+            if batch:
+                return batch
+            due = self._read_due
+            if due is not ReadDue.NONE or self._delivery is Delivery.POLL or self._latest > after:
+                self._read_due = ReadDue.NONE
+                events = await self._store.read_events(self._run_id, after)
+                if events:
+                    self._last_heard = time.time()
+                    self._last_signal = time.monotonic()
+                    self._poll_delay = self._POLL_MIN
+                    if due is ReadDue.SILENCE_CHECK:
+                        # Push looked healthy yet missed these: poll until it proves itself.
+                        self._delivery = Delivery.POLL
+                    return events
+            now = time.monotonic()
+            if now >= end:
+                return []
+            if self._delivery is Delivery.PUSH:
+                wait = max(0.0, self._last_signal + self._store.silence_seconds - now)
+            else:
+                wait = self._poll_delay
+                self._poll_delay = min(self._poll_delay * 2, self._POLL_MAX)
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(wait, end - now))
+            except TimeoutError:
+                if self._delivery is Delivery.PUSH and time.monotonic() < end:
+                    self._read_due = ReadDue.SILENCE_CHECK
+                    self._last_signal = time.monotonic()
+
+    def _take_contiguous(self, after: int) -> list[StoredEvent]:
+        for stale in [i for i in self._pending if i <= after]:
+            del self._pending[stale]
+        batch: list[StoredEvent] = []
+        next_id = after + 1
+        while next_id in self._pending:
+            batch.append(StoredEvent(next_id, self._pending.pop(next_id)))
+            next_id += 1
+        return batch
+
+    # --- what the shared subscription tells each of its watchers --------------------------------
+
+    def on_joined(self, state: ChannelState) -> None:
+        if state is ChannelState.LIVE:
+            # Already subscribed: everything published from now on reaches us; the catch-up
+            # read (due from the start) covers what came before.
+            self.on_subscribed()
+        elif state is ChannelState.DOWN:
+            self._subscribed.set()  # nothing to wait for: start by polling
+
+    def on_subscribed(self) -> None:
+        # Whatever was published before this point (while resubscribing, or after a backlog
+        # read that beat a slow confirmation) was not pushed.
+        self._read_due = ReadDue.CATCH_UP
+        self._delivery = Delivery.PUSH
+        self._last_signal = time.monotonic()
+        self._subscribed.set()
+        self._wake.set()
+
+    def on_event(self, event_id: int, payload: str, heard: float) -> None:
+        self._last_heard = heard
+        self._last_signal = time.monotonic()
+        self._pending[event_id] = payload
+        self._latest = max(self._latest, event_id)
+        # A pushed event arriving again is the sign the channel works.
+        self._delivery = Delivery.PUSH
+        self._wake.set()
+
+    def on_heartbeat(self, last_id: int, heard: float) -> None:
+        self._last_heard = heard
+        self._last_signal = time.monotonic()
+        self._latest = max(self._latest, last_id)
+        self._wake.set()
+
+    def on_push_lost(self) -> None:
+        self._delivery = Delivery.POLL
+        self._subscribed.set()
+        self._wake.set()
