@@ -3,11 +3,8 @@ embedded queue service over HTTP (what `make dev` runs), with the headers a push
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import httpx
 import pytest
-from vercel.queue.devserver import embedded_queue_dev_server
 
 from tests.functions import load_function
 
@@ -15,24 +12,17 @@ TOPIC = "quote-provider-work"
 CONSUMER = "api_Swork_Dpy"  # Vercel's sanitized function path, as a push names it
 
 
-@pytest.fixture
-def queue(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
-    with embedded_queue_dev_server(manual_clock=False) as server:
-        monkeypatch.setenv("VERCEL_QUEUE_BASE_URL", server.base_url)
-        monkeypatch.setenv("VERCEL_QUEUE_TOKEN", "vc-dev-token")
-        monkeypatch.setenv("VERCEL_REGION", "dev1")
-        yield server
-
-
 def _client() -> httpx.AsyncClient:
     app = load_function("api/work.py").app
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://worker")
 
 
-async def test_a_push_delivery_reaches_the_subscriber_and_is_acknowledged(queue: object) -> None:
+async def test_a_push_delivery_reaches_the_subscriber_and_is_acknowledged(
+    embedded_queue: object,
+) -> None:
     from vercel.queue import QueueClient
 
-    server = queue
+    server = embedded_queue
     message_id = await QueueClient().send(TOPIC, {"runId": "r1", "provider": "geico"})
     deliveries = list(server.iter_push_deliveries(TOPIC, CONSUMER, region="dev1"))  # type: ignore[attr-defined]
     assert [d.headers["ce-vqsmessageid"] for d in deliveries] == [message_id]
@@ -53,7 +43,7 @@ async def test_a_push_delivery_reaches_the_subscriber_and_is_acknowledged(queue:
     ids=["no-cloud-event", "no-vqs-headers", "other-event-type"],
 )
 async def test_a_request_that_is_not_a_queue_delivery_is_a_400_problem(
-    queue: object, headers: dict[str, str]
+    embedded_queue: object, headers: dict[str, str]
 ) -> None:
     async with _client() as client:
         response = await client.post("/api/work", content=b"{}", headers=headers)
