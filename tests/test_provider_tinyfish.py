@@ -719,7 +719,9 @@ async def test_adapter_against_fake_tinyfish_over_real_sockets() -> None:
         "liberty_mutual": "http_402",
     }
     with FakeTinyFishServer(api_key=API_KEY, scenarios=scenarios, delay_scale=0.002) as fake:
-        source = TinyFishQuoteSource(api_key=API_KEY, api_url=fake.url)
+        source = TinyFishQuoteSource(
+            api_key=API_KEY, api_url=fake.url, poll_first_seconds=0.02, poll_max_seconds=0.05
+        )
         try:
             activity = Activity()
             quote = await source.quote(REQUEST, "geico", new_attempt(), activity)
@@ -729,8 +731,9 @@ async def test_adapter_against_fake_tinyfish_over_real_sockets() -> None:
             assert activity.messages[0] == "Navigating to https://www.geico.com/auto-insurance/"
             assert len(activity.messages) == 7
 
+            dropped = await source.quote(REQUEST, "allstate", new_attempt(), Activity())
             outcomes: dict[str, type[ProviderError]] = {}
-            for provider in ("progressive", "state_farm", "allstate", "liberty_mutual"):
+            for provider in ("progressive", "state_farm", "liberty_mutual"):
                 with pytest.raises(ProviderError) as caught:
                     await source.quote(REQUEST, provider, new_attempt(), Activity())  # type: ignore[arg-type]
                 outcomes[provider] = type(caught.value)
@@ -739,9 +742,10 @@ async def test_adapter_against_fake_tinyfish_over_real_sockets() -> None:
         assert outcomes == {
             "progressive": ProviderDeclined,
             "state_farm": ProviderBlocked,
-            "allstate": ProviderUnavailable,
             "liberty_mutual": ProviderAuth,
         }
+        # The stream was cut, the run went on: read back by id, one agent run, quoted.
+        assert dropped.provider == "allstate"
         assert fake.requests[0]["url"] == INSURER_START_URLS["geico"]
         assert "output_schema" in fake.requests[0]
 
@@ -910,6 +914,17 @@ async def test_polling_backs_off_from_one_second_to_five() -> None:
             False,
             "TinyFish gave no reason",
             id="agent without message",
+        ),
+        pytest.param(
+            {
+                "code": "MAX_DURATION_EXCEEDED",
+                "message": "The run reached its max_duration_seconds (60 s)",
+                "category": "AGENT_FAILURE",
+            },
+            ProviderTimeout,
+            False,
+            "ran out of time",
+            id="its own duration cap",
         ),
         pytest.param(
             {"message": "Out of credits", "category": "BILLING_FAILURE"},

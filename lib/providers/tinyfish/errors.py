@@ -2,8 +2,9 @@
 `error = {code, message, category, retry_after}`, and the HTTP status of a refused request.
 
 - `category` decides: BILLING_FAILURE → provider_auth; AGENT_FAILURE → not retried, the message
-  says why (a CAPTCHA in it → provider_blocked); SYSTEM_FAILURE and UNKNOWN (and no category) →
-  transient provider_unavailable, `retry_after` carried on the error.
+  says why (a CAPTCHA in it → provider_blocked; the run's own max_duration or a timeout in it →
+  provider_timeout); SYSTEM_FAILURE and UNKNOWN (and no category) → transient
+  provider_unavailable, `retry_after` carried on the error.
 - HTTP 401/403 → provider_auth; 402 → provider_auth (no credit); 429 and 408/5xx → transient
   provider_unavailable with Retry-After; any other 4xx → provider_unavailable, not retried (the
   request itself is wrong).
@@ -28,6 +29,7 @@ from lib.providers.base import (
     ProviderError,
     ProviderRequestRejected,
     ProviderRunCancelled,
+    ProviderTimeout,
     ProviderUnavailable,
 )
 from lib.providers.tinyfish.result import BLOCKED_WORDS, MAX_REASON_CHARS, clip
@@ -35,6 +37,9 @@ from lib.providers.tinyfish.result import BLOCKED_WORDS, MAX_REASON_CHARS, clip
 _BILLING_WORDS = re.compile(
     r"insufficient (?:credit|funds|balance)|out of credit|no credits|credit limit|billing|quota",
     re.IGNORECASE,
+)
+_OUT_OF_TIME_WORDS = re.compile(
+    r"max[_ ]duration|timed? ?out|time limit|took too long", re.IGNORECASE
 )
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,48}")
 
@@ -69,6 +74,8 @@ def error_from_failed_run(
         return ProviderAuth(f"TinyFish refused the run for billing reasons{suffix}")
     if BLOCKED_WORDS.search(words):
         return ProviderBlocked(f"{name}'s site blocked the web agent{suffix}", retry_after=wait)
+    if status != "CANCELLED" and _OUT_OF_TIME_WORDS.search(words):
+        return ProviderTimeout(f"{name}'s web agent ran out of time{suffix}")
     if status == "CANCELLED":
         return ProviderRunCancelled(f"TinyFish's run for {name} was cancelled{suffix}")
     if category == "AGENT_FAILURE":
