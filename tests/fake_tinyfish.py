@@ -1,29 +1,54 @@
-"""A local stand-in for TinyFish's `POST /v1/automation/run-sse`, for tests and local runs.
+"""A local stand-in for TinyFish's agent API, for tests and local runs: agent runs that live on
+the server, on their own clock, whatever their clients do.
 
-It checks `X-API-Key`, validates the body the way TinyFish documents (url and goal required,
-output_schema limited to the structured-output keyword allowlist), and streams the events a
-real run streams — STARTED, STREAMING_URL, PROGRESS…, HEARTBEAT, COMPLETE — with realistic
-pauses multiplied by `delay_scale`.
+Endpoints (field names as in the official `tinyfish` SDK 0.11 and TinyFish's API reference):
 
-The insurer is recognised from the body's `url` (lib.providers.tinyfish.INSURER_START_URLS) and
-each insurer plays a scenario (default "quote"):
+    POST /v1/automation/run-sse     start a run; stream its events (STARTED, STREAMING_URL,
+                                    PROGRESS…, HEARTBEAT, COMPLETE)
+    POST /v1/automation/run-async   start a run; answer {"run_id", "error": null} at once
+    GET  /v1/runs/{id}              the run: status PENDING|RUNNING|COMPLETED|FAILED|CANCELLED,
+                                    result, error {code, message, category, retry_after}, steps
+    POST /v1/runs/{id}/cancel       idempotent: {"run_id", "status", "cancelled_at", "message"}
+    GET  /_fake/runs                inspection (not TinyFish's): every run started, in order
 
-    quote       COMPLETED with a deterministic monthly premium derived from the goal
-    declined    COMPLETED, outcome "no_quote"
-    blocked     COMPLETED, outcome "blocked" (a CAPTCHA stopped the agent)
-    failed      COMPLETE with status FAILED, a SYSTEM_FAILURE error
-    captcha     COMPLETE with status FAILED, an error saying a CAPTCHA blocked the agent
-    http_500    HTTP 500 before any event          http_429   HTTP 429 with Retry-After: 1
-    http_402    HTTP 402 (out of credit)           slow       quote, with long pauses + HEARTBEATs
-    truncated   the stream ends cleanly before COMPLETE
-    drop        the connection is cut mid-stream (no clean end of the chunked body)
+Every /v1 call checks `X-API-Key`. A run request is validated the way TinyFish documents (url and
+goal required; output_schema limited to the structured-output keyword allowlist; agent_config's
+max_steps 1–500 and max_duration_seconds ≥ 1) and may be refused with 403 when the fake is told
+the account lacks `output_schema` (structured_output=False) or `agent_config` (agent_config=False).
 
-    with FakeTinyFishServer(api_key="k", scenarios={"geico": "declined"}, delay_scale=0.01) as tf:
-        settings = ... TINYFISH_API_URL=tf.url, TINYFISH_API_KEY="k"
-        tf.requests  # the JSON bodies received, in order
+An agent run is a task on the server's event loop, started by the run request and independent of
+any connection: a client that disconnects or dies does not stop it; it goes on and finishes on
+its own clock, and GET reads it back. It honours the caps it was given: past
+`agent_config.max_duration_seconds` or after `max_steps` steps it ends FAILED (AGENT_FAILURE,
+code MAX_DURATION_EXCEEDED / MAX_STEPS_EXCEEDED — the fake's guess at TinyFish's wording).
 
-    python -m tests.fake_tinyfish --port 0 --delay-scale 0.1 --scenario geico=declined
+Scripting, per insurer (recognised from the body's `url`, as in INSURER_START_URLS): a scenario,
+optionally a duration (seconds the agent works, not scaled; default: realistic pauses times
+`delay_scale`) and a pending time (seconds spent PENDING in TinyFish's queue first).
+
+    quote            COMPLETED with a deterministic premium derived from the goal (6-month total)
+    declined         COMPLETED, outcome "no_quote"
+    blocked          COMPLETED, outcome "blocked" (a CAPTCHA stopped the agent)
+    system_failure   FAILED, SYSTEM_FAILURE (retry_after 1)     (alias: failed)
+    agent_failure    FAILED, AGENT_FAILURE: the agent could not find the quote form
+    captcha          FAILED, AGENT_FAILURE saying a CAPTCHA blocked the agent
+    billing_failure  FAILED, BILLING_FAILURE (out of credits)
+    slow             quote, with long pauses and HEARTBEATs
+    truncated        quote; the SSE stream ends cleanly after the 4th PROGRESS (the run goes on)
+    drop             quote; the SSE connection is cut after the 4th PROGRESS (the run goes on)
+    http_500 / http_429 / http_402   the run request is refused (no run is created)
+
+    with FakeTinyFishServer(api_key="k", delay_scale=0.01,
+                            scenarios={"geico": "declined", "allstate": "quote,duration=30"}) as tf:
+        ... TINYFISH_API_URL=tf.url, TINYFISH_API_KEY="k"
+        tf.requests        # the run requests' JSON bodies, in order
+        tf.run_records()   # what GET /_fake/runs answers: one dict per run started
+
+    python -m tests.fake_tinyfish --port 0 --delay-scale 0.1 \\
+        --scenario geico=declined --scenario allstate=quote,duration=30,pending=2
     # prints "READY http://127.0.0.1:<port>" once listening
+
+A scenario spec is `SCENARIO[,duration=SECONDS][,pending=SECONDS]`.
 """
 
 from __future__ import annotations
@@ -37,6 +62,7 @@ import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -53,15 +79,19 @@ SCENARIOS = (
     "quote",
     "declined",
     "blocked",
+    "system_failure",
     "failed",
+    "agent_failure",
     "captcha",
-    "http_500",
-    "http_429",
-    "http_402",
+    "billing_failure",
     "slow",
     "truncated",
     "drop",
+    "http_500",
+    "http_429",
+    "http_402",
 )
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 # TinyFish's structured-output validator rejects any keyword outside this list.
 SCHEMA_KEYWORDS = frozenset(
     {
@@ -89,14 +119,42 @@ PROGRESS_STEPS = (
     "Selecting coverage limits and deductibles",
     "Reading the premium on the quote summary page",
 )
+FAILURES: dict[str, dict[str, Any]] = {
+    "system_failure": {
+        "code": "service_busy",
+        "message": "Browser crashed during execution",
+        "category": "SYSTEM_FAILURE",
+        "retry_after": 1,
+    },
+    "agent_failure": {
+        "code": "goal_not_achieved",
+        "message": "Could not find an online quote form on the page",
+        "category": "AGENT_FAILURE",
+        "retry_after": None,
+    },
+    "captcha": {
+        "message": "Agent could not continue: the site showed a CAPTCHA challenge",
+        "category": "AGENT_FAILURE",
+    },
+    "billing_failure": {
+        "code": "INSUFFICIENT_CREDITS",
+        "message": "Insufficient credits to continue this run",
+        "category": "BILLING_FAILURE",
+    },
+}
+STREAM_CUT_AFTER = 4  # PROGRESS events before "truncated"/"drop" end the stream
 
 
 class _CutConnection(Exception):
     """Raised inside a streaming body so the server drops the connection mid-response."""
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
 
 
 def _frame(payload: dict[str, Any]) -> bytes:
@@ -114,14 +172,131 @@ def _schema_problems(node: Any, path: str = "output_schema") -> list[str]:
     return problems
 
 
+def _agent_config_problems(config: Any) -> list[str]:
+    if not isinstance(config, dict):
+        return ["agent_config: must be an object"]
+    problems = []
+    steps, seconds = config.get("max_steps"), config.get("max_duration_seconds")
+    if steps is not None and not (type(steps) is int and 1 <= steps <= 500):
+        problems.append("agent_config.max_steps: must be an integer from 1 to 500")
+    if seconds is not None and not (type(seconds) is int and seconds >= 1):
+        problems.append("agent_config.max_duration_seconds: must be an integer of at least 1")
+    return problems
+
+
 def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
     return JSONResponse(
         {"error": {"code": code, "message": message}}, status_code=status, headers=headers
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Script:
+    """What one insurer's agent runs do."""
+
+    scenario: str = "quote"
+    duration: float | None = None  # seconds of work, not scaled; None: the realistic pauses
+    pending: float = 0.0  # seconds in TinyFish's queue (PENDING) first
+
+    @classmethod
+    def parse(cls, spec: str) -> Script:
+        """`SCENARIO[,duration=SECONDS][,pending=SECONDS]`."""
+        name, *options = [part.strip() for part in spec.split(",")]
+        if name not in SCENARIOS:
+            raise ValueError(f"unknown scenario {name!r}; one of {', '.join(SCENARIOS)}")
+        values: dict[str, float] = {}
+        for option in options:
+            key, _, raw = option.partition("=")
+            if key not in ("duration", "pending"):
+                raise ValueError(f"unknown scenario option {key!r}; duration or pending")
+            values[key] = float(raw)
+        return cls(name, values.get("duration"), values.get("pending", 0.0))
+
+
+@dataclass(slots=True)
+class FakeAgentRun:
+    """One agent run on the fake's side; `events` is its SSE history, in order."""
+
+    run_id: str
+    insurer: str | None
+    script: Script
+    body: dict[str, Any]
+    created_at: datetime = field(default_factory=_now)
+    status: str = "PENDING"
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    result: Any = None
+    error: dict[str, Any] | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    cancel_calls: int = 0
+    get_calls: int = 0
+    stream_clients: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+    def finish(self, status: str, *, result: Any = None, error: Any = None) -> None:
+        if self.status in TERMINAL:
+            return
+        self.status, self.result, self.error = status, result, error
+        self.finished_at = _now()
+        if status == "CANCELLED":
+            self.cancelled_at = self.finished_at
+        self.emit(
+            {
+                "type": "COMPLETE",
+                "run_id": self.run_id,
+                "status": status,
+                "timestamp": _iso(self.finished_at),
+                "result": result,
+                "error": error,
+            }
+        )
+
+    def as_run(self) -> dict[str, Any]:
+        """GET /v1/runs/{id}'s answer (the SDK's Run, plus the documented steps)."""
+        return {
+            "run_id": self.run_id,
+            "status": self.status,
+            "goal": self.body.get("goal"),
+            "created_at": _iso(self.created_at),
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "num_of_steps": len(self.steps) if self.status in TERMINAL else None,
+            "result": self.result,
+            "error": self.error,
+            "output_schema": self.body.get("output_schema"),
+            "streaming_url": f"https://stream.example.invalid/{self.run_id}",
+            "browser_config": {"proxy_enabled": False, "proxy_country_code": None},
+            "steps": list(self.steps),
+        }
+
+    def as_record(self) -> dict[str, Any]:
+        """What the inspection endpoint says about this run."""
+        return {
+            "run_id": self.run_id,
+            "insurer": self.insurer,
+            "scenario": self.script.scenario,
+            "status": self.status,
+            "created_at": _iso(self.created_at),
+            "finished_at": _iso(self.finished_at),
+            "cancel_calls": self.cancel_calls,
+            "cancelled": self.cancelled_at is not None,
+            "get_calls": self.get_calls,
+            "stream_clients": self.stream_clients,
+            "steps": len(self.steps),
+            "agent_config": self.body.get("agent_config"),
+        }
+
+
 class FakeTinyFish:
-    """The ASGI app and what it has seen. `scenarios` maps insurer id → scenario name."""
+    """The ASGI app and what it has seen. `scenarios` maps insurer id → a scenario spec."""
 
     def __init__(
         self,
@@ -131,33 +306,49 @@ class FakeTinyFish:
         default_scenario: str = "quote",
         delay_scale: float = 1.0,
         structured_output: bool = True,
+        agent_config: bool = True,
     ) -> None:
-        for scenario in [default_scenario, *(scenarios or {}).values()]:
-            if scenario not in SCENARIOS:
-                raise ValueError(f"unknown scenario {scenario!r}; one of {', '.join(SCENARIOS)}")
         self.api_key = api_key
-        self.scenarios = dict(scenarios or {})
-        self.default_scenario = default_scenario
+        self.scripts = {insurer: Script.parse(spec) for insurer, spec in (scenarios or {}).items()}
+        self.default_script = Script.parse(default_scenario)
         self.delay_scale = delay_scale
         self.structured_output = structured_output
+        self.agent_config = agent_config
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
+        self.runs: dict[str, FakeAgentRun] = {}
+        self._lock = threading.Lock()
         self.app = Starlette(
-            routes=[Route("/v1/automation/run-sse", self._run_sse, methods=["POST"])]
+            routes=[
+                Route("/v1/automation/run-sse", self._run_sse, methods=["POST"]),
+                Route("/v1/automation/run-async", self._run_async, methods=["POST"]),
+                Route("/v1/runs/{run_id}", self._get_run, methods=["GET"]),
+                Route("/v1/runs/{run_id}/cancel", self._cancel_run, methods=["POST"]),
+                Route("/_fake/runs", self._list_runs, methods=["GET"]),
+            ]
         )
 
     def insurer_for(self, url: str) -> str | None:
         return next((p for p, start in INSURER_START_URLS.items() if start == url), None)
 
-    async def _pause(self, seconds: float) -> None:
-        if self.delay_scale > 0:
-            await asyncio.sleep(seconds * self.delay_scale)
+    def run_records(self) -> list[dict[str, Any]]:
+        """Every agent run started so far, oldest first (safe to call from another thread)."""
+        with self._lock:
+            return [run.as_record() for run in self.runs.values()]
 
-    async def _run_sse(self, request: Request) -> Response:
-        if not request.headers.get("x-api-key"):
+    def _refusal(self, request: Request) -> JSONResponse | None:
+        key = request.headers.get("x-api-key")
+        if not key:
             return _error(401, "MISSING_API_KEY", "X-API-Key header is required")
-        if request.headers["x-api-key"] != self.api_key:
+        if key != self.api_key:
             return _error(401, "INVALID_API_KEY", "Invalid or expired API key")
+        return None
+
+    async def _start(self, request: Request) -> FakeAgentRun | Response:
+        """Validates a run request and starts its agent run, or says why not."""
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
         try:
             body = await request.json()
         except ValueError:
@@ -177,89 +368,184 @@ class FakeTinyFish:
             problems = _schema_problems(body["output_schema"])
             if problems:
                 return _error(400, "INVALID_INPUT", "; ".join(problems))
+        if "agent_config" in body:
+            if not self.agent_config:
+                return _error(403, "FORBIDDEN", "agent_config is not enabled for this account")
+            problems = _agent_config_problems(body["agent_config"])
+            if problems:
+                return _error(400, "INVALID_INPUT", "; ".join(problems))
         insurer = self.insurer_for(url)
-        scenario = self.scenarios.get(insurer or "", self.default_scenario)
-        if scenario == "http_500":
+        script = self.scripts.get(insurer or "", self.default_script)
+        if script.scenario == "http_500":
             return _error(500, "INTERNAL_ERROR", "Internal server error")
-        if scenario == "http_429":
+        if script.scenario == "http_429":
             return _error(429, "RATE_LIMIT_EXCEEDED", "Rate limit exceeded", **{"Retry-After": "1"})
-        if scenario == "http_402":
+        if script.scenario == "http_402":
             return _error(402, "INSUFFICIENT_CREDITS", "Not enough credits to start this run")
+        run = FakeAgentRun(run_id=str(uuid.uuid4()), insurer=insurer, script=script, body=body)
+        with self._lock:
+            self.runs[run.run_id] = run
+        run.emit({"type": "STARTED", "run_id": run.run_id, "timestamp": _iso(run.created_at)})
+        run.task = asyncio.get_running_loop().create_task(self._play(run))
+        return run
+
+    async def _run_sse(self, request: Request) -> Response:
+        started = await self._start(request)
+        if isinstance(started, Response):
+            return started
         return StreamingResponse(
-            self._events(scenario, url, goal, body),
+            self._stream(started),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
 
-    async def _events(
-        self, scenario: str, url: str, goal: str, body: dict[str, Any]
-    ) -> AsyncIterator[bytes]:
-        run_id = str(uuid.uuid4())
-        yield _frame({"type": "STARTED", "run_id": run_id, "timestamp": _now()})
-        await self._pause(0.4)
-        yield _frame(
+    async def _run_async(self, request: Request) -> Response:
+        started = await self._start(request)
+        if isinstance(started, Response):
+            return started
+        return JSONResponse({"run_id": started.run_id, "error": None})
+
+    async def _get_run(self, request: Request) -> Response:
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        run = self.runs.get(request.path_params["run_id"])
+        if run is None:
+            return _error(404, "NOT_FOUND", "Run not found")
+        run.get_calls += 1
+        return JSONResponse(run.as_run())
+
+    async def _cancel_run(self, request: Request) -> Response:
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        run = self.runs.get(request.path_params["run_id"])
+        if run is None:
+            return _error(404, "NOT_FOUND", "Run not found")
+        run.cancel_calls += 1
+        message: str | None = None
+        if run.status == "CANCELLED":
+            message = "Run already cancelled"
+        elif run.status in TERMINAL:
+            message = "Run already finished"
+        else:
+            if run.task is not None:
+                run.task.cancel()
+            run.finish("CANCELLED")
+        return JSONResponse(
             {
-                "type": "STREAMING_URL",
-                "run_id": run_id,
-                "streaming_url": f"https://stream.example.invalid/{run_id}",
-                "timestamp": _now(),
+                "run_id": run.run_id,
+                "status": run.status,
+                "cancelled_at": _iso(run.cancelled_at),
+                "message": message,
             }
         )
-        gap = 3.0 if scenario == "slow" else 0.8
-        for index, step in enumerate(PROGRESS_STEPS):
+
+    async def _list_runs(self, request: Request) -> Response:
+        return JSONResponse({"runs": self.run_records()})
+
+    async def _pause(self, seconds: float) -> None:
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+
+    async def _play(self, run: FakeAgentRun) -> None:
+        """The agent run's life, on its own clock: queue, steps, outcome, within its caps."""
+        caps = run.body.get("agent_config") or {}
+        max_seconds, max_steps = caps.get("max_duration_seconds"), caps.get("max_steps")
+        await self._pause(run.script.pending)
+        run.status, run.started_at = "RUNNING", _now()
+        try:
+            async with asyncio.timeout(max_seconds):
+                await self._work(run, max_steps)
+        except TimeoutError:
+            run.finish(
+                "FAILED",
+                error={
+                    "code": "MAX_DURATION_EXCEEDED",
+                    "message": f"The run reached its max_duration_seconds ({max_seconds} s)",
+                    "category": "AGENT_FAILURE",
+                    "retry_after": None,
+                },
+            )
+
+    async def _work(self, run: FakeAgentRun, max_steps: int | None) -> None:
+        scenario, url, goal = run.script.scenario, run.body["url"], run.body["goal"]
+        steps = PROGRESS_STEPS[:2] if scenario in ("blocked", "captcha") else PROGRESS_STEPS
+        if run.script.duration is not None:
+            gap = run.script.duration / (len(steps) + 1)
+        else:
+            gap = (3.0 if scenario == "slow" else 0.8) * self.delay_scale
+        run.emit(
+            {
+                "type": "STREAMING_URL",
+                "run_id": run.run_id,
+                "streaming_url": f"https://stream.example.invalid/{run.run_id}",
+                "timestamp": _iso(_now()),
+            }
+        )
+        for index, step in enumerate(steps):
             await self._pause(gap)
+            if max_steps is not None and index >= max_steps:
+                run.finish(
+                    "FAILED",
+                    error={
+                        "code": "MAX_STEPS_EXCEEDED",
+                        "message": f"The run reached its max_steps ({max_steps})",
+                        "category": "AGENT_FAILURE",
+                        "retry_after": None,
+                    },
+                )
+                return
             if scenario == "slow" or index % 3 == 2:
-                yield b": keep-alive\n\n"
-                yield _frame({"type": "HEARTBEAT", "timestamp": _now()})
-            yield _frame(
+                run.emit({"type": "HEARTBEAT", "timestamp": _iso(_now())})
+            purpose = step.format(url=url)
+            run.steps.append({"purpose": purpose, "timestamp": _iso(_now())})
+            run.emit(
                 {
                     "type": "PROGRESS",
-                    "run_id": run_id,
-                    "purpose": step.format(url=url),
-                    "timestamp": _now(),
+                    "run_id": run.run_id,
+                    "purpose": purpose,
+                    "timestamp": _iso(_now()),
                 }
             )
-            if scenario in ("truncated", "drop") and index == 3:
-                if scenario == "drop":
-                    raise _CutConnection
-                return
-            if scenario in ("blocked", "captcha") and index == 1:
-                break
         await self._pause(gap)
-        complete: dict[str, Any] = {
-            "type": "COMPLETE",
-            "run_id": run_id,
-            "status": "COMPLETED",
-            "timestamp": _now(),
-            "result": None,
-            "error": None,
-        }
-        if scenario in ("quote", "slow"):
-            complete["result"] = self.quote_result(goal)
-        elif scenario == "declined":
-            complete["result"] = {
+        if scenario in FAILURES or scenario == "failed":
+            run.finish("FAILED", error=FAILURES.get(scenario, FAILURES["system_failure"]))
+            return
+        if scenario == "declined":
+            result: dict[str, Any] = {
                 "outcome": "no_quote",
                 "reason": "The site asks to call a local agent to finish this quote",
             }
         elif scenario == "blocked":
-            complete["result"] = {"outcome": "blocked", "reason": "A CAPTCHA appeared"}
-        elif scenario == "failed":
-            complete["status"] = "FAILED"
-            complete["error"] = {
-                "code": "service_busy",
-                "message": "Browser crashed during execution",
-                "category": "SYSTEM_FAILURE",
-                "retry_after": 1,
-            }
-        elif scenario == "captcha":
-            complete["status"] = "FAILED"
-            complete["error"] = {
-                "message": "Agent could not continue: the site showed a CAPTCHA challenge",
-                "category": "AGENT_FAILURE",
-            }
-        if "output_schema" not in body and complete["result"] is not None:
-            complete["result"] = {"status": "success", **complete["result"]}
-        yield _frame(complete)
+            result = {"outcome": "blocked", "reason": "A CAPTCHA appeared"}
+        else:
+            result = self.quote_result(goal)
+        if "output_schema" not in run.body:
+            result = {"status": "success", **result}
+        run.finish("COMPLETED", result=result)
+
+    async def _stream(self, run: FakeAgentRun) -> AsyncIterator[bytes]:
+        """One client's view of the run's events; leaving early leaves the run going."""
+        run.stream_clients += 1
+        sent, progress = 0, 0
+        while True:
+            waiting = run.changed
+            while sent < len(run.events):
+                event = run.events[sent]
+                sent += 1
+                if event["type"] == "HEARTBEAT":
+                    yield b": keep-alive\n\n"
+                yield _frame(event)
+                if event["type"] == "COMPLETE":
+                    return
+                if event["type"] == "PROGRESS":
+                    progress += 1
+                    if progress == STREAM_CUT_AFTER and run.script.scenario == "drop":
+                        raise _CutConnection
+                    if progress == STREAM_CUT_AFTER and run.script.scenario == "truncated":
+                        return
+            await waiting.wait()
 
     @staticmethod
     def quote_result(goal: str) -> dict[str, Any]:
@@ -328,24 +614,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--delay-scale", type=float, default=1.0)
     parser.add_argument("--api-key", default="test-tinyfish-key")
-    parser.add_argument("--default-scenario", default="quote", choices=SCENARIOS)
+    parser.add_argument("--default-scenario", default="quote", metavar="SPEC")
     parser.add_argument(
         "--scenario",
         action="append",
         default=[],
-        metavar="INSURER=SCENARIO",
-        help=f"one of {', '.join(SCENARIOS)}; repeatable",
+        metavar="INSURER=SPEC",
+        help="SPEC is SCENARIO[,duration=S][,pending=S]; "
+        f"SCENARIO one of {', '.join(SCENARIOS)}; repeatable",
     )
     parser.add_argument("--no-structured-output", action="store_true")
+    parser.add_argument("--no-agent-config", action="store_true")
     args = parser.parse_args(argv)
-    scenarios = dict(item.split("=", 1) for item in args.scenario)
-    fake = FakeTinyFish(
-        api_key=args.api_key,
-        scenarios=scenarios,
-        default_scenario=args.default_scenario,
-        delay_scale=args.delay_scale,
-        structured_output=not args.no_structured_output,
-    )
+    try:
+        fake = FakeTinyFish(
+            api_key=args.api_key,
+            scenarios=dict(item.split("=", 1) for item in args.scenario),
+            default_scenario=args.default_scenario,
+            delay_scale=args.delay_scale,
+            structured_output=not args.no_structured_output,
+            agent_config=not args.no_agent_config,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))

@@ -125,6 +125,7 @@ class TinyFishQuoteSource:
         max_steps: int | None = None,
         poll_first_seconds: float = 1.0,
         poll_max_seconds: float = 5.0,
+        min_agent_seconds: int = MIN_AGENT_SECONDS,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._client = TinyFishClient(
@@ -135,6 +136,7 @@ class TinyFishQuoteSource:
         self._max_steps = max_steps
         self._poll_first = poll_first_seconds
         self._poll_max = poll_max_seconds
+        self._min_agent_seconds = min_agent_seconds
         self._sleep = sleep
         self._unsupported: set[str] = set()
 
@@ -198,7 +200,7 @@ class TinyFishQuoteSource:
         """Starts the attempt's agent run and follows its stream: the quote at COMPLETE, or None
         when the stream ended after STARTED without COMPLETE (the run goes on: poll it)."""
         seconds = min(attempt.whole_seconds_left(), MAX_AGENT_SECONDS)
-        if seconds < MIN_AGENT_SECONDS:
+        if seconds < self._min_agent_seconds:
             raise ProviderTimeout(
                 f"Too little time left ({max(seconds, 0)} s) to start {run.insurer}'s web agent"
             )

@@ -1,0 +1,308 @@
+"""The TinyFish adapter against the local TinyFish-compatible server, over real sockets: one agent
+run per attempt whatever happens to the stream or the calling coroutine, reattach by id, cancel,
+the caps and the 403 fallback as the server sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from lib.models import Quote, QuoteRequest, utc_now
+from lib.providers.base import (
+    AgentAttempt,
+    ProviderAgentFailed,
+    ProviderAuth,
+    ProviderError,
+    ProviderTimeout,
+    ProviderUnavailable,
+)
+from lib.providers.tinyfish import TinyFishQuoteSource
+from tests.fake_tinyfish import FakeTinyFishServer
+
+API_KEY = "tf-agent-runs-key"
+REQUEST = QuoteRequest.model_validate(
+    {
+        "vin": "2C3CDZAG2GH967639",
+        "zip": "94107",
+        "driver": {"firstName": "Zelinda", "lastName": "Quarrington", "dateOfBirth": "1987-03-09"},
+    }
+)
+
+
+class Listener:
+    """Records what the source reports; `progressed` is set at the first activity."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.agent_runs: list[str] = []
+        self.progressed = asyncio.Event()
+
+    async def activity(self, message: str) -> None:
+        self.messages.append(message)
+        self.progressed.set()
+
+    async def agent_run_started(self, agent_run_id: str) -> None:
+        self.agent_runs.append(agent_run_id)
+
+
+def attempt(seconds: float = 120, agent_run_id: str | None = None) -> AgentAttempt:
+    now = utc_now()
+    return AgentAttempt(
+        number=1,
+        started_at=now,
+        deadline=now + timedelta(seconds=seconds),
+        agent_run_id=agent_run_id,
+    )
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeTinyFishServer]:
+    scenarios = {
+        "geico": "quote",
+        "progressive": "drop",
+        "state_farm": "quote,duration=1.2",
+        "allstate": "agent_failure",
+        "liberty_mutual": "quote,duration=1,pending=0.5",
+    }
+    with FakeTinyFishServer(api_key=API_KEY, scenarios=scenarios, delay_scale=0.01) as server:
+        yield server
+
+
+def source_for(fake: FakeTinyFishServer, **options: Any) -> TinyFishQuoteSource:
+    options.setdefault("poll_first_seconds", 0.05)
+    options.setdefault("poll_max_seconds", 0.2)
+    return TinyFishQuoteSource(api_key=API_KEY, api_url=fake.url, **options)
+
+
+def runs_for(fake: FakeTinyFishServer, insurer: str) -> list[dict[str, Any]]:
+    return [run for run in fake.run_records() if run["insurer"] == insurer]
+
+
+async def test_a_dropped_stream_is_read_back_by_id_with_exactly_one_agent_run(
+    fake: FakeTinyFishServer,
+) -> None:
+    source, listener = source_for(fake), Listener()
+    try:
+        quote = await source.quote(REQUEST, "progressive", attempt(), listener)
+    finally:
+        await source.aclose()
+    assert quote.source == "tinyfish"
+    [run] = runs_for(fake, "progressive")
+    assert listener.agent_runs == [run["run_id"]]
+    assert run["status"] == "COMPLETED"
+    assert run["get_calls"] >= 1
+    assert run["cancel_calls"] == 0
+
+
+async def test_a_cancelled_call_leaves_the_run_going_and_the_next_call_reattaches(
+    fake: FakeTinyFishServer,
+) -> None:
+    source, first = source_for(fake), Listener()
+    this_attempt = attempt()
+    task = asyncio.create_task(source.quote(REQUEST, "state_farm", this_attempt, first))
+    await first.progressed.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [run] = runs_for(fake, "state_farm")
+    assert run["status"] == "RUNNING"
+    assert listener_run(first) == run["run_id"]
+
+    second = Listener()
+    try:
+        quote = await source.quote(
+            REQUEST, "state_farm", this_attempt.with_agent_run(run["run_id"]), second
+        )
+    finally:
+        await source.aclose()
+    assert isinstance(quote, Quote)
+    [run] = runs_for(fake, "state_farm")
+    assert (run["status"], run["cancel_calls"]) == ("COMPLETED", 0)
+    assert run["get_calls"] >= 1
+    assert second.agent_runs == []
+    assert len(fake.requests) == 1
+
+
+def listener_run(listener: Listener) -> str:
+    [agent_run_id] = listener.agent_runs
+    return agent_run_id
+
+
+async def test_a_worker_that_died_is_replaced_by_one_reading_the_same_run(
+    fake: FakeTinyFishServer,
+) -> None:
+    """The first source's process is gone (its client closed mid-stream); another resumes."""
+    dying, first = source_for(fake), Listener()
+    task = asyncio.create_task(dying.quote(REQUEST, "state_farm", attempt(), first))
+    await first.progressed.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await dying.aclose()
+
+    replacement = source_for(fake)
+    try:
+        quote = await replacement.quote(
+            REQUEST, "state_farm", attempt(agent_run_id=listener_run(first)), Listener()
+        )
+    finally:
+        await replacement.aclose()
+    assert quote.provider == "state_farm"
+    assert len(runs_for(fake, "state_farm")) == 1
+
+
+async def test_a_queued_run_shows_as_activity(fake: FakeTinyFishServer) -> None:
+    source, listener = source_for(fake), Listener()
+    start = source.run_body(REQUEST, "liberty_mutual", max_duration_seconds=60)
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(
+            f"{fake.url}/v1/automation/run-async", json=start, headers={"X-API-Key": API_KEY}
+        )
+    agent_run_id = answer.json()["run_id"]
+    try:
+        await source.quote(REQUEST, "liberty_mutual", attempt(agent_run_id=agent_run_id), listener)
+    finally:
+        await source.aclose()
+    assert listener.messages[0] == "Waiting for TinyFish to start the web agent (queued)"
+    assert listener.messages.count(listener.messages[0]) == 1
+
+
+async def test_an_agent_failure_says_why_and_is_not_transient(fake: FakeTinyFishServer) -> None:
+    source = source_for(fake)
+    try:
+        with pytest.raises(ProviderAgentFailed) as caught:
+            await source.quote(REQUEST, "allstate", attempt(), Listener())
+    finally:
+        await source.aclose()
+    assert "Could not find an online quote form" in caught.value.message
+    assert not caught.value.transient
+    assert caught.value.agent_run_finished
+
+
+@pytest.mark.parametrize(
+    ("scenario", "kind", "transient"),
+    [
+        ("system_failure", ProviderUnavailable, True),
+        ("billing_failure", ProviderAuth, False),
+        ("captcha", ProviderError, False),
+    ],
+)
+async def test_each_category_from_the_server(scenario: str, kind: type, transient: bool) -> None:
+    with FakeTinyFishServer(api_key=API_KEY, default_scenario=scenario, delay_scale=0) as fake:
+        source = source_for(fake)
+        try:
+            with pytest.raises(kind) as caught:
+                await source.quote(REQUEST, "geico", attempt(), Listener())
+        finally:
+            await source.aclose()
+    assert caught.value.transient is transient
+    if scenario == "captcha":
+        assert caught.value.code == "provider_blocked"
+
+
+async def test_the_caps_reach_the_server_and_bound_the_run() -> None:
+    with FakeTinyFishServer(api_key=API_KEY, delay_scale=0.001) as fake:
+        source = source_for(fake, max_steps=3)
+        try:
+            with pytest.raises(ProviderAgentFailed, match="max_steps"):
+                await source.quote(REQUEST, "geico", attempt(seconds=90.5), Listener())
+        finally:
+            await source.aclose()
+        [run] = fake.run_records()
+    assert run["agent_config"] == {"max_duration_seconds": 90, "max_steps": 3}
+    assert run["steps"] == 3
+
+
+async def test_the_run_ends_by_its_own_duration_cap_as_a_timeout() -> None:
+    with FakeTinyFishServer(
+        api_key=API_KEY, default_scenario="quote,duration=60", delay_scale=0
+    ) as fake:
+        source = source_for(fake, min_agent_seconds=1)
+        try:
+            with pytest.raises(ProviderTimeout, match="ran out of time"):
+                await source.quote(REQUEST, "geico", attempt(seconds=1.9), Listener())
+        finally:
+            await source.aclose()
+        [run] = fake.run_records()
+    assert run["agent_config"] == {"max_duration_seconds": 1}
+    assert (run["status"], run["cancel_calls"]) == ("FAILED", 0)
+
+
+async def test_the_deadline_cancels_the_agent_run_and_the_server_sees_it() -> None:
+    # An account without agent_config: no cap on TinyFish's side, so our deadline ends the run.
+    with FakeTinyFishServer(
+        api_key=API_KEY, default_scenario="quote,duration=60", delay_scale=0, agent_config=False
+    ) as fake:
+        source = source_for(fake, min_agent_seconds=1)
+        try:
+            with pytest.raises(ProviderTimeout) as caught:
+                await source.quote(REQUEST, "geico", attempt(seconds=1.5), Listener())
+        finally:
+            await source.aclose()
+        [run] = fake.run_records()
+    assert (run["status"], run["cancel_calls"], run["cancelled"]) == ("CANCELLED", 1, True)
+    assert caught.value.agent_run_id == run["run_id"]
+    assert caught.value.agent_run_finished
+
+
+async def test_cancel_is_idempotent_on_the_server(fake: FakeTinyFishServer) -> None:
+    source, listener = source_for(fake), Listener()
+    task = asyncio.create_task(source.quote(REQUEST, "state_farm", attempt(), listener))
+    await listener.progressed.wait()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    agent_run_id = listener_run(listener)
+    try:
+        await source.cancel(agent_run_id)
+        await source.cancel(agent_run_id)
+        await source.cancel("no-such-run")
+        with pytest.raises(ProviderError) as caught:
+            await source.quote(
+                REQUEST, "state_farm", attempt(agent_run_id=agent_run_id), Listener()
+            )
+    finally:
+        await source.aclose()
+    [run] = runs_for(fake, "state_farm")
+    assert (run["status"], run["cancel_calls"]) == ("CANCELLED", 2)
+    assert caught.value.code == "provider_unavailable"
+    assert not caught.value.transient
+
+
+async def test_the_403_fallback_drops_what_the_account_lacks() -> None:
+    with FakeTinyFishServer(
+        api_key=API_KEY, structured_output=False, agent_config=False, delay_scale=0
+    ) as fake:
+        source = source_for(fake, max_steps=50)
+        try:
+            first = await source.quote(REQUEST, "geico", attempt(), Listener())
+            second = await source.quote(REQUEST, "allstate", attempt(), Listener())
+        finally:
+            await source.aclose()
+        shapes = [("output_schema" in body, "agent_config" in body) for body in fake.requests]
+        runs = fake.run_records()
+    # The server names the field it refuses: each is dropped once, then never sent again.
+    assert shapes == [(True, True), (False, True), (False, False), (False, False)]
+    assert len(runs) == 2
+    assert (first.provider, second.provider) == ("geico", "allstate")
+
+
+async def test_the_inspection_endpoint_lists_every_run(fake: FakeTinyFishServer) -> None:
+    source = source_for(fake)
+    try:
+        await source.quote(REQUEST, "geico", attempt(), Listener())
+    finally:
+        await source.aclose()
+    async with httpx.AsyncClient() as client:
+        listed = (await client.get(f"{fake.url}/_fake/runs")).json()["runs"]
+        unknown = await client.get(f"{fake.url}/v1/runs/nope", headers={"X-API-Key": API_KEY})
+        no_key = await client.get(f"{fake.url}/v1/runs/{listed[0]['run_id']}")
+    assert [(r["insurer"], r["status"], r["stream_clients"]) for r in listed] == [
+        ("geico", "COMPLETED", 1)
+    ]
+    assert json.loads(unknown.text)["error"]["code"] == "NOT_FOUND"
+    assert no_key.status_code == 401
