@@ -6,6 +6,8 @@ Endpoints (field names as in the official `tinyfish` SDK 0.11 and TinyFish's API
     POST /v1/automation/run-sse     start a run; stream its events (STARTED, STREAMING_URL,
                                     PROGRESS…, HEARTBEAT, COMPLETE)
     POST /v1/automation/run-async   start a run; answer {"run_id", "error": null} at once
+    GET  /v1/runs                   runs, newest first; ?goal= (case-insensitive part of the goal),
+                                    ?created_after=, ?limit= ({"data": [...], "pagination"})
     GET  /v1/runs/{id}              the run: status PENDING|RUNNING|COMPLETED|FAILED|CANCELLED,
                                     result, error {code, message, category, retry_after}, steps
     POST /v1/runs/{id}/cancel       idempotent: {"run_id", "status", "cancelled_at", "message"}
@@ -317,11 +319,13 @@ class FakeTinyFish:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.runs: dict[str, FakeAgentRun] = {}
+        self.list_calls = 0
         self._lock = threading.Lock()
         self.app = Starlette(
             routes=[
                 Route("/v1/automation/run-sse", self._run_sse, methods=["POST"]),
                 Route("/v1/automation/run-async", self._run_async, methods=["POST"]),
+                Route("/v1/runs", self._list_v1_runs, methods=["GET"]),
                 Route("/v1/runs/{run_id}", self._get_run, methods=["GET"]),
                 Route("/v1/runs/{run_id}/cancel", self._cancel_run, methods=["POST"]),
                 Route("/_fake/runs", self._list_runs, methods=["GET"]),
@@ -404,6 +408,35 @@ class FakeTinyFish:
         if isinstance(started, Response):
             return started
         return JSONResponse({"run_id": started.run_id, "error": None})
+
+    async def _list_v1_runs(self, request: Request) -> Response:
+        refused = self._refusal(request)
+        if refused is not None:
+            return refused
+        self.list_calls += 1
+        goal = request.query_params.get("goal", "").lower()
+        after = request.query_params.get("created_after")
+        try:
+            since = datetime.fromisoformat(after.replace("Z", "+00:00")) if after else None
+            limit = int(request.query_params.get("limit", "20"))
+        except ValueError:
+            return _error(400, "INVALID_INPUT", "created_after or limit is malformed")
+        matching = [
+            run.as_run()
+            for run in reversed(list(self.runs.values()))
+            if goal in str(run.body.get("goal", "")).lower()
+            and (since is None or run.created_at > since)
+        ]
+        return JSONResponse(
+            {
+                "data": matching[:limit],
+                "pagination": {
+                    "total": len(matching),
+                    "has_more": len(matching) > limit,
+                    "next_cursor": None,
+                },
+            }
+        )
 
     async def _get_run(self, request: Request) -> Response:
         refused = self._refusal(request)

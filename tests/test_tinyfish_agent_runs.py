@@ -306,3 +306,67 @@ async def test_the_inspection_endpoint_lists_every_run(fake: FakeTinyFishServer)
     ]
     assert json.loads(unknown.text)["error"]["code"] == "NOT_FOUND"
     assert no_key.status_code == 401
+
+
+class Died(Exception):
+    """The worker's instance dying between TinyFish's STARTED and storing the run id."""
+
+
+class DyingListener(Listener):
+    async def agent_run_started(self, agent_run_id: str) -> None:
+        raise Died(agent_run_id)
+
+
+def begun_a_while_ago(seconds: float = 120) -> AgentAttempt:
+    now = utc_now()
+    return AgentAttempt(
+        number=2, started_at=now - timedelta(seconds=10), deadline=now + timedelta(seconds=seconds)
+    )
+
+
+async def test_a_run_started_by_a_call_that_died_before_storing_its_id_is_found_again(
+    fake: FakeTinyFishServer,
+) -> None:
+    this_attempt = begun_a_while_ago()
+    source = source_for(fake)
+    try:
+        with pytest.raises(Died):
+            await source.quote(REQUEST, "state_farm", this_attempt, DyingListener())
+        resumed = Listener()
+        quote = await source.quote(REQUEST, "state_farm", this_attempt, resumed)
+    finally:
+        await source.aclose()
+    [run] = runs_for(fake, "state_farm")
+    assert resumed.agent_runs == [run["run_id"]]
+    assert quote.provider == "state_farm"
+    assert fake.list_calls == 2  # the first call looked too, and found nothing
+    assert len(fake.requests) == 1
+
+
+async def test_another_attempt_does_not_take_an_earlier_attempts_run(
+    fake: FakeTinyFishServer,
+) -> None:
+    source = source_for(fake)
+    first, second = begun_a_while_ago(), begun_a_while_ago()
+    second = AgentAttempt(
+        number=3, started_at=second.started_at, deadline=second.deadline, agent_run_id=None
+    )
+    try:
+        with pytest.raises(Died):
+            await source.quote(REQUEST, "geico", first, DyingListener())
+        listener = Listener()
+        await source.quote(REQUEST, "geico", second, listener)
+    finally:
+        await source.aclose()
+    runs = runs_for(fake, "geico")
+    assert len(runs) == 2
+    assert listener.agent_runs == [runs[1]["run_id"]]
+
+
+async def test_a_fresh_attempt_does_not_look_for_earlier_runs(fake: FakeTinyFishServer) -> None:
+    source = source_for(fake)
+    try:
+        await source.quote(REQUEST, "geico", attempt(), Listener())
+    finally:
+        await source.aclose()
+    assert fake.list_calls == 0

@@ -6,6 +6,7 @@ dependencies; the official SDK would add tenacity and a retry loop of its own):
   COMPLETE `status` `result` `error`). Dropping the stream does not stop the run.
 - `GET /v1/runs/{id}`: the run (`status` PENDING|RUNNING|COMPLETED|FAILED|CANCELLED, `result`,
   `error`, and per the API reference a `steps` array the SDK 0.11 `Run` model does not declare).
+- `GET /v1/runs?goal=…&created_after=…`: runs whose goal contains a text (case-insensitive).
 - `POST /v1/runs/{id}/cancel`: idempotent; a run already over answers with its final status.
 
 Field names follow the official `tinyfish` SDK 0.11 (agent/types.py, runs/types.py). This module
@@ -93,6 +94,13 @@ class TinyFishClient:
     async def get_run(self, agent_run_id: str) -> httpx.Response:
         """GET /v1/runs/{id}, body read; the caller judges the status."""
         return await self._http().get(f"{self.base_url}{RUNS_PATH}/{agent_run_id}")
+
+    async def find_runs(self, *, goal_contains: str, created_after: str) -> httpx.Response:
+        """GET /v1/runs?goal=…&created_after=… (newest first), body read."""
+        return await self._http().get(
+            self.base_url + RUNS_PATH,
+            params={"goal": goal_contains, "created_after": created_after, "limit": 10},
+        )
 
     async def cancel_run(self, agent_run_id: str) -> httpx.Response:
         """POST /v1/runs/{id}/cancel (no body), body read; the caller judges the status."""

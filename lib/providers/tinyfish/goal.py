@@ -72,8 +72,9 @@ def quote_data(request: QuoteRequest) -> dict[str, Any]:
     }
 
 
-def build_goal(request: QuoteRequest, provider: ProviderId) -> str:
-    """The agent's instructions for `provider`, the request's values fenced as data."""
+def build_goal(request: QuoteRequest, provider: ProviderId, *, reference: str | None = None) -> str:
+    """The agent's instructions for `provider`, the request's values fenced as data.
+    `reference` (ours, no personal data) marks the attempt so its run can be found again."""
     name = PROVIDER_NAMES[provider]
     data = _json_literal(quote_data(request))
     tag = "QUOTE_DATA_" + hashlib.sha256(data.encode()).hexdigest()[:16].upper()
@@ -123,6 +124,11 @@ def build_goal(request: QuoteRequest, provider: ProviderId) -> str:
             "in term_premium and the number of months in term_months.",
             "- deductible: the collision/comprehensive deductible in dollars (0 if none).",
             "- reason: for no_quote or blocked, a short reason in your own words.",
+            *(
+                ["", f"(Reference {reference}: for our records only, not part of the task.)"]
+                if reference
+                else []
+            ),
         ]
     )
 

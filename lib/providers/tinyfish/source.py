@@ -12,6 +12,9 @@ by whichever invocation holds the attempt.
   TinyFish's own queue) shows as one activity message. The API reference documents a `steps`
   array on the run (the SDK 0.11 `Run` model has none): where present, steps not yet seen are
   relayed — on a reattach only the latest, the earlier ones having been relayed before.
+- A new attempt begun more than 2 s ago may have started its run in a call that died between
+  STARTED and storing the id: each goal carries the attempt's reference (a digest), and before
+  starting, the source looks for a run with it (`GET /v1/runs?goal=…`) and takes that one.
 - At `attempt.deadline` the source cancels the agent run and raises ProviderTimeout.
 - Cancelling the awaiting coroutine (the worker's hand-off) closes the HTTP stream at once and
   leaves the agent run going, for the next call with the same attempt.
@@ -27,16 +30,18 @@ exception, and text coming back from the agent is masked (goal.redactor) before 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal
 
 import httpx
 from httpx_sse import SSEError
 
 from lib.config import DEFAULT_TINYFISH_API_URL
-from lib.models import PROVIDER_NAMES, ProviderId, Quote, QuoteRequest, QuoteSourceName
+from lib.models import PROVIDER_NAMES, ProviderId, Quote, QuoteRequest, QuoteSourceName, utc_now
 from lib.providers.base import (
     AgentAttempt,
     AttemptListener,
@@ -82,6 +87,17 @@ CANCEL_TRIES = 3
 CANCEL_FIRST_WAIT_SECONDS = 0.5
 CANCEL_MAX_WAIT_SECONDS = 2.0
 PENDING_MESSAGE = "Waiting for TinyFish to start the web agent (queued)"
+# A new attempt begun longer ago than this may have started its run in a call that died before
+# the id was stored: look for that run (by the reference in its goal) before starting one.
+LOOK_FOR_EARLIER_RUN_AFTER_SECONDS = 2.0
+
+
+def attempt_reference(request: QuoteRequest, provider: ProviderId, attempt: AgentAttempt) -> str:
+    """A stable mark for one attempt, put in its goal (a digest: no personal data)."""
+    seed = "\x1f".join(
+        [request.vin, request.zip, provider, str(attempt.number), attempt.started_at.isoformat()]
+    )
+    return "qr-" + hashlib.sha256(seed.encode()).hexdigest()[:24]
 
 
 @dataclass(slots=True)
@@ -144,12 +160,17 @@ class TinyFishQuoteSource:
         return f"TinyFishQuoteSource(api_url={self._client.base_url!r})"
 
     def run_body(
-        self, request: QuoteRequest, provider: ProviderId, *, max_duration_seconds: int
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        *,
+        max_duration_seconds: int,
+        reference: str | None = None,
     ) -> dict[str, Any]:
         """The run request: where to start, the goal, and what this account supports."""
         body: dict[str, Any] = {
             "url": INSURER_START_URLS[provider],
-            "goal": build_goal(request, provider),
+            "goal": build_goal(request, provider, reference=reference),
             "browser_profile": self._browser_profile,
         }
         if self._proxy_country:
@@ -199,13 +220,18 @@ class TinyFishQuoteSource:
     async def _start(self, run: _AgentRun, attempt: AgentAttempt) -> Quote | None:
         """Starts the attempt's agent run and follows its stream: the quote at COMPLETE, or None
         when the stream ended after STARTED without COMPLETE (the run goes on: poll it)."""
+        reference = attempt_reference(run.request, run.provider, attempt)
+        if await self._reattach_to_earlier_run(run, attempt, reference):
+            return None
         seconds = min(attempt.whole_seconds_left(), MAX_AGENT_SECONDS)
         if seconds < self._min_agent_seconds:
             raise ProviderTimeout(
                 f"Too little time left ({max(seconds, 0)} s) to start {run.insurer}'s web agent"
             )
         while True:
-            body = self.run_body(run.request, run.provider, max_duration_seconds=seconds)
+            body = self.run_body(
+                run.request, run.provider, max_duration_seconds=seconds, reference=reference
+            )
             try:
                 async with self._client.run_events(body) as events:
                     async for event in events:
@@ -246,6 +272,40 @@ class TinyFishQuoteSource:
                 run.provider,
             )
             return None
+
+    async def _reattach_to_earlier_run(
+        self, run: _AgentRun, attempt: AgentAttempt, reference: str
+    ) -> bool:
+        """For an attempt begun a while ago: finds the run an earlier call started (it died
+        between STARTED and storing the id) and takes it as this attempt's. One GET; when it
+        cannot be asked, a new run is started as before."""
+        if (
+            attempt.remaining_seconds() < 0
+            or (utc_now() - attempt.started_at).total_seconds() < LOOK_FOR_EARLIER_RUN_AFTER_SECONDS
+        ):
+            return False
+        since = (attempt.started_at - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+        try:
+            response = await self._client.find_runs(goal_contains=reference, created_after=since)
+            found = response.json().get("data") if response.is_success else None
+        except (httpx.TransportError, ValueError, AttributeError) as exc:
+            logger.info("could not look for an earlier agent run (%s)", type(exc).__name__)
+            return False
+        for earlier in found if isinstance(found, list) else []:
+            agent_run_id = earlier.get("run_id") if isinstance(earlier, dict) else None
+            goal = earlier.get("goal") if isinstance(earlier, dict) else None
+            if is_agent_run_id(agent_run_id) and isinstance(goal, str) and reference in goal:
+                assert isinstance(agent_run_id, str)
+                logger.warning(
+                    "attempt %d for %s had started agent run %s without storing it; reattaching",
+                    attempt.number,
+                    run.provider,
+                    agent_run_id,
+                )
+                run.agent_run_id = agent_run_id
+                await run.listener.agent_run_started(agent_run_id)
+                return True
+        return False
 
     async def _on_event(self, run: _AgentRun, event: dict[str, Any]) -> Quote | None:
         kind = event.get("type")
