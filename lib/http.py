@@ -1,5 +1,6 @@
 """HTTP plumbing the three functions share: RFC 9457 problem responses, the mapping of typed
-errors to statuses (in one place), CORS, and the per-process context (settings, store, source).
+errors to statuses (in one place), CORS, and the per-process context
+(settings, store, source), and each request's log context.
 
 `function_app(endpoint, methods=...)` turns one endpoint into the ASGI `app` a Vercel Python
 function exports. Any exception the endpoint does not handle becomes a problem response; a
@@ -21,7 +22,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lib.config import ConfigError, Settings, get_settings
+from lib.logs import configure_logging, log_context
 from lib.store import RunNotFound, Store, StoreNotConfigured, StoreUnavailable, open_store
+from lib.terms import is_run_id
 
 if TYPE_CHECKING:
     from lib.models import FieldError, ProblemDetail
@@ -173,6 +176,7 @@ class function_app:
             await _lifespan(receive, send)
             return
         if self._app is None:
+            configure_logging()
             self._app = self._build()
         await self._app(scope, receive, send)
 
@@ -192,6 +196,14 @@ class function_app:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        run_id = run_id_from(request)
+        with log_context(
+            runId=run_id if run_id and is_run_id(run_id) else None,
+            vercelId=request.headers.get("x-vercel-id"),
+        ):
+            await self._respond(request, scope, receive, send)
+
+    async def _respond(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             if request.method not in self.methods:
                 allow = ", ".join((*self.methods, "OPTIONS"))

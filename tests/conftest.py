@@ -18,7 +18,7 @@ from lib.store import Store
 from lib.store.kv import KVStore
 from lib.store.sqlite import SQLiteStore
 
-pytest_plugins = ["tests.upstash_rest"]
+pytest_plugins = ["tests.upstash_rest", "tests.log_capture"]
 
 
 def make_record(run_id: str | None = None, **changes: object) -> RunRecord:
