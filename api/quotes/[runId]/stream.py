@@ -5,9 +5,11 @@ Last-Event-ID."""
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -34,6 +36,8 @@ DEFAULT_STREAM_SECONDS = 280.0
 # Staleness is checked at most this often, even while the run looks overdue.
 MIN_CHECK_INTERVAL = 1.0
 _CURSOR = re.compile(r"[0-9]{1,16}")  # ASCII digits only: \d and int() take any script's
+CloseReason = Literal["terminal", "deadline", "client_left", "storage_error", "run_expired"]
+log = logging.getLogger(__name__)
 
 
 def _cursor(request: Request) -> int:
@@ -67,10 +71,15 @@ async def _run_events(
     store: Store, state: RunState, cursor: int, settings: Settings, close_at: float
 ) -> AsyncIterator[bytes]:
     run_id = state.record.run_id
-    yield RETRY
-    last_sent = time.monotonic()
-    not_before = time.time() + MIN_CHECK_INTERVAL
+    opened = time.monotonic()
+    sent = 0
+    # Whatever ends the stream without saying why (a cancel, a GeneratorExit) is the client leaving.
+    reason: CloseReason = "client_left"
+    log.info("stream opened", extra={"lastEventId": cursor})
     try:
+        yield RETRY
+        last_sent = time.monotonic()
+        not_before = time.time() + MIN_CHECK_INTERVAL
         async with store.watch(run_id) as watch:
             while True:
                 now = time.time()
@@ -81,13 +90,16 @@ async def _run_events(
                 if events:
                     for event in events:
                         yield sse_frame(event)
+                        sent += 1
                         cursor = event.id
                         if event.is_terminal:
+                            reason = "terminal"
                             return
                     last_sent = time.monotonic()
                     continue
                 now = time.time()
                 if now >= close_at:
+                    reason = "deadline"
                     return
                 if time.monotonic() - last_sent >= KEEP_ALIVE_SECONDS:
                     yield KEEP_ALIVE
@@ -95,13 +107,28 @@ async def _run_events(
                 if now >= check_at:
                     fresh = await store.get_run(run_id)
                     if fresh is None:
+                        reason = "run_expired"
                         return
                     state = fresh
                     await finalize_if_stale(store, state, settings)
                     not_before = time.time() + MIN_CHECK_INTERVAL
-    except StoreUnavailable:
+    except StoreUnavailable as error:
         # End the stream; the client reconnects after `retry` and resumes from its cursor.
+        reason = "storage_error"
+        log.warning("stream: storage unavailable: %s", error)
         return
+    finally:
+        log.info(
+            "stream closed (%s) after %d events",
+            reason,
+            sent,
+            extra={
+                "closeReason": reason,
+                "events": sent,
+                "lastEventId": cursor,
+                "seconds": round(time.monotonic() - opened, 3),
+            },
+        )
 
 
 async def stream_quote_run(request: Request, context: FunctionContext) -> Response:
@@ -118,6 +145,7 @@ async def stream_quote_run(request: Request, context: FunctionContext) -> Respon
     terminal = state.finalized or state.record.status != "processing"
     if terminal and state.last_event_id <= cursor:
         # Nothing more will come: 204 tells an EventSource to stop reconnecting.
+        log.info("stream not opened: the run has ended", extra={"lastEventId": cursor})
         return Response(status_code=204, headers={"Cache-Control": "no-store"})
     close_at = stream_close_time(context.settings)
     return EventStreamResponse(_run_events(store, state, cursor, context.settings, close_at))
