@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import textwrap
 import time
@@ -190,6 +191,17 @@ def test_dynamic_segment_becomes_a_query_parameter(client: httpx.Client) -> None
     assert body["query"] == "x=1&itemId=abc"
     assert body["headers"]["x-forwarded-host"] == client.base_url.netloc.decode()
     assert "x-vercel-internal-deadline" not in body["headers"]  # consumed by the runtime
+
+
+def test_each_request_gets_its_own_request_id_shown_to_function_and_client(
+    client: httpx.Client,
+) -> None:
+    first = client.get("/api/items/abc", headers={"x-vercel-id": "forged"})
+    second = client.get("/api/items/abc")
+    seen = [r.json()["headers"]["x-vercel-id"] for r in (first, second)]
+    assert seen == [first.headers["x-vercel-id"], second.headers["x-vercel-id"]]
+    assert seen[0] != seen[1]
+    assert all(re.fullmatch(r"dev1::[0-9a-f]{5}-[0-9]{13}-[0-9a-f]{12}", s) for s in seen)
 
 
 def test_static_path_wins_over_dynamic(client: httpx.Client) -> None:

@@ -1,7 +1,8 @@
 """The front door: route a request to a function instance and stream the exchange both ways.
 
 A raw ASGI app. Per request it picks the function by path (see `routes`), an instance
-round-robin (see `supervisor.Pool`), adds the platform's ``x-vercel-internal-deadline`` header,
+round-robin (see `supervisor.Pool`), adds the platform's ``x-vercel-internal-deadline`` header
+and a request id in ``x-vercel-id`` (to the function and back to the client, as Vercel does),
 and relays request and response bodies chunk by chunk. When the client goes away the upstream
 connection is closed; when the function's maxDuration passes the response is cut. A GET for a
 file under ``public/`` is answered with that file first, as Vercel does (see `static`).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -32,6 +34,7 @@ Send = Callable[[Message], Awaitable[None]]
 
 INSTANCE_HEADER = b"x-devhost-instance"
 DEADLINE_HEADER = b"x-vercel-internal-deadline"
+REQUEST_ID_HEADER = b"x-vercel-id"
 _HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -108,6 +111,10 @@ class _Exchange:
         self.status: int | None = None  # set once the response has started
         self.body = _RequestBody(_has_body(scope))
         self.began = time.monotonic()
+        # Shaped as Vercel's: region::random-milliseconds-random.
+        self.request_id = (
+            f"dev1::{secrets.token_hex(3)[:5]}-{int(time.time() * 1000)}-{secrets.token_hex(6)}"
+        )
 
     async def run(self, receive: Receive) -> None:
         pump = asyncio.create_task(self.body.pump(receive))
@@ -177,6 +184,7 @@ class _Exchange:
         assert self.instance is not None
         headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP]
         headers.append((INSTANCE_HEADER, self._instance_tag().encode()))
+        headers.append((REQUEST_ID_HEADER, self.request_id.encode()))
         await self.send(
             {"type": "http.response.start", "status": response.status_code, "headers": headers}
         )
@@ -231,7 +239,7 @@ class _Exchange:
             and name.lower() not in named_in_connection
             and not name.lower().startswith(b"x-vercel-internal-")
             and not name.lower().startswith(b"x-forwarded-")
-            and name.lower() != b"x-real-ip"
+            and name.lower() not in (b"x-real-ip", REQUEST_ID_HEADER)
         ]
         client_ip = (self.scope.get("client") or ("127.0.0.1", 0))[0]
         host = next((v for n, v in raw if n.lower() == b"host"), b"127.0.0.1")
@@ -242,6 +250,7 @@ class _Exchange:
             (b"x-forwarded-proto", self.scope.get("scheme", "http").encode()),
             (b"x-real-ip", client_ip.encode()),
             (DEADLINE_HEADER, rfc3339(deadline).encode()),
+            (REQUEST_ID_HEADER, self.request_id.encode()),
         ]
         return headers
 
