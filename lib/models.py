@@ -58,6 +58,8 @@ class CamelModel(BaseModel):
         populate_by_name=True,
         extra="forbid",
         serialize_by_alias=True,
+        # A validation error's text (it may be logged) never quotes the input: it may be personal.
+        hide_input_in_errors=True,
         # Each model's validator is built when first used: a function builds only its own.
         defer_build=True,
     )
@@ -138,9 +140,10 @@ ConfiguredProvider = Annotated[
 
 
 class Driver(CamelModel):
-    first_name: Annotated[str, AfterValidator(_check_name)]
-    last_name: Annotated[str, AfterValidator(_check_name)]
-    date_of_birth: date
+    # Personal data: left out of repr(), so no log line or exception message can show it.
+    first_name: Annotated[str, AfterValidator(_check_name), Field(repr=False)]
+    last_name: Annotated[str, AfterValidator(_check_name), Field(repr=False)]
+    date_of_birth: Annotated[date, Field(repr=False)]
 
     @field_validator("date_of_birth", mode="before")
     @classmethod
