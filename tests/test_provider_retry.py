@@ -8,6 +8,7 @@ from collections.abc import Callable
 import pytest
 
 from lib.models import ProviderId, Quote, QuoteRequest, utc_now
+from lib.providers.backoff import CANCELLING, POLLING, Backoff
 from lib.providers.base import (
     AgentAttempt,
     AttemptListener,
@@ -324,3 +325,9 @@ async def test_a_quoted_attempt_cancels_nothing() -> None:
     rec = ActivityRecorder()
     await quote_with_retries(source, REQUEST, "geico", rec.report, timeout_seconds=5)
     assert source.cancelled == []
+
+
+def test_the_named_policies_grow_to_their_caps() -> None:
+    assert [POLLING.wait(n) for n in range(1, 7)] == pytest.approx([1, 1.5, 2.25, 3.375, 5, 5])
+    assert [CANCELLING.wait(n) for n in range(1, 4)] == [0.5, 1.0, 2.0]
+    assert Backoff(first=2, cap=3).wait(5, jitter=lambda: 0.0) == 3  # no spread, no jitter

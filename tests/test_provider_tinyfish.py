@@ -15,6 +15,7 @@ import pytest
 import respx
 
 from lib.models import PROVIDER_IDS, Quote, QuoteRequest, utc_now
+from lib.providers.backoff import Backoff
 from lib.providers.base import (
     AgentAttempt,
     ProviderAgentFailed,
@@ -720,7 +721,7 @@ async def test_adapter_against_fake_tinyfish_over_real_sockets() -> None:
     }
     with FakeTinyFishServer(api_key=API_KEY, scenarios=scenarios, delay_scale=0.002) as fake:
         source = TinyFishQuoteSource(
-            api_key=API_KEY, api_url=fake.url, poll_first_seconds=0.02, poll_max_seconds=0.05
+            api_key=API_KEY, api_url=fake.url, polling=Backoff(first=0.02, cap=0.05)
         )
         try:
             activity = Activity()
@@ -976,7 +977,7 @@ async def test_polling_past_the_deadline_cancels_the_run_and_times_out() -> None
             return_value=httpx.Response(200, json={"run_id": "run_123", "status": "CANCELLED"})
         )
         source = TinyFishQuoteSource(
-            api_key=API_KEY, api_url=API_URL, poll_first_seconds=0.01, poll_max_seconds=0.01
+            api_key=API_KEY, api_url=API_URL, polling=Backoff(first=0.01, cap=0.01)
         )
         try:
             with pytest.raises(ProviderTimeout) as caught:

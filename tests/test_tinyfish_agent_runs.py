@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from lib.models import Quote, QuoteRequest, utc_now
+from lib.providers.backoff import Backoff
 from lib.providers.base import (
     AgentAttempt,
     ProviderAgentFailed,
@@ -75,8 +76,7 @@ def fake() -> Iterator[FakeTinyFishServer]:
 
 
 def source_for(fake: FakeTinyFishServer, **options: Any) -> TinyFishQuoteSource:
-    options.setdefault("poll_first_seconds", 0.05)
-    options.setdefault("poll_max_seconds", 0.2)
+    options.setdefault("polling", Backoff(first=0.05, cap=0.2))
     return TinyFishQuoteSource(api_key=API_KEY, api_url=fake.url, **options)
 
 

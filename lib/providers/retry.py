@@ -1,6 +1,6 @@
 """One provider's whole budget in one process: attempts under one timeout, transient failures
 retried with exponential backoff and jitter, every failure leaving as a typed ProviderError, every
-abandoned agent run cancelled. `backoff_delay` is the one backoff policy of the providers."""
+abandoned agent run cancelled."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 from lib.models import PROVIDER_NAMES, ProviderId, Quote, QuoteRequest, utc_now
+from lib.providers.backoff import ATTEMPTS
 from lib.providers.base import (
     AgentAttempt,
     ProviderError,
@@ -25,23 +26,14 @@ logger = logging.getLogger(__name__)
 Sleep = Callable[[float], Awaitable[None]]
 
 DEFAULT_MAX_ATTEMPTS = 3
-BASE_DELAY_SECONDS = 1.0
-MAX_DELAY_SECONDS = 8.0
 # How long an abandoned agent run's cancel may hold up the caller (cancel retries inside it).
 CANCEL_WAIT_SECONDS = 5.0
 
 
-def backoff_delay(
-    attempt: int,
-    *,
-    base: float = BASE_DELAY_SECONDS,
-    cap: float = MAX_DELAY_SECONDS,
-    jitter: Callable[[], float] = random.random,
-) -> float:
-    """Seconds to wait after failed attempt number `attempt` (1-based): base·2^(attempt-1), capped,
-    then spread ±25 % so that providers failing together do not retry in lockstep."""
-    nominal: float = min(cap, base * 2.0 ** (attempt - 1))
-    return nominal * (0.75 + 0.5 * jitter())
+def backoff_delay(attempt: int, *, jitter: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based): 1 s doubling up to 8 s,
+    spread ±25 % so that providers failing together do not retry in lockstep."""
+    return ATTEMPTS.wait(attempt, jitter)
 
 
 class _InProcessAttempt:

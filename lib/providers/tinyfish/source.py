@@ -42,6 +42,7 @@ from httpx_sse import SSEError
 
 from lib.config import DEFAULT_TINYFISH_API_URL
 from lib.models import PROVIDER_NAMES, ProviderId, Quote, QuoteRequest, QuoteSourceName, utc_now
+from lib.providers.backoff import CANCELLING, POLLING, Backoff
 from lib.providers.base import (
     AgentAttempt,
     AttemptListener,
@@ -84,8 +85,6 @@ _FIELD_WORDS = {
     "agent_config": ("agent_config", "max_steps", "max_duration"),
 }
 CANCEL_TRIES = 3
-CANCEL_FIRST_WAIT_SECONDS = 0.5
-CANCEL_MAX_WAIT_SECONDS = 2.0
 PENDING_MESSAGE = "Waiting for TinyFish to start the web agent (queued)"
 # A new attempt begun longer ago than this may have started its run in a call that died before
 # the id was stored: look for that run (by the reference in its goal) before starting one.
@@ -139,8 +138,7 @@ class TinyFishQuoteSource:
         browser_profile: Literal["lite", "stealth"] = "stealth",
         proxy_country: str | None = "US",
         max_steps: int | None = None,
-        poll_first_seconds: float = 1.0,
-        poll_max_seconds: float = 5.0,
+        polling: Backoff = POLLING,
         min_agent_seconds: int = MIN_AGENT_SECONDS,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -150,8 +148,7 @@ class TinyFishQuoteSource:
         self._browser_profile = browser_profile
         self._proxy_country = proxy_country
         self._max_steps = max_steps
-        self._poll_first = poll_first_seconds
-        self._poll_max = poll_max_seconds
+        self._polling = polling
         self._min_agent_seconds = min_agent_seconds
         self._sleep = sleep
         self._unsupported: set[str] = set()
@@ -329,9 +326,10 @@ class TinyFishQuoteSource:
         """Reads the agent run until it is over. `relayed`: how many of its steps were already
         relayed (None: unknown, a reattach — then only the latest step is relayed first)."""
         assert run.agent_run_id is not None
-        delay, said_pending = self._poll_first, False
+        reads, said_pending = 0, False
         while True:
-            wait = delay
+            reads += 1
+            wait = self._polling.wait(reads)
             try:
                 response = await self._client.get_run(run.agent_run_id)
             except httpx.TransportError as exc:
@@ -352,9 +350,8 @@ class TinyFishQuoteSource:
                     relayed = await self._relay_steps(run, view.get("steps"), relayed)
                 else:
                     hint = retry_after_seconds(response.headers.get("retry-after"))
-                    wait = max(delay, min(hint or 0.0, 60.0))
+                    wait = max(wait, min(hint or 0.0, 60.0))
             await self._sleep(wait)
-            delay = min(delay * 1.5, self._poll_max)
 
     def _run_view(self, run: _AgentRun, response: httpx.Response) -> dict[str, Any] | None:
         """The run object of a GET, None for an answer worth asking again; raises for the rest."""
@@ -438,7 +435,6 @@ class TinyFishQuoteSource:
                 "not cancelling agent run with a malformed id (%d chars)", len(agent_run_id)
             )
             return False
-        wait = CANCEL_FIRST_WAIT_SECONDS
         for attempt in range(1, CANCEL_TRIES + 1):
             hint: float | None = None
             try:
@@ -458,8 +454,8 @@ class TinyFishQuoteSource:
                     return False
                 hint = retry_after_seconds(response.headers.get("retry-after"))
             if attempt < CANCEL_TRIES:
-                await self._sleep(min(max(wait, hint or 0.0), CANCEL_MAX_WAIT_SECONDS))
-                wait *= 2
+                wait = CANCELLING.wait(attempt)
+                await self._sleep(min(max(wait, hint or 0.0), CANCELLING.cap))
         logger.warning(
             "gave up cancelling TinyFish agent run %s after %d tries (%s); it ends by its own "
             "max_duration_seconds cap",
