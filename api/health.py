@@ -4,11 +4,15 @@ Never a secret: store and queue are named by kind, not by URL or token."""
 
 from __future__ import annotations
 
+import logging
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lib.http import FunctionContext, Problem, function_app
 from lib.store import StoreNotConfigured, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 
 async def report_health(request: Request, context: FunctionContext) -> Response:
@@ -31,6 +35,7 @@ async def report_health(request: Request, context: FunctionContext) -> Response:
             "VERCEL_QUEUE_BASE_URL to a local queue."
         )
     if missing:
+        log.warning("not ready to run quotes: %s", " ".join(missing))
         raise Problem(
             503,
             "not-ready",

@@ -3,6 +3,7 @@ names what is missing, and never a secret."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -147,6 +148,18 @@ async def test_everything_missing_is_named_in_one_problem(health, store_kind) ->
     detail = not_ready(response)
     assert "Storage (kv) does not answer" in detail
     assert "No queue is configured" in detail
+
+
+@pytest.mark.parametrize("store_kind", ["kv"])
+async def test_not_ready_is_a_warning_line_naming_what_is_missing_without_a_secret(
+    health, store_kind, json_logs
+) -> None:
+    await health(KV_REST_API_TOKEN=SECRET, VERCEL_QUEUE_BASE_URL="")
+    (line,) = [o for o in json_logs.objects() if o["message"].startswith("not ready")]
+    assert line["level"] == "warning"
+    assert "refused the credentials" in line["message"]
+    assert "No queue is configured" in line["message"]
+    assert SECRET not in json.dumps(json_logs.objects())
 
 
 async def test_invalid_configuration_is_503_naming_the_setting(health) -> None:
