@@ -544,6 +544,12 @@ async def test_malformed_cursor_is_400(api, cursor) -> None:
     problem(response, 400)
 
 
+async def test_malformed_query_cursor_is_400_even_beside_a_valid_header(api) -> None:
+    run_id = (await api.post("/api/quotes", json=VALID)).json()["runId"]
+    url = f"/api/quotes/{run_id}/stream?lastEventId=-7"
+    problem(await api.get(url, headers={"Last-Event-ID": "2"}), 400)
+
+
 async def test_stream_closes_itself_at_stream_max_seconds(api, store, configure) -> None:
     configure(STREAM_MAX_SECONDS="1", RUN_LEASE_SECONDS="60")
     api._transport = httpx.ASGITransport(app=VercelRouter())

@@ -42,17 +42,17 @@ log = logging.getLogger(__name__)
 
 def _cursor(request: Request) -> int:
     header = request.headers.get("last-event-id", "").strip()
-    raw = header or request.query_params.get("lastEventId")
-    if raw is None or raw == "":
-        return -1
-    if not _CURSOR.fullmatch(raw):
+    query = request.query_params.get("lastEventId", "")
+    # Both are checked, though the header wins: a malformed cursor is never silently ignored.
+    if not all(_CURSOR.fullmatch(raw) for raw in (header, query) if raw):
         raise Problem(
             400,
             "invalid-last-event-id",
             "Invalid Last-Event-ID",
             "Last-Event-ID (or lastEventId) must be a non-negative integer event id.",
         )
-    return int(raw)
+    raw = header or query
+    return int(raw) if raw else -1
 
 
 def stream_close_time(settings: Settings) -> float:
