@@ -164,14 +164,49 @@ class Driver(CamelModel):
         return value
 
 
+EXAMPLE_QUOTE_REQUEST: dict[str, Any] = {
+    "vin": "2C3CDZAG2GH967639",
+    "zip": "94107",
+    "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
+    "vehicle": {"annualMileage": 12000, "use": "commute", "ownership": "owned"},
+    "coverage": "standard",
+    "providers": ["geico", "progressive"],
+}
+
+
+def _optional_fields_take_null(schema: dict[str, Any]) -> None:
+    """The JSON Schema side of QuoteRequest._null_means_absent: an optional field may be null."""
+    required = set(schema.get("required", ()))
+    for name, field_schema in schema.get("properties", {}).items():
+        if name in required or {"type": "null"} in field_schema.get("anyOf", ()):
+            continue
+        default = field_schema.pop("default", None)
+        description = field_schema.pop("description", None)
+        nullable: dict[str, Any] = {"anyOf": [field_schema, {"type": "null"}]}
+        if description is not None:
+            nullable["description"] = description
+        if default is not None:
+            nullable["default"] = default
+        schema["properties"][name] = nullable
+
+
 class Vehicle(CamelModel):
+    model_config = ConfigDict(json_schema_extra=_optional_fields_take_null)
+
     annual_mileage: Annotated[int, Field(ge=0, le=150_000, strict=True)] = 12_000
     use: Literal["commute", "pleasure", "business"] = "commute"
     ownership: Literal["owned", "financed", "leased"] = "owned"
 
 
+def _quote_request_schema(schema: dict[str, Any]) -> None:
+    _optional_fields_take_null(schema)
+    schema["examples"] = [EXAMPLE_QUOTE_REQUEST]
+
+
 class QuoteRequest(CamelModel):
     """POST /api/quotes. Validated with context {"providers": the configured provider ids}."""
+
+    model_config = ConfigDict(json_schema_extra=_quote_request_schema)
 
     vin: Annotated[
         str,

@@ -162,6 +162,11 @@ PARAMETERS: dict[str, Any] = {
 UNAVAILABLE = "Storage (or, for POST, the queue) is not configured or cannot be reached."
 NOT_FOUND = "No such run: never started, expired, or not a well-formed run id."
 
+RUN_LINKS: dict[str, Any] = {
+    name: {"operationId": operation, "parameters": {"runId": "$response.body#/runId"}}
+    for name, operation in (("GetRun", "getQuoteRun"), ("StreamRun", "streamQuoteRun"))
+}
+
 START_RUN: dict[str, Any] = {
     "operationId": "startQuoteRun",
     "summary": "Start a quote run",
@@ -191,12 +196,18 @@ START_RUN: dict[str, Any] = {
         "content": {"application/json": {"schema": _ref("QuoteRequest")}},
     },
     "responses": {
-        "202": _json("RunAccepted", "The run was started.", {"Location": _header("Location")}),
-        "200": _json(
-            "RunAccepted",
-            "An Idempotency-Key replay: the run this key already started.",
-            {"Location": _header("Location")},
-        ),
+        "202": {
+            **_json("RunAccepted", "The run was started.", {"Location": _header("Location")}),
+            "links": RUN_LINKS,
+        },
+        "200": {
+            **_json(
+                "RunAccepted",
+                "An Idempotency-Key replay: the run this key already started.",
+                {"Location": _header("Location")},
+            ),
+            "links": RUN_LINKS,
+        },
         "400": _problem("The body is not valid JSON, or Idempotency-Key is malformed."),
         "401": _problem(
             "Credentials missing or refused (when the deployment requires them).",
@@ -287,11 +298,26 @@ STREAM_RUN: dict[str, Any] = {
             ),
             "content": {
                 "text/event-stream": {
+                    # Before OpenAPI 3.2's itemSchema, an event stream's schema is one event's.
                     "schema": {
-                        "type": "string",
-                        "description": "Server-Sent Events; each data line is a RunEvent.",
-                    },
-                    "x-event-data-schema": _ref("RunEvent"),
+                        "description": (
+                            "One event as the stream frames it: `id:` is the event's id and "
+                            "its one `data:` line a RunEvent as JSON; no `event:` field, so "
+                            "EventSource delivers each as a `message`."
+                        ),
+                        "type": "object",
+                        "required": ["id", "data"],
+                        "properties": {
+                            "id": {"type": "string", "pattern": "^[0-9]+$"},
+                            "event": {"const": "message"},
+                            "data": {
+                                "type": "string",
+                                "contentMediaType": "application/json",
+                                "contentSchema": _ref("RunEvent"),
+                            },
+                            "retry": {"type": "integer", "minimum": 0},
+                        },
+                    }
                 }
             },
         },
