@@ -3,12 +3,23 @@ the quote source's goal and nowhere else."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import redis
 from pydantic import ValidationError
 
 from lib.models import QuoteRequest
+from tests.fake_tinyfish import FakeTinyFishServer
+from tests.test_e2e import LEASE_SECONDS, ROOT, assert_gap_free, visit_stream
+from tests.upstash_rest import kv_redis_url
+from tools.devhost import RunningDevHost, start_devhost_process
 
 FIRST_NAME, LAST_NAME, BIRTH_DATE = "Zephyrine", "Quillfeather", "1987-03-19"
 PERSONAL = (FIRST_NAME, LAST_NAME, BIRTH_DATE)
@@ -45,3 +56,138 @@ def test_a_validation_errors_text_never_quotes_the_input(driver: object) -> None
         QuoteRequest.model_validate({**REQUEST, "driver": driver}, context={"providers": ()})
     assert personal_data_in(str(raised.value)) == []
     assert personal_data_in(repr(raised.value)) == []
+
+
+# --- whole runs, end to end: every line every function process wrote, every stored byte --------
+
+
+def stored_sqlite_bytes(db_path: Path) -> bytes:
+    """The SQLite file and its WAL and shared-memory files, as they are on disk."""
+    files = [db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")]
+    assert db_path.exists()
+    return b"".join(f.read_bytes() for f in files if f.exists())
+
+
+def stored_kv_bytes() -> bytes:
+    """Every key on the real redis-server behind the KV endpoint, with its value, whatever its
+    type (other tests' keys too: they must not hold this driver either)."""
+    client = redis.Redis.from_url(kv_redis_url())
+    chunks: list[bytes] = []
+    with client:
+        for key in client.scan_iter(count=1000):
+            chunks.append(key)
+            kind = client.type(key).decode()
+            if kind == "string":
+                chunks.append(client.get(key) or b"")
+            elif kind == "list":
+                chunks.extend(client.lrange(key, 0, -1))
+            elif kind == "hash":
+                for field, value in client.hgetall(key).items():
+                    chunks += [field, value]
+            elif kind == "set":
+                chunks.extend(client.smembers(key))
+            elif kind == "zset":
+                chunks.extend(member for member, _ in client.zrange(key, 0, -1, withscores=True))
+            elif kind == "stream":
+                for _, fields in client.xrange(key):
+                    chunks.extend(b"%s=%s" % item for item in fields.items())
+            elif kind != "none":  # expired between SCAN and TYPE
+                raise AssertionError(f"unexpected Redis type {kind} at {key!r}")
+    return b"\n".join(chunks)
+
+
+async def read_to_the_end(
+    client: httpx.AsyncClient, run_id: str, events: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """The run's events up to its terminal one, reconnecting as a browser would."""
+    events = list(events or [])
+    while not events or events[-1]["type"] not in ("complete", "error"):
+        visit = await visit_stream(client, run_id, events[-1]["id"] if events else None)
+        assert visit.status == 200
+        events.extend(visit.events)
+    return events
+
+
+def function_lines(lines: list[str]) -> list[str]:
+    """The lines the function processes wrote (the host prefixes each with its instance)."""
+    return [line.split("] ", 1)[1] for line in lines if line.startswith("[api/")]
+
+
+@pytest.fixture(scope="module", params=["sqlite", "kv"])
+def recorded_host(
+    request: pytest.FixtureRequest, tmp_path_factory
+) -> Iterator[tuple[RunningDevHost, FakeTinyFishServer, Path]]:
+    """The `make dev` host with every function in its own processes, against the local
+    TinyFish-compatible server playing a failure for most insurers, keeping all its output."""
+    scenarios = {
+        "allstate": "declined",
+        "state_farm": "blocked",
+        "progressive": "billing_failure",
+        "liberty_mutual": "system_failure",
+    }
+    db_path = tmp_path_factory.mktemp(f"pii-{request.param}") / "quotes.sqlite3"
+    with FakeTinyFishServer(delay_scale=0.2, scenarios=scenarios) as tinyfish:
+        env = {
+            "QUOTES_DB_PATH": str(db_path),
+            "KV_REST_API_URL": "",
+            "KV_REST_API_TOKEN": "",
+            "TINYFISH_API_KEY": tinyfish.api_key,
+            "TINYFISH_API_URL": tinyfish.url,
+            "RUN_LEASE_SECONDS": str(LEASE_SECONDS),
+            "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
+        }
+        if request.param == "kv":
+            server = request.getfixturevalue("upstash_server")
+            env.update(KV_REST_API_URL=server.url, KV_REST_API_TOKEN=server.token)
+        with start_devhost_process(ROOT, instances=2, env=env, keep_lines=None) as host:
+            host.store_kind = request.param  # type: ignore[attr-defined]
+            yield host, tinyfish, db_path
+
+
+@pytest.mark.e2e
+async def test_whole_runs_leave_no_personal_data_in_any_line_or_stored_byte(
+    recorded_host,
+) -> None:
+    host, tinyfish, db_path = recorded_host
+    async with httpx.AsyncClient(base_url=host.url, timeout=30) as client:
+        posted = await client.post("/api/quotes", json=REQUEST)
+        assert posted.status_code == 202, posted.text
+        run_id = posted.json()["runId"]
+        events = await read_to_the_end(client, run_id)
+        assert_gap_free(events)
+        outcomes = {e["provider"]: e.get("code", "quoted") for e in events if "provider" in e}
+        assert outcomes["allstate"] == "provider_declined"
+        assert outcomes["progressive"] == "provider_auth"
+
+        # A run whose workers are killed while the agents work on it.
+        killed_run = (await client.post("/api/quotes", json=REQUEST)).json()["runId"]
+        first = await visit_stream(client, killed_run, None, max_events=4)
+        killed = host.instance_pids("api/work.py")
+        assert killed
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
+        assert_gap_free(await read_to_the_end(client, killed_run, first.events))
+        snapshot = (await client.get(f"/api/quotes/{killed_run}")).json()
+        assert snapshot["status"] in ("completed", "failed")
+        await client.get("/api/health")
+
+    # The driver really went out, to the agent and nowhere else.
+    goals = [body["goal"] for body in tinyfish.requests]
+    assert goals and all(FIRST_NAME in g and LAST_NAME in g and BIRTH_DATE in g for g in goals)
+
+    written = function_lines(host.output_lines())
+    assert any(run_id in line for line in written) and any(killed_run in line for line in written)
+    not_json = [line for line in written if not _is_json_object(line)]
+    assert not_json == [], "every function line is one JSON object"
+    leaked = [line for line in host.output_lines() if personal_data_in(line)]
+    assert leaked == []
+    stored = stored_kv_bytes() if host.store_kind == "kv" else stored_sqlite_bytes(db_path)
+    assert run_id.encode() in stored and killed_run.encode() in stored
+    assert [v for v in PERSONAL if v.encode() in stored] == []
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False

@@ -25,11 +25,11 @@ class DevHostError(RuntimeError):
 class RunningDevHost:
     """A started `python -m tools.devhost`; a context manager that stops it on exit."""
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], keep_lines: int | None = 2000) -> None:
         self.process = process
         self.url = ""
         self.queue_url = ""  # the embedded Vercel Queues service (VERCEL_QUEUE_BASE_URL)
-        self._lines: collections.deque[str] = collections.deque(maxlen=2000)
+        self._lines: collections.deque[str] = collections.deque(maxlen=keep_lines)
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -57,6 +57,10 @@ class RunningDevHost:
     def output(self) -> str:
         """The host's recent output (its own lines and its instances' logs)."""
         return "\n".join(list(self._lines))
+
+    def output_lines(self) -> list[str]:
+        """The host's output so far, a line each: all of it when started with keep_lines=None."""
+        return list(self._lines)
 
     def wait_ready(self, timeout: float) -> None:
         if not self._ready.wait(timeout) or not self.url:
@@ -114,11 +118,13 @@ def start_devhost_process(
     port: int = 0,
     timeout: float = 60.0,
     reload: bool = False,
+    keep_lines: int | None = 2000,
 ) -> RunningDevHost:
     """Start the dev host for `project_root` in its own process group; return once it is READY.
 
     `env` is added to (and overrides) this process's environment for the host and its functions.
     Raises DevHostError, with the host's output, if it exits or is not ready within `timeout`.
+    The host keeps its last `keep_lines` lines of output (None: every line).
     """
     child_env = {**os.environ, **(env or {})}
     child_env["PYTHONPATH"] = os.pathsep.join(
@@ -148,6 +154,6 @@ def start_devhost_process(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    host = RunningDevHost(process)
+    host = RunningDevHost(process, keep_lines)
     host.wait_ready(timeout + 5)
     return host
