@@ -4,6 +4,7 @@ snapshot GET returns. Handlers validate and serialise with these; nothing builds
 from __future__ import annotations
 
 import re
+import unicodedata
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
@@ -110,12 +111,33 @@ def _check_zip(value: str) -> str:
     return value
 
 
+# Names reach a web agent's instructions: letters of any script (with their combining marks),
+# spaces, apostrophes, hyphens and periods, nothing else — no quotes, brackets, newlines or
+# invisible format characters (U+202E and friends) to break out of the goal's quoting with.
+_NAME_PUNCTUATION = frozenset(" '’-.")
+_NAME_CATEGORIES = ("L", "Mn", "Mc")
+
+
+def _name_character(c: str) -> bool:
+    return c in _NAME_PUNCTUATION or unicodedata.category(c).startswith(_NAME_CATEGORIES)
+
+
+def _describe_characters(chars: list[str]) -> str:
+    return ", ".join(
+        repr(c) if c.isprintable() and c.isascii() else f"U+{ord(c):04X}" for c in chars
+    )
+
+
 def _check_name(value: str) -> str:
-    name = value.strip()
+    name = unicodedata.normalize("NFC", value).strip()
     if not 1 <= len(name) <= 64:
         raise ValueError("must be 1 to 64 characters")
-    if not name.isprintable():
-        raise ValueError("must contain only printable characters")
+    refused = sorted({c for c in name if not _name_character(c)})
+    if refused:
+        raise ValueError(
+            "may contain only letters, spaces, apostrophes, hyphens and periods"
+            f" (found {_describe_characters(refused)})"
+        )
     if not any(c.isalpha() for c in name):
         raise ValueError("must contain a letter")
     return name

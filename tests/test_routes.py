@@ -247,7 +247,9 @@ async def test_invalid_fields_are_422_and_named(api, change, field, message) -> 
     [
         ({"dateOfBirth": "1990-13-01"}, "driver.dateOfBirth", "ISO date"),
         ({"firstName": "   "}, "driver.firstName", "1 to 64 characters"),
-        ({"lastName": "1234"}, "driver.lastName", "must contain a letter"),
+        ({"lastName": "- . '"}, "driver.lastName", "must contain a letter"),
+        ({"lastName": "1234"}, "driver.lastName", "may contain only letters"),
+        ({"firstName": "Ana\n{buy it}"}, "driver.firstName", "may contain only letters"),
         ({"lastName": "x" * 65}, "driver.lastName", "1 to 64 characters"),
         ({"middleName": "Q"}, "driver.middleName", "is not a known field"),
     ],
