@@ -4,6 +4,7 @@ within this same invocation (after the response, bounded by this function's maxD
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from typing import Any
@@ -12,13 +13,16 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lib.admission import AdmissionPass, AdmissionRequest, DailyLimitReached, RateLimited
+from lib.callers import Caller, CredentialsRefused, identify_caller
+from lib.config import Settings
 from lib.http import FunctionContext, Problem, function_app, invocation_deadline
-from lib.store import IdempotencyClaim
-from lib.terms import new_run_id
+from lib.store import CreateOutcome, IdempotencyClaim, StoreUnavailable
+from lib.terms import ProviderId, new_run_id
 
 MAX_BODY_BYTES = 16 * 1024
-RATE_WINDOW_SECONDS = 60
 _JSON_MEDIA_TYPE = re.compile(r"application/(?:[\w.+-]+\+)?json", re.IGNORECASE)
+log = logging.getLogger(__name__)
 _IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
@@ -82,26 +86,54 @@ def _idempotency_key(request: Request) -> str | None:
     return key
 
 
-def client_key(request: Request) -> str:
-    """Who is asking: the first X-Forwarded-For address Vercel's edge sets, else the peer."""
-    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
-    return forwarded or (request.client.host if request.client else "unknown")
+async def _admit(
+    caller: Caller, claim: IdempotencyClaim | None, context: FunctionContext
+) -> AdmissionPass:
+    token = caller.token
+    return await context.admission.admit(
+        AdmissionRequest(
+            address=caller.address,
+            subject=caller.subject,
+            token_id=token.jti if token else None,
+            token_expires_at=token.expires_at if token else None,
+            replay_tag=claim.key_hash if claim else "",
+        ),
+        time.time(),
+    )
 
 
-async def _enforce_rate_limit(request: Request, context: FunctionContext) -> None:
-    limit = context.settings.rate_limit_per_minute
-    if limit <= 0:
-        return
-    count = await context.store.count_request(client_key(request), RATE_WINDOW_SECONDS)
-    if count > limit:
-        retry_after = RATE_WINDOW_SECONDS - int(time.time()) % RATE_WINDOW_SECONDS
+async def _give_back(admitted: AdmissionPass, context: FunctionContext) -> None:
+    """Release what admission counted for a run that was not created; best effort."""
+    try:
+        await context.admission.release(admitted)
+    except StoreUnavailable as error:
+        log.warning("could not release an admission: %s", error)
+
+
+def _allowed_providers(caller: Caller, settings: Settings) -> tuple[ProviderId, ...] | None:
+    """The providers a start token limits its run to (None: no limit beyond the configured)."""
+    if caller.token is None or caller.token.providers is None:
+        return None
+    allowed = tuple(p for p in settings.providers if p in caller.token.providers)
+    if not allowed:
+        raise CredentialsRefused("the start token allows none of the providers offered here")
+    return allowed
+
+
+def _replay(outcome: CreateOutcome, claim: IdempotencyClaim | None) -> Response:
+    """The answer to a request whose Idempotency-Key already maps to a run."""
+    from lib.models import RunAccepted
+
+    if claim is not None and outcome.body_hash != claim.body_hash:
         raise Problem(
-            429,
-            "rate-limited",
-            "Too many quote runs",
-            f"At most {limit} quote runs a minute may be started from one address.",
-            headers={"Retry-After": str(retry_after)},
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "This Idempotency-Key was already used with a different request body.",
         )
+    accepted = RunAccepted.for_run(outcome.run_id)
+    headers = {"Location": accepted.status_url, "Cache-Control": "no-store"}
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=200, headers=headers)
 
 
 async def start_quote_run(request: Request, context: FunctionContext) -> Response:
@@ -113,40 +145,52 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
     from lib.validation import validation_problem
     from lib.workflow import QuoteRun, new_run_record, run_deadline
 
+    settings = context.settings
+    caller = identify_caller(request, settings)
+    allowed = _allowed_providers(caller, settings)
     _check_content_type(request)
     payload = _parse_json(await _read_body(request))
     key = _idempotency_key(request)
-    settings = context.settings
     try:
         quote_request = QuoteRequest.model_validate(
-            payload, context={"providers": settings.providers}
+            payload, context={"providers": settings.providers, "allowed": allowed}
         )
     except ValidationError as error:
         raise validation_problem(error) from None
 
+    claim = None
+    if key is not None:
+        # The caller's scope is part of the key: one caller's keys never reach another's runs.
+        scoped_key = f"{caller.idempotency_scope}\0{key}"
+        claim = IdempotencyClaim.for_request(
+            scoped_key, quote_request.model_dump_json(), settings.secret
+        )
     store = context.store
-    await _enforce_rate_limit(request, context)
+    try:
+        admitted = await _admit(caller, claim, context)
+    except (RateLimited, DailyLimitReached):
+        # No new run may start now, but a replay of one that exists needs none.
+        earlier = await store.find_idempotent_run(claim) if claim is not None else None
+        if earlier is None:
+            raise
+        return _replay(earlier, claim)
     run_id = new_run_id()
-    providers = quote_request.selected_providers(settings.providers)
+    providers = quote_request.selected_providers(allowed or settings.providers)
     record = new_run_record(
         run_id, quote_request, providers, run_deadline(settings, invocation_deadline())
     )
-    claim = None
-    if key is not None:
-        claim = IdempotencyClaim.for_request(key, quote_request.model_dump_json(), settings.secret)
-    outcome = await store.create_run(record, claim)
+    try:
+        outcome = await store.create_run(record, claim)
+    except BaseException:
+        await _give_back(admitted, context)
+        raise
+    if not outcome.created:
+        # A replay starts nothing: it does not count against any limit.
+        await _give_back(admitted, context)
+        return _replay(outcome, claim)
+
     accepted = RunAccepted.for_run(outcome.run_id)
     headers = {"Location": accepted.status_url, "Cache-Control": "no-store"}
-    if not outcome.created:
-        if claim is not None and outcome.body_hash != claim.body_hash:
-            raise Problem(
-                422,
-                "idempotency-key-reused",
-                "Idempotency-Key reused",
-                "This Idempotency-Key was already used with a different request body.",
-            )
-        return JSONResponse(accepted.model_dump(mode="json"), status_code=200, headers=headers)
-
     workflow = QuoteRun(store, context.source, settings, quote_request, record)
     return JSONResponse(
         accepted.model_dump(mode="json"),

@@ -45,6 +45,12 @@ class Settings:
     on_vercel_deployment: bool
     on_vercel: bool = False
     queue_base_url: str | None = None
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # QUOTES_SECRET as set (never derived): start tokens are accepted only when the operator set it.
+    token_secret: bytes | None = field(default=None, repr=False)
+    quotes_public: bool = False
+    runs_per_day: int = 200
+    runs_per_day_total: int = 200
 
     @property
     def queue_backend(self) -> Literal["vercel", "local"] | None:
@@ -59,6 +65,25 @@ class Settings:
     def quote_source(self) -> QuoteSourceName:
         """The source lib.providers.build_quote_source builds."""
         return "tinyfish" if self.tinyfish_api_key else "simulated"
+
+    @property
+    def requires_credentials(self) -> bool:
+        return bool(self.api_keys)
+
+    @property
+    def paid_source(self) -> bool:
+        """Runs cost the operator money: the TinyFish agent source is configured."""
+        return self.quote_source == "tinyfish"
+
+    @property
+    def open_wallet(self) -> bool:
+        """A public deployment would let anyone spend the operator's agent credit."""
+        return (
+            self.on_vercel_deployment
+            and self.paid_source
+            and not self.requires_credentials
+            and not self.quotes_public
+        )
 
 
 def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
@@ -81,6 +106,15 @@ def _max_steps(raw: str) -> int | None:
     if not raw.strip().isascii() or not raw.strip().isdigit() or not 1 <= int(raw) <= 500:
         raise ConfigError(f"TINYFISH_MAX_STEPS must be a whole number from 1 to 500, got {raw!r}")
     return int(raw)
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
 
 
 def _providers(raw: str) -> tuple[ProviderId, ...]:
@@ -121,6 +155,8 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         # Local embedded store only: nothing to protect beyond this machine.
         secret = b"quote-runs local development secret"
     stream_max = _number(env, "STREAM_MAX_SECONDS", 0, minimum=1) or None
+    runs_per_day = int(_number(env, "QUOTE_RUNS_PER_DAY", 200))
+    api_keys = tuple(k.strip() for k in env.get("QUOTES_API_KEYS", "").split(",") if k.strip())
     origins = tuple(o.strip() for o in env.get("CORS_ALLOW_ORIGINS", "*").split(",") if o.strip())
     return Settings(
         kv=kv,
@@ -145,6 +181,11 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         and env.get("VERCEL_ENV") in ("production", "preview"),
         on_vercel=env.get("VERCEL") == "1",
         queue_base_url=env.get("VERCEL_QUEUE_BASE_URL", "").strip().rstrip("/") or None,
+        api_keys=api_keys,
+        token_secret=secret_text.encode() if secret_text else None,
+        quotes_public=_flag(env, "QUOTES_PUBLIC"),
+        runs_per_day=runs_per_day,
+        runs_per_day_total=int(_number(env, "QUOTE_RUNS_PER_DAY_TOTAL", runs_per_day)),
     )
 
 

@@ -21,12 +21,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from lib.admission.errors import AdmissionRefused, DailyLimitReached, RateLimited, StartTokenUsed
+from lib.callers import CredentialsRefused, CredentialsRequired, PaidDeploymentOpen
 from lib.config import ConfigError, Settings, get_settings
 from lib.logs import configure_logging, log_context
 from lib.store import RunNotFound, Store, StoreNotConfigured, StoreUnavailable, open_store
 from lib.terms import is_run_id
 
 if TYPE_CHECKING:
+    from lib.admission import Admission
     from lib.models import FieldError, ProblemDetail
     from lib.providers.base import QuoteSource
 
@@ -99,6 +102,39 @@ def problem_for(error: Exception) -> Problem:
                 "The run store could not be reached; try again shortly.",
                 headers=headers,
             )
+        case CredentialsRequired():
+            return Problem(
+                401,
+                "credentials-required",
+                "Credentials required",
+                "Starting a quote run here needs Authorization: Bearer <API key or start token>.",
+                headers={"WWW-Authenticate": 'Bearer realm="quotes"'},
+            )
+        case CredentialsRefused():
+            return Problem(
+                401,
+                "credentials-refused",
+                "Credentials refused",
+                f"The Bearer credential was refused: {error}.",
+                headers={"WWW-Authenticate": 'Bearer realm="quotes", error="invalid_token"'},
+            )
+        case StartTokenUsed():
+            return Problem(
+                401,
+                "start-token-used",
+                "Start token already used",
+                "This start token already started a run; ask for a new one.",
+                headers={"WWW-Authenticate": 'Bearer realm="quotes", error="invalid_token"'},
+            )
+        case RateLimited() | DailyLimitReached():
+            slug = "rate-limited" if isinstance(error, RateLimited) else "daily-limit-reached"
+            title = (
+                "Too many quote runs" if isinstance(error, RateLimited) else "Runs spent for today"
+            )
+            headers = {"Retry-After": str(error.retry_after)} if error.retry_after else {}
+            return Problem(429, slug, title, str(error), headers=headers)
+        case PaidDeploymentOpen():
+            return Problem(503, "paid-deployment-open", "Starting runs is not enabled", str(error))
         case ConfigError():
             return Problem(503, "misconfigured", "The service is misconfigured", str(error))
         case _:
@@ -109,18 +145,19 @@ def problem_for(error: Exception) -> Problem:
 
 @dataclass(slots=True)
 class FunctionContext:
-    """What one function instance keeps between invocations: settings, and the store and quote
-    source clients (connection pools), bound to the event loop that created them."""
+    """What one function instance keeps between invocations: settings, and the store, admission
+    and quote source clients (connection pools), bound to the event loop that created them."""
 
     settings: Settings
     _loop: asyncio.AbstractEventLoop | None = None
     _store: Store | None = None
     _source: QuoteSource | None = None
+    _admission: Admission | None = None
 
     def _same_loop(self) -> None:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            self._loop, self._store, self._source = loop, None, None
+            self._loop, self._store, self._source, self._admission = loop, None, None, None
 
     @property
     def store(self) -> Store:
@@ -128,6 +165,16 @@ class FunctionContext:
         if self._store is None:
             self._store = open_store(self.settings)
         return self._store
+
+    @property
+    def admission(self) -> Admission:
+        self._same_loop()
+        if self._admission is None:
+            # Imported here: only the function that starts runs admits them.
+            from lib.admission import open_admission
+
+            self._admission = open_admission(self.settings)
+        return self._admission
 
     @property
     def source(self) -> QuoteSource:
@@ -189,8 +236,8 @@ class function_app:
             self._handle,
             allow_origins=origins,
             allow_methods=[*self.methods, "OPTIONS"],
-            allow_headers=["Content-Type", "Idempotency-Key", "Last-Event-ID"],
-            expose_headers=["Location", "Retry-After"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After", "WWW-Authenticate"],
             max_age=600,
         )
 
@@ -216,8 +263,13 @@ class function_app:
                 )
             response = await self.endpoint(request, self.context)
         except Exception as error:
-            if not isinstance(error, Problem | RunNotFound):
-                if isinstance(error, StoreUnavailable | StoreNotConfigured | ConfigError):
+            if not isinstance(
+                error,
+                Problem | RunNotFound | CredentialsRequired | CredentialsRefused | AdmissionRefused,
+            ):
+                if isinstance(
+                    error, StoreUnavailable | StoreNotConfigured | ConfigError | PaidDeploymentOpen
+                ):
                     log.warning("%s %s: %s", request.method, request.url.path, error)
                 else:
                     log.exception("unhandled error in %s %s", request.method, request.url.path)

@@ -148,9 +148,15 @@ def age_on(birth: date, today: date) -> int:
 
 
 def _configured_provider(value: str, info: ValidationInfo) -> str:
-    configured: tuple[str, ...] = (info.context or {}).get("providers", PROVIDER_IDS)
+    context = info.context or {}
+    configured: tuple[str, ...] = context.get("providers", PROVIDER_IDS)
     if value not in configured:
         raise ValueError(f"unknown provider {value!r}; one of {', '.join(configured)}")
+    allowed: tuple[str, ...] | None = context.get("allowed")
+    if allowed is not None and value not in allowed:
+        raise ValueError(
+            f"{value!r} is not allowed by this start token; it allows {', '.join(allowed)}"
+        )
     return value
 
 
@@ -226,7 +232,8 @@ def _quote_request_schema(schema: dict[str, Any]) -> None:
 
 
 class QuoteRequest(CamelModel):
-    """POST /api/quotes. Validated with context {"providers": the configured provider ids}."""
+    """POST /api/quotes. Validated with context {"providers": the configured provider ids} and,
+    for a start token limited to some providers, {"allowed": those of them}."""
 
     model_config = ConfigDict(json_schema_extra=_quote_request_schema)
 

@@ -332,6 +332,7 @@ def api(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[Api]:
         "SIMULATED_DELAY_SCALE": "0.5",
         "STREAM_MAX_SECONDS": "1",
         "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
+        "QUOTE_RUNS_PER_DAY": "0",  # KV counters outlive a test session
         "RUN_LEASE_SECONDS": "3",
     }
     if request.param == "kv":

@@ -42,6 +42,7 @@ def host_env(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) ->
         "KV_REST_API_TOKEN": "",
         "TINYFISH_API_KEY": "",
         "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
+        "QUOTE_RUNS_PER_DAY": "0",  # KV counters outlive a test session
     }
     if store_kind == "kv":
         server = request.getfixturevalue("upstash_server")

@@ -97,6 +97,7 @@ async def api(tmp_path, monkeypatch) -> AsyncIterator[httpx.AsyncClient]:
     monkeypatch.setenv("QUOTES_DB_PATH", str(tmp_path / "quotes.sqlite3"))
     monkeypatch.setenv("SIMULATED_DELAY_SCALE", "0")
     monkeypatch.setenv("QUOTE_RATE_LIMIT_PER_MINUTE", "0")
+    monkeypatch.setenv("QUOTE_RUNS_PER_DAY", "0")
     monkeypatch.setenv("CORS_ALLOW_ORIGINS", "https://app.example")
     get_settings.cache_clear()
     transport = httpx.ASGITransport(app=VercelRouter())

@@ -79,6 +79,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDevHost]:
         "SIMULATED_DELAY_SCALE": "0.3",
         "STREAM_MAX_SECONDS": "1",
         "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
+        "QUOTE_RUNS_PER_DAY": "0",  # KV counters outlive a test session
     }
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("CORS_ALLOW_ORIGINS", raising=False)

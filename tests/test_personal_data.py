@@ -135,6 +135,7 @@ def recorded_host(
             "TINYFISH_API_URL": tinyfish.url,
             "RUN_LEASE_SECONDS": str(LEASE_SECONDS),
             "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
+            "QUOTE_RUNS_PER_DAY": "0",  # KV counters outlive a test session
         }
         if request.param == "kv":
             server = request.getfixturevalue("upstash_server")

@@ -299,33 +299,22 @@ async def test_runs_expire_after_the_ttl(store_factory) -> None:
         await short.aclose()
 
 
-async def test_request_counts_are_per_client_and_per_window(store: Store) -> None:
-    client = f"client-{uuid.uuid4()}"
-    counts = [await store.count_request(client, 60) for _ in range(3)]
-    other = await store.count_request(client + "-other", 60)
-    assert counts == [1, 2, 3]
-    assert other == 1
-
-
 async def test_every_key_the_kv_store_writes_expires_within_the_ttl(upstash_server) -> None:
     ttl = 600
     kv = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=ttl)
     record = make_record()
     claim = IdempotencyClaim.for_request(f"key-{uuid.uuid4()}", "{}", b"secret")
-    client = f"client-{uuid.uuid4()}"
     try:
         await kv.create_run(record, claim)
         await kv.append_event(record.run_id, activity(0), record=record)
         await kv.update_run(record)
         await kv.append_event(record.run_id, complete())
-        await kv.count_request(client, 60)
     finally:
         await kv.aclose()
     redis = redis_asyncio.Redis.from_url(kv_redis_url())
     try:
         run_keys = [k async for k in redis.scan_iter(f"quote:{record.run_id}*")]
         written = [*run_keys, f"quote:idem:{claim.key_hash}".encode()]
-        written += [k async for k in redis.scan_iter("quote:rate:*")]
         assert len(run_keys) == 4  # record, events, appends, final
         for key in written:
             remaining = await redis.ttl(key)
@@ -342,12 +331,11 @@ async def test_every_row_the_sqlite_store_writes_expires_within_the_ttl(tmp_path
     try:
         await local.create_run(record, IdempotencyClaim.for_request("k", "{}", b"s"))
         await local.append_event(record.run_id, complete())
-        await local.count_request("client", 60)
     finally:
         await local.aclose()
     db = sqlite3.connect(path)
     horizon = time.time() + ttl + 1
-    for table in ("runs", "idempotency", "request_counts"):
+    for table in ("runs", "idempotency"):
         rows = db.execute(f"SELECT expires_at FROM {table}").fetchall()
         assert rows, table
         assert all(row[0] <= horizon for row in rows), table

@@ -208,6 +208,7 @@ def runtime_env(entrypoint: str, workdir: Path, **extra: str) -> dict[str, str]:
             "QUOTES_DB_PATH": str(workdir / "quotes.sqlite3"),
             "SIMULATED_DELAY_SCALE": "0.3",
             "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
+            "QUOTE_RUNS_PER_DAY": "0",  # KV counters outlive a test session
             "VERCEL": "1",
             "VERCEL_ENV": "development",
         }

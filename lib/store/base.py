@@ -90,13 +90,6 @@ class CreateOutcome:
     body_hash: str | None = None
 
 
-def rate_key(client_key: str, window_seconds: int, now: float) -> tuple[str, int]:
-    """The stored key of a client's current window, and the seconds until that window ends."""
-    window = int(now // window_seconds)
-    digest = hashlib.sha256(client_key.encode()).hexdigest()[:32]
-    return f"quote:rate:{digest}:{window}", int((window + 1) * window_seconds - now) + 1
-
-
 def idempotency_value(run_id: str, body_hash: str) -> str:
     return json.dumps({"runId": run_id, "bodyHash": body_hash}, separators=(",", ":"))
 
@@ -142,6 +135,11 @@ class Store(ABC):
         self, record: RunRecord, idempotency: IdempotencyClaim | None = None
     ) -> CreateOutcome:
         """Store a new run; with a claim, atomically map the key to it unless already mapped."""
+
+    @abstractmethod
+    async def find_idempotent_run(self, idempotency: IdempotencyClaim) -> CreateOutcome | None:
+        """The run a claim's key already maps to (`created` False, with its body hash), or None.
+        Lets a replay be answered when no new run could be admitted."""
 
     @abstractmethod
     async def get_run(
@@ -197,11 +195,6 @@ class Store(ABC):
     @abstractmethod
     async def ping(self) -> None:
         """One cheap round trip to storage (the health check); raises StoreUnavailable."""
-
-    @abstractmethod
-    async def count_request(self, client_key: str, window_seconds: int) -> int:
-        """Count one request by `client_key` in the current fixed window; returns the count so
-        far in that window (rate limiting). `client_key` is hashed before it is stored."""
 
     async def wait_for_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]:
         async with self.watch(run_id) as watch:

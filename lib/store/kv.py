@@ -18,7 +18,6 @@ import hashlib
 import logging
 import random
 import re
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -37,7 +36,6 @@ from lib.store.base import (
     StoredEvent,
     idempotency_value,
     parse_idempotency_value,
-    rate_key,
     stored_event_json,
     wire_event,
 )
@@ -102,11 +100,6 @@ end
 return out
 """
 
-_COUNT = """
-local count = redis.call('INCR', KEYS[1])
-if count == 1 then redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1])) end
-return count
-"""
 
 _REFUSED, _MISSING, _CHANGED = -1, -2, -3
 _EVENT_ID = re.compile(r'\{"id":(\d+),')
@@ -219,6 +212,14 @@ class KVStore(Store):
         run_id, body_hash = parse_idempotency_value(str(stored))
         return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
 
+    async def find_idempotent_run(self, idempotency: IdempotencyClaim) -> CreateOutcome | None:
+        key = f"quote:idem:{idempotency.key_hash}"
+        stored = await self._call("idempotency lookup", lambda: self._redis.get(key))
+        if stored is None:
+            return None
+        run_id, body_hash = parse_idempotency_value(str(stored))
+        return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
+
     async def get_run(
         self, run_id: str, *, events_after: int | None = None, limit: int = 100
     ) -> RunState | None:
@@ -302,10 +303,6 @@ class KVStore(Store):
         # One attempt: a health check reports what it finds now, within its short maxDuration.
         await self._call("ping", self._redis.ping, attempts=1)
 
-    async def count_request(self, client_key: str, window_seconds: int) -> int:
-        key, _ = rate_key(client_key, window_seconds, time.time())
-        return int(await self._script("count", _COUNT_SCRIPT, [key], [str(window_seconds)]))
-
     def watch(self, run_id: str) -> EventWatch:
         from lib.store.kv_watch import KVEventWatch
 
@@ -339,7 +336,6 @@ _APPEND_SCRIPT = _Script(_APPEND)
 _UPDATE_SCRIPT = _Script(_UPDATE)
 _CREATE_SCRIPT = _Script(_CREATE)
 _READ_SCRIPT = _Script(_READ)
-_COUNT_SCRIPT = _Script(_COUNT)
 
 
 def _raise_for(result: int, run_id: str) -> None:

@@ -24,7 +24,6 @@ from lib.store.base import (
     StoredEvent,
     idempotency_value,
     parse_idempotency_value,
-    rate_key,
     stored_event_json,
     wire_event,
 )
@@ -48,11 +47,6 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (run_id, id)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS events_by_nonce ON events (run_id, nonce);
-CREATE TABLE IF NOT EXISTS request_counts (
-    key        TEXT PRIMARY KEY,
-    count      INTEGER NOT NULL,
-    expires_at REAL NOT NULL
-);
 CREATE TABLE IF NOT EXISTS idempotency (
     key_hash   TEXT PRIMARY KEY,
     value      TEXT NOT NULL,
@@ -114,7 +108,6 @@ class SQLiteStore(Store):
         )
         db.execute("DELETE FROM runs WHERE expires_at <= ?", (now,))
         db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
-        db.execute("DELETE FROM request_counts WHERE expires_at <= ?", (now,))
 
     async def create_run(
         self, record: RunRecord, idempotency: IdempotencyClaim | None = None
@@ -153,6 +146,19 @@ class SQLiteStore(Store):
             return CreateOutcome(created=True, run_id=record.run_id)
 
         return await self._run(create)
+
+    async def find_idempotent_run(self, idempotency: IdempotencyClaim) -> CreateOutcome | None:
+        def find(db: sqlite3.Connection) -> CreateOutcome | None:
+            row = db.execute(
+                "SELECT value FROM idempotency WHERE key_hash = ? AND expires_at > ?",
+                (idempotency.key_hash, time.time()),
+            ).fetchone()
+            if row is None:
+                return None
+            run_id, body_hash = parse_idempotency_value(row[0])
+            return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
+
+        return await self._run(find)
 
     async def get_run(
         self, run_id: str, *, events_after: int | None = None, limit: int = 100
@@ -295,20 +301,6 @@ class SQLiteStore(Store):
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
-
-    async def count_request(self, client_key: str, window_seconds: int) -> int:
-        now = time.time()
-        key, remaining = rate_key(client_key, window_seconds, now)
-
-        def count(db: sqlite3.Connection) -> int:
-            row = db.execute(
-                "INSERT INTO request_counts VALUES (?, 1, ?) ON CONFLICT (key)"
-                " DO UPDATE SET count = count + 1 RETURNING count",
-                (key, now + remaining),
-            ).fetchone()
-            return int(row[0])
-
-        return await self._run(count)
 
     def watch(self, run_id: str) -> EventWatch:
         return SQLiteEventWatch(self, run_id)

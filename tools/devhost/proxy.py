@@ -239,7 +239,7 @@ class _Exchange:
             and name.lower() not in named_in_connection
             and not name.lower().startswith(b"x-vercel-internal-")
             and not name.lower().startswith(b"x-forwarded-")
-            and name.lower() not in (b"x-real-ip", REQUEST_ID_HEADER)
+            and name.lower() not in (b"x-real-ip", b"x-vercel-forwarded-for", REQUEST_ID_HEADER)
         ]
         client_ip = (self.scope.get("client") or ("127.0.0.1", 0))[0]
         host = next((v for n, v in raw if n.lower() == b"host"), b"127.0.0.1")
@@ -249,6 +249,7 @@ class _Exchange:
             (b"x-forwarded-host", host),
             (b"x-forwarded-proto", self.scope.get("scheme", "http").encode()),
             (b"x-real-ip", client_ip.encode()),
+            (b"x-vercel-forwarded-for", client_ip.encode()),
             (DEADLINE_HEADER, rfc3339(deadline).encode()),
             (REQUEST_ID_HEADER, self.request_id.encode()),
         ]
