@@ -13,12 +13,14 @@ import contextlib
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +57,74 @@ def redis_version(url: str) -> str:
             "(`redis-server --daemonize yes`), or set TEST_REDIS_URL."
         ) from None
     return str(info.get("redis_version", "?"))
+
+
+# Commands the measuring itself (INFO) or a client's connection set-up issue: no REST request
+# carries them, so they are not billed.
+_BOOKKEEPING = ("info", "hello", "select", "client|", "config|")
+
+
+def command_calls(url: str) -> Counter[str]:
+    """`INFO commandstats`: calls per command, counting each command a script runs as well as
+    the EVAL/EVALSHA itself (what Upstash bills), less the bookkeeping no REST request carries."""
+    with redis.Redis.from_url(url, socket_connect_timeout=2.0) as client:
+        stats: dict[str, Any] = client.info("commandstats")
+    calls: Counter[str] = Counter()
+    for name, figures in stats.items():
+        command = name.removeprefix("cmdstat_")
+        if not command.startswith(_BOOKKEEPING):
+            calls[command] = int(figures["calls"])
+    return calls
+
+
+class RedisServer:
+    """A redis-server of the benchmark's own (no persistence, a free loopback port), so that
+    `INFO commandstats` counts nothing but the benchmark's traffic: the shared server on :6379
+    also serves every test suite running on this machine."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_path = log_dir / "redis-server.log"
+        self.url = ""
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> bool:
+        return shutil.which("redis-server") is not None
+
+    def start(self, within: float = 10.0) -> Self:
+        port = free_port()
+        command = ["redis-server", "--port", str(port), "--bind", LOOPBACK, "--save", ""]
+        command += ["--appendonly", "no", "--maxclients", "20000"]
+        self._process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.url = f"redis://{LOOPBACK}:{port}/0"
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                redis_version(self.url)
+                return self
+            except BenchError:
+                if self._process.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(
+                        "could not start a redis-server:\n" + _log_tail(self.log_path)
+                    ) from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            _stop_group(self._process)
+            self._process = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
 
 def raise_fd_limit() -> int:

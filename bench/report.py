@@ -18,6 +18,12 @@ REQUESTS_PER_CONNECTION = 5
 BYTES_PER_EVENT_FACTOR = 2.0
 STREAMS_BUDGET = 500
 RSS_BUDGET_MIB = 256.0
+FANOUT_BUDGET_MS = 100.0
+IMPORT_BUDGET = 1.3  # × a bare Starlette app's cold import
+COMMANDS_PER_EVENT_BUDGET = 3.0
+LONG_RUN_SECONDS, LONG_RUN_FACTOR = 60.0, 0.5
+SHORT_RUN_SECONDS = 20.0
+FLAT_TOLERANCE = 0.03
 NOT_MEASURED = "—"
 
 
@@ -32,7 +38,7 @@ class Row:
 
     @property
     def cells(self) -> tuple[str, ...]:
-        verdict = "" if self.ok is None else ("yes" if self.ok else "NO")
+        verdict = "" if self.ok is None else ("PASS" if self.ok else "FAIL")
         return (self.what, self.this, self.seed, self.ratio, self.budget, verdict)
 
 
@@ -72,20 +78,38 @@ def size(value: float) -> str:
 
 
 def requests_budget(clients: int) -> int:
-    # The worker appends every 20-50 ms, so it is never idle: no heartbeat is due.
+    # The workers append every few hundred ms, so they are never idle: no heartbeat is due.
     return BASE_REQUESTS + REQUESTS_PER_CONNECTION * clients
 
 
+DeliveryKey = tuple[str, int, float]  # design, clients, run duration (s)
+
+
+def _label(clients: int, duration: float) -> str:
+    return f"{clients} client{'s' if clients > 1 else ''}, {duration:.0f} s run"
+
+
 def delivery_section(
-    runs: dict[tuple[str, int], Delivery], slow: dict[str, Delivery], clients: tuple[int, ...]
+    runs: dict[DeliveryKey, Delivery],
+    clients: tuple[int, ...],
+    base: float,
+    long: float,
+    short: float,
 ) -> Section:
     rows: list[Row] = []
+
+    def pair(n: int, duration: float) -> tuple[Delivery, Delivery] | None:
+        this, seed = runs.get(("this", n, duration)), runs.get(("seed", n, duration))
+        return (this, seed) if this is not None and seed is not None else None
+
     for n in clients:
-        this, seed = runs["this", n], runs["seed", n]
-        label = f"{n} client{'s' if n > 1 else ''}"
+        got = pair(n, base)
+        if got is None:
+            continue
+        this, seed = got
         rows.append(
             Row(
-                f"append → received, p50, {label}",
+                f"append → received, p50, {_label(n, base)}",
                 ms(this.p50),
                 ms(seed.p50),
                 ratio(this.p50, seed.p50),
@@ -94,7 +118,7 @@ def delivery_section(
         )
         rows.append(
             Row(
-                f"append → received, p99, {label}",
+                f"append → received, p99, {_label(n, base)}",
                 ms(this.p99),
                 ms(seed.p99),
                 ratio(this.p99, seed.p99),
@@ -102,12 +126,60 @@ def delivery_section(
                 this.p99 <= LATENCY_BUDGET_MS,
             )
         )
+    for n, duration in [(n, base) for n in clients] + [(clients[0], long), (clients[0], short)]:
+        got = pair(n, duration)
+        if got is None:
+            continue
+        this, seed = got
+        budget, ok = "", None
+        if duration >= LONG_RUN_SECONDS and n == 1:
+            budget = f"≤ {LONG_RUN_FACTOR} × seed (run ≥ {LONG_RUN_SECONDS:.0f} s)"
+            ok = this.billed <= LONG_RUN_FACTOR * seed.billed
+        elif duration <= SHORT_RUN_SECONDS and n == 1:
+            budget = f"≤ seed (run ≤ {SHORT_RUN_SECONDS:.0f} s)"
+            ok = this.billed <= seed.billed
+        rows.append(
+            Row(
+                f"billed KV commands per run, {_label(n, duration)}",
+                count(this.billed),
+                count(seed.billed),
+                ratio(this.billed, seed.billed),
+                budget,
+                ok,
+            )
+        )
+        if n == 1 and duration == base:
+            rows.append(
+                Row(
+                    f"  per event ({this.events} events, connection costs included)",
+                    f"{this.billed_per_event:.2f}",
+                    f"{seed.billed_per_event:.2f}",
+                    ratio(this.billed_per_event, seed.billed_per_event),
+                    f"≤ {COMMANDS_PER_EVENT_BUDGET:.0f}",
+                    this.billed_per_event <= COMMANDS_PER_EVENT_BUDGET,
+                )
+            )
+    first = runs.get(("this", clients[0], base))
+    twice = runs.get(("this", clients[0], long))
+    if first is not None and twice is not None:
+        allowed = first.billed * (1 + FLAT_TOLERANCE)
+        rows.append(
+            Row(
+                f"  flat in duration: {long:.0f} s run vs {base:.0f} s, 1 client",
+                f"{count(twice.billed)} vs {count(first.billed)}",
+                budget=f"≤ {base:.0f} s figure + {FLAT_TOLERANCE:.0%}",
+                ok=twice.billed <= allowed,
+            )
+        )
     for n in clients:
-        this, seed = runs["this", n], runs["seed", n]
+        got = pair(n, base)
+        if got is None:
+            continue
+        this, seed = got
         budget = requests_budget(n)
         rows.append(
             Row(
-                f"KV requests per run, {n} client{'s' if n > 1 else ''}",
+                f"KV REST requests per run, {_label(n, base)}",
                 count(this.requests),
                 count(seed.requests),
                 ratio(this.requests, seed.requests),
@@ -115,45 +187,36 @@ def delivery_section(
                 this.requests <= budget,
             )
         )
-        if n == clients[0]:
-            a, b = slow["this"], slow["seed"]
-            flat = abs(a.requests - this.requests) <= 2
-            rows.append(
-                Row(
-                    f"  same, events 2× slower ({a.seconds:.0f} s vs {this.seconds:.0f} s)",
-                    count(a.requests),
-                    count(b.requests),
-                    ratio(a.requests, b.requests),
-                    f"flat: {this.requests} ± 2",
-                    flat,
-                )
-            )
-    for n in clients:
-        this, seed = runs["this", n], runs["seed", n]
+    got = pair(clients[0], base)
+    if got is not None:
+        this, seed = got
         rows.append(
             Row(
-                f"KV commands per run, {n} client{'s' if n > 1 else ''}",
-                count(this.commands),
-                count(seed.commands),
-                ratio(this.commands, seed.commands),
+                "  REST requests per append (the writers')",
+                f"{this.requests_per_append:.2f}",
+                f"{seed.requests_per_append:.2f}",
+                ratio(this.requests_per_append, seed.requests_per_append),
+                "1",
+                this.writer_requests >= 0 and this.requests_per_append <= 1.0,
+            )
+        )
+        rows.append(
+            Row(
+                "  commands as the REST requests name them (a script = 1)",
+                count(this.commands_top_level),
+                count(seed.commands_top_level),
+                ratio(this.commands_top_level, seed.commands_top_level),
             )
         )
     for n in clients:
-        this, seed = runs["this", n], runs["seed", n]
-        rows.append(
-            Row(
-                f"KV bytes read per run, {n} client{'s' if n > 1 else ''}",
-                size(this.bytes_out),
-                size(seed.bytes_out),
-                ratio(this.bytes_out, seed.bytes_out),
-            )
-        )
-    for n in clients:
-        this, seed = runs["this", n], runs["seed", n]
+        got = pair(n, base)
+        if got is None:
+            continue
+        this, seed = got
         limit = BYTES_PER_EVENT_FACTOR * this.event_bytes
         rows.append(
             Row(
-                f"KV bytes read per event delivered, {n} client{'s' if n > 1 else ''}",
+                f"KV bytes read per event delivered, {_label(n, base)}",
                 f"{this.bytes_per_event:,.0f} B = {this.bytes_per_event / this.event_bytes:.2f}×ev",
                 f"{seed.bytes_per_event:,.0f} B = {seed.bytes_per_event / seed.event_bytes:.1f}×ev",
                 ratio(this.bytes_per_event, seed.bytes_per_event),
@@ -161,10 +224,9 @@ def delivery_section(
                 this.bytes_per_event <= limit,
             )
         )
-    all_runs = list(runs.values()) + list(slow.values())
-    this_bad = sum(r.missing + r.duplicated for r in all_runs if r.design == "this")
-    seed_bad = sum(r.missing + r.duplicated for r in all_runs if r.design == "seed")
-    receipts = sum(r.events * r.clients for r in all_runs if r.design == "this")
+    this_bad = sum(r.missing + r.duplicated for r in runs.values() if r.design == "this")
+    seed_bad = sum(r.missing + r.duplicated for r in runs.values() if r.design == "seed")
+    receipts = sum(r.events * r.clients for r in runs.values() if r.design == "this")
     rows.append(
         Row(
             f"events lost + duplicated at clients (of {receipts:,})",
@@ -175,9 +237,16 @@ def delivery_section(
             this_bad == 0,
         )
     )
-    event_bytes = runs["this", clients[0]].event_bytes
-    title = f"Delivery: one run of 100 events (mean {event_bytes:.0f} B), worker every 20-50 ms"
+    sample = next(iter(runs.values()), None)
+    size_note = f" (mean {sample.event_bytes:.0f} B)" if sample else ""
+    title = f"Delivery: one run of 100 events{size_note}, five provider workers appending at once"
     return Section(title, rows)
+
+
+def billed_breakdown(run: Delivery) -> str:
+    """The billed commands of one run by name, largest first: evalsha 100, rpush 99, ..."""
+    parts = [f"{name} {calls}" for name, calls in run.billed_by_command.most_common()]
+    return ", ".join(parts)
 
 
 def writers_section(this: Writers, seed: Writers, readers: Writers) -> Section:
@@ -255,19 +324,44 @@ def streams_section(streams: Streams) -> Section:
                 ok=rss_mib <= RSS_BUDGET_MIB and streams.held >= STREAMS_BUDGET,
             ),
             Row("  peak resident memory (VmHWM)", f"{streams.hwm_kib / 1024:.0f} MiB"),
-            Row("  live event → all streams, p99", ms(streams.fanout_p99_ms)),
+            Row(
+                "  KV subscriptions the instance held for the run",
+                count(streams.subscriptions),
+                budget="1 (shared by its streams)",
+                ok=streams.subscriptions == 1,
+            ),
+            Row(
+                f"  live event → all {streams.target} streams, p99",
+                ms(streams.fanout_p99_ms),
+                budget=f"≤ {FANOUT_BUDGET_MS:.0f} ms",
+                ok=streams.fanout_p99_ms <= FANOUT_BUDGET_MS and streams.held >= STREAMS_BUDGET,
+            ),
         ],
     )
 
 
 def imports_section(imports: Imports) -> Section:
     rows = [
-        Row(f"cold import, {path}", ms(value), ratio=f"{value / imports.bare_starlette:.1f}× S")
+        Row(
+            f"cold import, {path}",
+            ms(value),
+            ratio=f"{value / imports.bare_starlette:.2f}× S",
+            budget=f"≤ {IMPORT_BUDGET} × S",
+            ok=value <= IMPORT_BUDGET * imports.bare_starlette,
+        )
         for path, value in imports.functions.items()
     ]
     rows.append(Row("cold import, bare ASGI app (reference)", ms(imports.bare_asgi)))
     rows.append(Row("cold import, bare Starlette app (reference, S)", ms(imports.bare_starlette)))
     return Section(f"Cold import in a fresh interpreter (median of {imports.repeats})", rows)
+
+
+def failures_section(failures: dict[str, str]) -> Section:
+    """Scenarios that could not be measured: each a FAIL with its reason (the rest still ran)."""
+    rows = [
+        Row(name, "not measured", budget=reason[:90], ok=False) for name, reason in failures.items()
+    ]
+    return Section("Scenarios that failed", rows)
 
 
 def render_text(sections: list[Section], header: list[str], notes: list[str]) -> str:

@@ -5,7 +5,8 @@ Latency is taken the same way for both designs: the worker notes `time.time()` j
 request that appends event N, each client notes `time.time()` the moment it has parsed event N,
 and the difference is one sample (all in this process, so one clock). KV traffic is what the
 Upstash REST endpoint counted between a reset and the end of the scenario: the worker's requests
-and every reader's, subscriptions included.
+and every reader's, subscriptions included. Billed commands are the benchmark's own
+redis-server's `INFO commandstats` delta over the same span (bench/infra.py `command_calls`).
 """
 
 from __future__ import annotations
@@ -23,37 +24,20 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 from httpx_sse import aconnect_sse
 
-from bench.infra import ROOT, FunctionHost, UpstashEndpoint
+from bench.infra import ROOT, FunctionHost, UpstashEndpoint, command_calls
 from bench.seed import SeedStore
-from lib.models import (
-    PROVIDER_IDS,
-    PROVIDER_NAMES,
-    ActivityEvent,
-    CompleteEvent,
-    Quote,
-    QuoteEvent,
-    QuoteRequest,
-    RunEvent,
-    RunRecord,
-    StartedEvent,
-    new_run_id,
-    utc_now,
-)
+from bench.workload import RunPlan, Write, completed_record, new_record, plan_run
+from lib.models import PROVIDER_IDS, ActivityEvent, CompleteEvent, new_run_id
 from lib.store.base import stored_event_json
 from lib.store.kv import KVStore
-from lib.workflow import new_run_record
 
 STREAM_FUNCTION = "api/quotes/[runId]/stream.py"
-EVENTS_PER_RUN = 100
-# The worker's pace: a gap drawn uniformly from this range (seconds) before each event.
-PACE = (0.020, 0.050)
 TTL_SECONDS = 7200
 
 
@@ -68,6 +52,7 @@ class Setup:
     stream: FunctionHost
     function_env: dict[str, str]
     log_dir: Path
+    redis_url: str
 
     def kv_store(self) -> KVStore:
         return KVStore(self.endpoint.url, UpstashEndpoint.TOKEN, ttl_seconds=TTL_SECONDS)
@@ -80,6 +65,9 @@ class Setup:
 
     async def reset_stats(self) -> None:
         await asyncio.to_thread(self.endpoint.reset_stats)
+
+    async def command_calls(self) -> Counter[str]:
+        return await asyncio.to_thread(command_calls, self.redis_url)
 
     async def subscriptions_settle(self, count: int, within: float = 10.0) -> int:
         return await asyncio.to_thread(self.endpoint.wait_for_subscriptions, count, within)
@@ -95,26 +83,6 @@ def sse_client(connections: int | None = None) -> httpx.AsyncClient:
         timeout=httpx.Timeout(None, connect=10.0),
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=0),
     )
-
-
-SAMPLE_REQUEST = QuoteRequest.model_validate(
-    {
-        "vin": "2C3CDZAG2GH967639",
-        "zip": "94107",
-        "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
-    }
-)
-
-
-def new_record(run_id: str) -> RunRecord:
-    """A processing run of all five insurers, as POST /api/quotes creates it."""
-    return new_run_record(
-        run_id, SAMPLE_REQUEST, list(PROVIDER_IDS), utc_now() + timedelta(seconds=290)
-    )
-
-
-def completed_record(record: RunRecord) -> RunRecord:
-    return record.model_copy(update={"status": "completed", "updated_at": utc_now()})
 
 
 def percentile(samples: list[float], fraction: float) -> float:
@@ -135,58 +103,6 @@ def is_terminal_data(data: str) -> bool:
     return kind in ("complete", "error")
 
 
-# --- the events of a realistic run ---
-
-_STEPS = (
-    "Opening {name} quote page",
-    "Entering ZIP code and starting an auto quote",
-    "Entering vehicle details for VIN …7639",
-    "Answering driver history questions",
-    "Selecting standard coverage",
-    "Waiting for the premium to be calculated",
-    "Reading the quoted premium",
-)
-
-
-def _quote(provider: str, index: int) -> Quote:
-    monthly = 118.0 + 9.5 * index
-    return Quote.model_validate(
-        {
-            "provider": provider,
-            "monthlyPremium": monthly,
-            "annualPremium": round(monthly * 12, 2),
-            "coverage": "standard",
-            "deductible": 1000,
-            "source": "simulated",
-            "quotedAt": utc_now(),
-        }
-    )
-
-
-def run_events(count: int = EVENTS_PER_RUN) -> list[RunEvent]:
-    """`started`, agent activity from five insurers, a quote from each, then `complete`."""
-    quotes = [_quote(p, i) for i, p in enumerate(PROVIDER_IDS)]
-    quote_at = {count - 2 - 4 * i: q for i, q in enumerate(reversed(quotes))}
-    events: list[RunEvent] = [StartedEvent(providers=list(PROVIDER_IDS), total=len(PROVIDER_IDS))]
-    for index in range(1, count - 1):
-        if index in quote_at:
-            quote = quote_at[index]
-            events.append(QuoteEvent(provider=quote.provider, quote=quote))
-            continue
-        provider = PROVIDER_IDS[index % len(PROVIDER_IDS)]
-        step = _STEPS[(index // len(PROVIDER_IDS)) % len(_STEPS)]
-        message = f"{step.format(name=PROVIDER_NAMES[provider])} (step {index})"
-        events.append(ActivityEvent(provider=provider, message=message))
-    events.append(CompleteEvent(quotes=quotes, best=quotes[0].provider, failed=[]))
-    return events
-
-
-def event_gaps(count: int, scale: float = 1.0, seed: int = 20261128) -> list[float]:
-    """The same pseudo-random gaps for both designs."""
-    rng = random.Random(seed)
-    return [rng.uniform(*PACE) * scale for _ in range(count)]
-
-
 # --- delivery: 100 events, N clients streaming throughout ---
 
 
@@ -194,15 +110,19 @@ def event_gaps(count: int, scale: float = 1.0, seed: int = 20261128) -> list[flo
 class Delivery:
     design: str
     clients: int
+    duration: float  # the run as planned, first append to last
     events: int
     event_bytes: float  # mean stored size of an event
     seconds: float  # first append to last receipt
     latencies_ms: list[float]
     missing: int  # (client, event) pairs never received
     duplicated: int
-    requests: int
-    commands: int
+    requests: int  # REST requests the endpoint served (writers, readers, subscriptions)
+    commands_top_level: int  # commands as the REST requests name them (a script counts 1)
     bytes_out: int
+    billed: int  # redis-server's INFO commandstats delta: every command a script ran, too
+    billed_by_command: Counter[str]
+    writer_requests: int  # REST requests the writers sent (-1: could not be counted)
 
     @property
     def delivered(self) -> int:
@@ -219,6 +139,15 @@ class Delivery:
     @property
     def bytes_per_event(self) -> float:
         return self.bytes_out / max(1, self.delivered)
+
+    @property
+    def billed_per_event(self) -> float:
+        return self.billed / self.events
+
+    @property
+    def requests_per_append(self) -> float:
+        # The run's creation is one more request of the writers' (the seed's: a SET).
+        return (self.writer_requests - 1) / self.events
 
 
 class Receipts:
@@ -250,45 +179,54 @@ class Receipts:
         return max((max(c.values()) for c in self.at if c), default=time.time())
 
 
-async def _write_paced(
-    events: list[RunEvent],
-    gaps: list[float],
-    append: Callable[[int, RunEvent], Awaitable[None]],
-    sent: dict[int, float],
-) -> None:
-    moment = time.monotonic()
-    for index, event in enumerate(events):
-        moment += gaps[index]
-        await sleep_until(moment)
-        sent[index] = time.time()
-        await append(index, event)
+def count_requests(store: object) -> list[int]:
+    """A one-item counter of the REST requests `store` sends (an httpx event hook on the SDK's
+    client, which KVStore sets up itself); [-1] when that client cannot be found."""
+    sent = [0]
+    client = getattr(getattr(getattr(store, "_redis", None), "_http", None), "_client", None)
+    if not isinstance(client, httpx.AsyncClient):
+        return [-1]
+
+    async def on_request(_request: httpx.Request) -> None:
+        sent[0] += 1
+
+    client.event_hooks["request"].append(on_request)
+    return sent
 
 
-def _counted(design: str, clients: int, events: list[RunEvent], **figures: Any) -> Delivery:
-    stats: dict[str, Any] = figures.pop("stats")
-    return Delivery(
-        design=design,
-        clients=clients,
-        events=len(events),
-        event_bytes=statistics.fmean(len(stored_event_json(e).encode()) for e in events),
-        requests=int(stats["requests"]),
-        commands=int(stats["commands"]),
-        bytes_out=int(stats["bytes_out"]),
-        **figures,
-    )
+def _mean_event_bytes(plan: RunPlan) -> float:
+    return statistics.fmean(len(stored_event_json(w.event).encode()) for w in plan.in_time_order)
 
 
-async def project_delivery(setup: Setup, clients: int, gap_scale: float = 1.0) -> Delivery:
-    """This design: N SSE clients on the hosted stream function; the worker appends with
-    `KVStore.append_event` (one Lua script each; the terminal one with the final record)."""
-    events = run_events()
-    gaps = event_gaps(len(events), gap_scale)
-    await setup.subscriptions_settle(0)
-    store = setup.kv_store()
-    receipts = Receipts(clients)
-    sent: dict[int, float] = {}
+async def _counted_span(setup: Setup) -> Counter[str]:
+    await setup.reset_stats()
+    return await setup.command_calls()
+
+
+async def _span_figures(setup: Setup, before: Counter[str]) -> dict[str, Any]:
+    after = await setup.command_calls()
+    stats = await setup.stats()
+    billed = after - before
+    return {
+        "requests": int(stats["requests"]),
+        "commands_top_level": int(stats["commands"]),
+        "bytes_out": int(stats["bytes_out"]),
+        "billed": sum(billed.values()),
+        "billed_by_command": billed,
+    }
+
+
+async def project_delivery(setup: Setup, clients: int, duration: float) -> Delivery:
+    """This design: POST creates the run, N SSE clients connect to the hosted stream function,
+    then the run is written as bench/workload.py plans it (five provider workers at once)."""
     run_id = new_run_id()
     record = new_record(run_id)
+    plan = plan_run(record, duration)
+    await setup.subscriptions_settle(0)
+    store = setup.kv_store()
+    writer_requests = count_requests(store)
+    receipts = Receipts(clients)
+    sent: dict[int, float] = {}
     url = stream_url(setup.stream.base_url, run_id)
     connected = [asyncio.Event() for _ in range(clients)]
 
@@ -304,54 +242,58 @@ async def project_delivery(setup: Setup, clients: int, gap_scale: float = 1.0) -
                 if is_terminal_data(sse.data):
                     return
 
-    async def append(index: int, event: RunEvent) -> None:
-        final = completed_record(record) if index == len(events) - 1 else None
-        event_id = await store.append_event(run_id, event, record=final)
-        assert event_id == index, f"append returned id {event_id} for event {index}"
+    async def write(writes: list[Write], began: float) -> None:
+        for w in writes:
+            await sleep_until(began + w.at)
+            at = time.time()
+            event_id = await store.append_event(run_id, w.event, record=w.record, nonce=w.nonce)
+            sent[event_id] = at
 
-    await setup.reset_stats()
+    before = await _counted_span(setup)
     try:
         async with sse_client() as http:
             await store.create_run(record)
             readers = [asyncio.create_task(listen(c, http)) for c in range(clients)]
-            async with asyncio.timeout(15):
+            async with asyncio.timeout(30):
                 await asyncio.gather(*(c.wait() for c in connected))
-            await setup.subscriptions_settle(clients, within=5)
             started = time.time()
-            await _write_paced(events, gaps, append, sent)
+            began = time.monotonic()
+            await write(plan.opening, began)
+            await asyncio.gather(*(write(ws, began) for ws in plan.workers))
             async with asyncio.timeout(30):
                 await asyncio.gather(*readers)
-        stats = await setup.stats()
+        figures = await _span_figures(setup, before)
     finally:
         await store.aclose()
-    return _counted(
-        "this",
-        clients,
-        events,
-        stats=stats,
+    return Delivery(
+        design="this",
+        clients=clients,
+        duration=duration,
+        events=plan.events,
+        event_bytes=_mean_event_bytes(plan),
         seconds=receipts.last - started,
         latencies_ms=receipts.latencies_ms(sent),
-        missing=receipts.missing(len(events)),
+        missing=receipts.missing(plan.events),
         duplicated=receipts.duplicated,
+        writer_requests=writer_requests[0],
+        **figures,
     )
 
 
-async def seed_delivery(setup: Setup, clients: int, gap_scale: float = 1.0) -> Delivery:
-    """The seed: the same events at the same pace, appended by read-modify-write of the run's
-    blob; each client's loop polls the whole blob every 500 ms, phases spread at random."""
-    events = run_events()
-    gaps = event_gaps(len(events), gap_scale)
+async def seed_delivery(setup: Setup, clients: int, duration: float) -> Delivery:
+    """The seed: the same events at the same moments, appended one after another by
+    read-modify-write of the run's blob; each client's loop polls the whole blob every 500 ms,
+    phases spread at random."""
+    run_id = new_run_id()
+    plan = plan_run(new_record(run_id), duration)
+    writes = plan.in_time_order
     store = setup.seed_store()
+    writer_requests = count_requests(store)
     receipts = Receipts(clients)
     sent: dict[int, float] = {}
-    run_id = new_run_id()
     phases = random.Random(clients).random
 
-    async def append(index: int, event: RunEvent) -> None:
-        status = "completed" if index == len(events) - 1 else None
-        await store.append_event(run_id, json.loads(stored_event_json(event)), status=status)
-
-    await setup.reset_stats()
+    before = await _counted_span(setup)
     try:
         await store.create_run(run_id)
         readers = [
@@ -360,26 +302,35 @@ async def seed_delivery(setup: Setup, clients: int, gap_scale: float = 1.0) -> D
                     run_id,
                     lambda index, _event, c=c: receipts.note(c, index),
                     first_poll_delay=0.5 * phases(),
+                    within=duration + 60,
                 )
             )
             for c in range(clients)
         ]
         started = time.time()
-        await _write_paced(events, gaps, append, sent)
+        began = time.monotonic()
+        for index, w in enumerate(writes):
+            await sleep_until(began + w.at)
+            sent[index] = time.time()
+            status = "completed" if index == len(writes) - 1 else None
+            await store.append_event(run_id, json.loads(stored_event_json(w.event)), status=status)
         async with asyncio.timeout(30):
             await asyncio.gather(*readers)
-        stats = await setup.stats()
+        figures = await _span_figures(setup, before)
     finally:
         await store.aclose()
-    return _counted(
-        "seed",
-        clients,
-        events,
-        stats=stats,
+    return Delivery(
+        design="seed",
+        clients=clients,
+        duration=duration,
+        events=plan.events,
+        event_bytes=_mean_event_bytes(plan),
         seconds=receipts.last - started,
         latencies_ms=receipts.latencies_ms(sent),
-        missing=receipts.missing(len(events)),
+        missing=receipts.missing(plan.events),
         duplicated=receipts.duplicated,
+        writer_requests=writer_requests[0],
+        **figures,
     )
 
 
@@ -574,14 +525,15 @@ class Streams:
 
 async def concurrent_streams(setup: Setup, target: int = 500) -> Streams:
     """A fresh instance of the stream function; `target` SSE clients on one run. Counted as held
-    when a stream sent `retry:` and then delivered a live event appended once all were open;
-    memory is read from /proc while all of them are open."""
+    when a stream sent `retry:`, a first event, and then the live event appended once every
+    stream had the first; memory is read from /proc while all of them are open."""
     host = FunctionHost(STREAM_FUNCTION, setup.function_env, setup.log_dir)
     store = setup.kv_store()
     failures: Counter[str] = Counter()
     run_id = new_run_id()
     record = new_record(run_id)
     opened = [asyncio.Event() for _ in range(target)]
+    warmed = [asyncio.Event() for _ in range(target)]
     live = [asyncio.Event() for _ in range(target)]
     live_at: list[float] = []
     gate = asyncio.Semaphore(50)  # clients arrive in a burst, not all in the same millisecond
@@ -596,12 +548,15 @@ async def concurrent_streams(setup: Setup, target: int = 500) -> Streams:
                 async for sse in source.aiter_sse():
                     if sse.retry is not None:
                         opened[client].set()
-                    if sse.data:
-                        if not live[client].is_set():
-                            live_at.append(time.time())
-                            live[client].set()
-                        if is_terminal_data(sse.data):
-                            return
+                    if not sse.data:
+                        continue
+                    if sse.id == "0":
+                        warmed[client].set()
+                    elif sse.id == "1":
+                        live_at.append(time.time())
+                        live[client].set()
+                    if is_terminal_data(sse.data):
+                        return
             finally:
                 await source_cm.__aexit__(None, None, None)
         except Exception as error:  # counted and reported: the stream was not held
@@ -620,9 +575,16 @@ async def concurrent_streams(setup: Setup, target: int = 500) -> Streams:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(60):
                     await asyncio.gather(*(e.wait() for e in opened))
-            subscriptions = await setup.subscriptions_settle(target, within=20)
-            sent = time.time()
+            # One run: the instance's streams share one subscription.
+            subscriptions = await setup.subscriptions_settle(1, within=20)
+            # A stream answers `retry:` before it has subscribed and read its backlog: a first
+            # event that every stream has received shows each is live, then the timed one.
             await store.append_event(run_id, _writer_event(0, 0))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(60):
+                    await asyncio.gather(*(e.wait() for e in warmed))
+            sent = time.time()
+            await store.append_event(run_id, _writer_event(0, 1))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(20):
                     await asyncio.gather(*(e.wait() for e in live))
