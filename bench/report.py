@@ -353,7 +353,9 @@ def imports_section(imports: Imports) -> Section:
     ]
     rows.append(Row("cold import, bare ASGI app (reference)", ms(imports.bare_asgi)))
     rows.append(Row("cold import, bare Starlette app (reference, S)", ms(imports.bare_starlette)))
-    return Section(f"Cold import in a fresh interpreter (median of {imports.repeats})", rows)
+    return Section(
+        f"Cold import in a fresh interpreter (fastest of {imports.repeats}, round-robin)", rows
+    )
 
 
 def failures_section(failures: dict[str, str]) -> Section:
