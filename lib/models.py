@@ -390,21 +390,82 @@ def is_terminal(event: BaseModel) -> bool:
 # --- the stored run record and the snapshot GET returns -----------------------------------------
 
 
+class RunMeta(CamelModel):
+    """What is stored about a run when it is created, and never changed."""
+
+    run_id: str
+    created_at: UtcTime
+    deadline: UtcTime
+    coverage: Coverage
+    providers: list[ProviderId]
+
+
+class RunEnd(CamelModel):
+    """Stored once, atomically with the run's terminal event."""
+
+    status: Literal["completed", "failed"]
+    ended_at: UtcTime
+    error: ErrorInfo | None = None
+
+
+class ProviderOutcome(CamelModel):
+    """Stored once per provider, atomically with its quote or provider_error event."""
+
+    status: Literal["quoted", "failed"]
+    quote: Quote | None = None
+    error: ErrorInfo | None = None
+    finished_at: UtcTime
+
+
+class ProviderWork(CamelModel):
+    """One provider's progress through its paid attempts, written by whichever worker holds its
+    lease, so the next delivery resumes it. Never returned by the API."""
+
+    attempt: int = 0
+    attempt_started_at: UtcTime | None = None
+    first_started_at: UtcTime | None = None
+    agent_run_id: str | None = None
+    agent_run_ids: list[str] = Field(default_factory=list)
+    cancelled_agent_run_ids: list[str] = Field(default_factory=list)
+    last_activity: str | None = None
+
+
+class ProviderLease(CamelModel):
+    """Who works on a provider now, until when, and how many deliveries claimed it so far."""
+
+    owner: str
+    until: UtcTime
+    deliveries: int
+
+
 class RunRecord(CamelModel):
-    """Everything stored about a run besides its events. Never holds the driver's personal data."""
+    """A run as the store assembles it: the API's view (status, providers, quotes) plus the
+    workers' private state. Never holds the driver's personal data."""
 
     run_id: str
     status: RunStatus = "processing"
     created_at: UtcTime
     updated_at: UtcTime
-    heartbeat_at: UtcTime
     deadline: UtcTime
     coverage: Coverage
     providers: list[ProviderState]
     error: ErrorInfo | None = None
+    ended_at: UtcTime | None = None
+    work: dict[ProviderId, ProviderWork] = Field(default_factory=dict, exclude=True)
+    leases: dict[ProviderId, ProviderLease] = Field(default_factory=dict, exclude=True)
 
     def provider(self, provider: ProviderId) -> ProviderState:
         return next(p for p in self.providers if p.provider == provider)
+
+    @property
+    def meta(self) -> RunMeta:
+        return RunMeta(
+            run_id=self.run_id,
+            created_at=self.created_at,
+            deadline=self.deadline,
+            coverage=self.coverage,
+            providers=[p.provider for p in self.providers],
+        )
 
     @property
     def completed(self) -> int:

@@ -1,8 +1,12 @@
 """Drives a store from a separate OS process, as another function instance would.
 
-python -m tests.store_cli (kv URL TOKEN | sqlite PATH) COMMAND RUN_ID [AT]
-  append-at    wait until wall-clock AT, append one activity event, print its id and the start time
-  finalize-at  wait until wall-clock AT, read the run, try to finalize it stale, print the result
+python -m tests.store_cli (kv URL TOKEN | sqlite PATH) COMMAND RUN_ID...
+  append   append one activity event to the run; prints {"id": N}
+  finish   end each run (failed, worker_lost) in the order given; prints {"results": [...]},
+           per run its terminal event's id or "finalized" when the store refused it
+
+Before it acts, the process opens the store, reads the first run (so its connection is warm),
+prints "ready" and waits for one line on stdin: the test releases racing processes at once.
 """
 
 from __future__ import annotations
@@ -10,10 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import time
 
-from lib.models import ActivityEvent, ErrorEvent, utc_now
-from lib.store import Store
+from lib.models import ActivityEvent, ErrorEvent, ErrorInfo, RunEnd, utc_now
+from lib.store import RunFinalized, Store
 from lib.store.kv import KVStore
 from lib.store.sqlite import SQLiteStore
 
@@ -24,26 +27,30 @@ def build(args: list[str]) -> tuple[Store, list[str]]:
     return SQLiteStore(args[1], ttl_seconds=7200), args[2:]
 
 
-async def main(argv: list[str]) -> None:
-    store, (command, run_id, at) = build(argv)
-    await asyncio.sleep(max(0.0, float(at) - time.time()))
+async def finish(store: Store, run_id: str) -> int | str:
+    event = ErrorEvent(code="worker_lost", message="from another process")
+    end = RunEnd(
+        status="failed", ended_at=utc_now(), error=ErrorInfo(code=event.code, message=event.message)
+    )
     try:
-        if command == "append-at":
-            # Built before the clock starts (models build their validators on first use): the
-            # time measured is the store's.
+        return await store.finish_run(run_id, event, end)
+    except RunFinalized:
+        return "finalized"
+
+
+async def main(argv: list[str]) -> None:
+    store, (command, *run_ids) = build(argv)
+    try:
+        await store.get_run(run_ids[0], tail=0)
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+        if command == "append":
             event = ActivityEvent(provider="geico", message="from another process")
-            event.model_dump_json()
-            started = time.time()
-            event_id = await store.append_event(run_id, event)
-            print(json.dumps({"id": event_id, "started": started}))
-        elif command == "finalize-at":
-            state = await store.get_run(run_id)
-            assert state is not None
-            record = state.record.model_copy(update={"status": "failed", "updated_at": utc_now()})
-            result = await store.finalize_stale_run(
-                state, ErrorEvent(code="worker_lost", message="worker stopped"), record
-            )
-            print(json.dumps({"id": result}))
+            print(json.dumps({"id": await store.append_events(run_ids[0], [event])}))
+        elif command == "finish":
+            print(json.dumps({"results": [await finish(store, run_id) for run_id in run_ids]}))
+        else:
+            raise SystemExit(f"unknown command {command!r}")
     finally:
         await store.aclose()
 

@@ -1,64 +1,92 @@
 """Storage faults on the KV backend: whatever the REST API or the network does, callers see a
-typed StoreUnavailable (never a crash), and a retried append never duplicates an event."""
+typed StoreUnavailable (never a crash); a write whose reply was lost after the server applied it
+is retried without landing twice; a watch that cannot subscribe polls instead."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
 
 import httpx
 import pytest
 import respx
 
-from lib.models import ActivityEvent
-from lib.store import StoreUnavailable
-from lib.store.kv import KVStore
+from lib.models import ActivityEvent, ProviderWork, utc_now
+from lib.store import RunFinalized, RunNotFound, StoreUnavailable
+from lib.store.kv import (
+    _APPEND_AGAIN_SCRIPT,
+    _CLAIM_SCRIPT,
+    _FINISH_SCRIPT,
+    _OUTCOME_SCRIPT,
+    _SAVE_WORK_SCRIPT,
+    KVStore,
+    keyspace_channel,
+)
 from tests.conftest import make_record
+from tests.test_store_contract import LEASE, claim, completed, lost, quoted
+from tests.upstash_rest import UpstashRestServer
 
 KV_URL = "https://kv.invalid"
 
 
 @pytest.fixture
-def faulty_kv() -> KVStore:
-    return KVStore(KV_URL, "token", ttl_seconds=7200, timeout=0.5)
+async def faulty_kv() -> AsyncIterator[KVStore]:
+    store = KVStore(KV_URL, "token", ttl_seconds=7200, timeout=0.5)
+    yield store
+    await store.aclose()
 
 
 def activity(message: str = "step") -> ActivityEvent:
     return ActivityEvent(provider="geico", message=message)
 
 
-@pytest.mark.parametrize(
-    "reply",
-    [
-        httpx.Response(500, text="<html>Internal Server Error</html>"),
-        httpx.Response(502, text="Bad Gateway"),
-        httpx.Response(503, json={"error": "ERR service unavailable"}),
-        httpx.Response(200, text="not json"),
-        httpx.ReadTimeout("timed out"),
-        httpx.ConnectTimeout("timed out"),
-        httpx.ConnectError("connection refused"),
-        httpx.RemoteProtocolError("peer closed connection without sending complete message"),
-    ],
-    ids=[
-        "500-html",
-        "502-text",
-        "503-json",
-        "200-garbage",
-        "read-timeout",
-        "connect-timeout",
-        "refused",
-        "dropped",
-    ],
-)
+FAULTS = {
+    "500-html": httpx.Response(500, text="<html>Internal Server Error</html>"),
+    "502-text": httpx.Response(502, text="Bad Gateway"),
+    "503-json": httpx.Response(503, json={"error": "ERR service unavailable"}),
+    "200-garbage": httpx.Response(200, text="not json"),
+    "read-timeout": httpx.ReadTimeout("timed out"),
+    "connect-timeout": httpx.ConnectTimeout("timed out"),
+    "refused": httpx.ConnectError("connection refused"),
+    "dropped": httpx.RemoteProtocolError("peer closed connection without sending complete message"),
+}
+
+
+@pytest.mark.parametrize("reply", list(FAULTS.values()), ids=list(FAULTS))
 async def test_a_storage_fault_is_a_typed_store_unavailable(faulty_kv, reply) -> None:
     with respx.mock(assert_all_called=True) as mock:
-        route = mock.post(KV_URL).mock(side_effect=[reply] * 10)
-        with pytest.raises(StoreUnavailable) as raised:
-            await faulty_kv.append_event("run", activity())
+        route = mock.post(KV_URL).mock(side_effect=[reply] * 20)
+        with pytest.raises(StoreUnavailable) as on_append:
+            await faulty_kv.append_events("run", [activity()])
+        appended = route.call_count
         with pytest.raises(StoreUnavailable):
             await faulty_kv.get_run("run")
-    assert route.call_count == 6, "each operation is tried three times before giving up"
-    assert raised.value.retry_after == 2
-    await faulty_kv.aclose()
+    # An append is one plain RPUSHX; its fate unknown, the nonce-checking script is tried 3 times.
+    assert appended == 1 + 3
+    assert route.call_count - appended == 3, "a read is tried three times before giving up"
+    assert on_append.value.retry_after == 2
+
+
+WRITES: dict[str, Callable[[KVStore], Any]] = {
+    "create_run": lambda kv: kv.create_run(make_record()),
+    "claim_provider": lambda kv: claim(kv, "run", "w1", now=utc_now()),
+    "save_provider_work": lambda kv: kv.save_provider_work("run", "geico", "w1", ProviderWork()),
+    "renew_lease": lambda kv: kv.renew_lease("run", "geico", "w1", utc_now() + LEASE),
+    "record_outcome": lambda kv: kv.record_outcome("run", "geico", *quoted("geico"), total=5),
+    "finish_run": lambda kv: kv.finish_run("run", *completed()),
+    "read_events": lambda kv: kv.read_events("run", after=-1),
+}
+
+
+@pytest.mark.parametrize("operation", list(WRITES.values()), ids=list(WRITES))
+async def test_every_operation_turns_a_fault_into_store_unavailable(faulty_kv, operation) -> None:
+    with respx.mock() as mock:
+        mock.post(KV_URL).mock(return_value=httpx.Response(502, text="Bad Gateway"))
+        with pytest.raises(StoreUnavailable):
+            await operation(faulty_kv)
 
 
 async def test_refused_credentials_are_not_retried(faulty_kv) -> None:
@@ -70,103 +98,315 @@ async def test_refused_credentials_are_not_retried(faulty_kv) -> None:
             await faulty_kv.create_run(make_record())
     assert route.call_count == 1
     assert raised.value.retry_after is None
-    await faulty_kv.aclose()
 
 
-async def test_a_transient_fault_is_retried_and_then_succeeds(faulty_kv) -> None:
+async def test_an_append_whose_first_request_failed_answers_with_the_retrys_id(faulty_kv) -> None:
     with respx.mock() as mock:
-        mock.post(KV_URL).mock(
+        route = mock.post(KV_URL).mock(
             side_effect=[httpx.ReadTimeout("slow"), httpx.Response(200, json={"result": 7})]
         )
-        assert await faulty_kv.append_event("run", activity()) == 7
-    await faulty_kv.aclose()
+        assert await faulty_kv.append_events("run", [activity()]) == 7
+    assert b"EVALSHA" in route.calls[1].request.content, "the retry goes through the script"
 
 
-class LoseFirstResponses(httpx.AsyncBaseTransport):
-    """Forwards every request to the real server, but loses the response of the first `n`
-    append scripts after they were applied: the case where a naive retry duplicates."""
+# --- replies lost after the server applied the write (real server) ----------------------------
 
-    def __init__(self, n: int) -> None:
+
+class LoseReplies(httpx.AsyncBaseTransport):
+    """Forwards every request to the real server, but loses the reply of the first `count`
+    requests that `matches` after the server applied them: where a naive retry duplicates."""
+
+    def __init__(self, matches: Callable[[bytes], bool], count: int = 1) -> None:
         self._inner = httpx.AsyncHTTPTransport()
-        self._to_lose = n
-        self.applied_then_lost = 0
+        self._matches = matches
+        self._to_lose = count
+        self.lost = 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await self._inner.handle_async_request(request)
-        is_append = b"RPUSH" in request.content or b"EVALSHA" in request.content
-        if self._to_lose and is_append and b'"step' in request.content:
-            await response.aread()
+        if self._to_lose and self._matches(request.content):
+            await response.aread()  # the server has answered: the write is applied
             self._to_lose -= 1
-            self.applied_then_lost += 1
-            raise httpx.ReadTimeout("the response was lost after the server applied it")
+            self.lost += 1
+            raise httpx.ReadTimeout("the reply was lost after the server applied the write")
         return response
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
-async def test_an_append_whose_response_was_lost_is_retried_without_duplicating(
+def sends(*needles: str) -> Callable[[bytes], bool]:
+    return lambda content: any(needle.encode() in content for needle in needles)
+
+
+async def losing_store(
+    upstash_server: UpstashRestServer, matches: Callable[[bytes], bool], count: int = 1
+) -> tuple[KVStore, LoseReplies]:
+    store = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    losing = LoseReplies(matches, count)
+    store._redis._http._client = httpx.AsyncClient(transport=losing, timeout=5)
+    return store, losing
+
+
+async def messages(store: KVStore, run_id: str) -> list[str]:
+    return [str(e.as_dict().get("message", e.type)) for e in await store.read_events(run_id, -1)]
+
+
+async def test_an_append_whose_replies_were_lost_lands_once(upstash_server) -> None:
+    # The plain RPUSHX's reply is lost, then the retry script's: the next retry finds the first.
+    store, losing = await losing_store(
+        upstash_server, sends('"RPUSHX"', _APPEND_AGAIN_SCRIPT.sha), count=2
+    )
+    record = make_record()
+    try:
+        await store.create_run(record)
+        ids = [
+            await store.append_events(record.run_id, [activity("a0"), activity("a1")]),
+            await store.append_events(record.run_id, [activity("b")]),
+        ]
+        logged = await messages(store, record.run_id)
+    finally:
+        await store.aclose()
+    assert losing.lost == 2
+    assert ids == [1, 3]
+    assert logged == ["started", "a0", "a1", "b"]
+
+
+async def test_a_lost_append_to_an_unknown_run_is_still_refused(upstash_server) -> None:
+    store, losing = await losing_store(upstash_server, sends('"RPUSHX"'))
+    try:
+        with pytest.raises(RunNotFound):
+            await store.append_events(make_record().run_id, [activity("orphan")])
+    finally:
+        await store.aclose()
+    assert losing.lost == 1
+
+
+async def test_saved_work_whose_reply_was_lost_does_not_append_its_events_twice(
     upstash_server,
 ) -> None:
-    store = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    store, losing = await losing_store(upstash_server, sends(_SAVE_WORK_SCRIPT.sha))
     record = make_record()
-    await store.create_run(record)
-    losing = LoseFirstResponses(2)
-    store._redis._http._client = httpx.AsyncClient(transport=losing, timeout=5)
-    ids = [await store.append_event(record.run_id, activity(f"step {i}")) for i in range(3)]
-    events = await store.read_events(record.run_id, after=-1)
-    await store.aclose()
-    assert losing.applied_then_lost == 2
-    assert ids == [0, 1, 2]
-    assert [e.as_dict()["message"] for e in events] == ["step 0", "step 1", "step 2"]
+    work = ProviderWork(attempt=1, agent_run_id="agent-1")
+    try:
+        await store.create_run(record)
+        await claim(store, record.run_id, "w1", now=utc_now())
+        await store.save_provider_work(
+            record.run_id, "geico", "w1", work, [activity("Agent run agent-1 started")]
+        )
+        state = await store.get_run(record.run_id)
+        logged = await messages(store, record.run_id)
+    finally:
+        await store.aclose()
+    assert losing.lost == 1
+    assert logged == ["started", "Agent run agent-1 started"]
+    assert state is not None and state.record.work["geico"] == work
+
+
+async def test_an_outcome_whose_reply_was_lost_counts_once(upstash_server) -> None:
+    store, losing = await losing_store(upstash_server, sends(_OUTCOME_SCRIPT.sha))
+    record = make_record()
+    try:
+        await store.create_run(record)
+        written = await store.record_outcome(record.run_id, "geico", *quoted("geico"), total=5)
+        events = await store.read_events(record.run_id, -1)
+    finally:
+        await store.aclose()
+    assert losing.lost == 1
+    # The retry finds the outcome already stored: it reports it recorded and the count it made.
+    assert written.first_id is None and written.completed == 1
+    assert [e.type for e in events] == ["started", "quote", "progress"]
+
+
+async def test_a_finish_whose_reply_was_lost_writes_one_terminal_event(upstash_server) -> None:
+    store, losing = await losing_store(upstash_server, sends(_FINISH_SCRIPT.sha))
+    record = make_record()
+    try:
+        await store.create_run(record)
+        # The retry meets the fence its own first attempt set: the caller is told the run has
+        # ended, as it would be by another finisher (callers treat both alike).
+        with pytest.raises(RunFinalized):
+            await store.finish_run(record.run_id, *lost())
+        state = await store.get_run(record.run_id, events_after=-1)
+    finally:
+        await store.aclose()
+    assert losing.lost == 1
+    assert state is not None and state.record.status == "failed"
+    assert [e.type for e in state.events] == ["started", "error"]
+
+
+class ApplyLate(httpx.AsyncBaseTransport):
+    """The first request that `matches` gets no reply in time, yet reaches the server only
+    after the next request was answered: a request delayed in transit, not a reply lost."""
+
+    def __init__(self, matches: Callable[[bytes], bool]) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self._matches = matches
+        self._armed = True
+        self._held: httpx.Request | None = None
+        self.applied_late = 0
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._armed and self._matches(request.content):
+            self._armed = False
+            self._held = request
+            raise httpx.ReadTimeout("no reply in time; the request is still on its way")
+        response = await self._inner.handle_async_request(request)
+        await response.aread()
+        if self._held is not None:
+            held, self._held = self._held, None
+            await (await self._inner.handle_async_request(held)).aread()
+            self.applied_late += 1
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: a plain RPUSHX applied after its nonce-checking retry lands twice; the "
+    "retry cannot see an attempt that has not reached Redis yet (seen under load in the "
+    "50-writer test as 13 client timeouts and one duplicated event)",
+)
+async def test_an_append_that_reaches_redis_after_its_retry_lands_once(upstash_server) -> None:
+    store = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    late = ApplyLate(sends('"RPUSHX"'))
+    store._redis._http._client = httpx.AsyncClient(transport=late, timeout=5)
+    record = make_record()
+    try:
+        await store.create_run(record)
+        first = await store.append_events(record.run_id, [activity("once")])
+        logged = await messages(store, record.run_id)
+    finally:
+        await store.aclose()
+    assert late.applied_late == 1
+    assert first == 1
+    assert logged == ["started", "once"]
+
+
+# --- the watch without push -------------------------------------------------------------------
 
 
 async def test_a_watch_whose_subscription_is_refused_polls_instead(upstash_server) -> None:
     store = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    writer = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
     record = make_record()
-    await store.create_run(record)
+    await writer.create_run(record)
     upstash_server.set_fail_subscribe(True)
     try:
         async with store.watch(record.run_id) as watch:
-
-            async def write_later() -> None:
-                await asyncio.sleep(0.2)
-                await store.append_event(record.run_id, activity("late"))
-
-            writer = asyncio.create_task(write_later())
-            events = await watch.next_events(-1, timeout=5)
-            await writer
+            assert [e.id for e in await watch.next_events(-1, timeout=5)] == [0]
+            upstash_server.reset_stats()
+            assert await watch.next_events(0, timeout=0.5) == []
+            polled = upstash_server.stats()["by_kind"]["command"]["requests"]
+            await writer.append_events(record.run_id, [activity("late")])
+            events = await watch.next_events(0, timeout=30)
+        refused = upstash_server.stats()["by_kind"]["subscribe"]["requests"]
     finally:
         upstash_server.set_fail_subscribe(False)
         await store.aclose()
-    assert [e.id for e in events] == [0]
+        await writer.aclose()
+    assert refused >= 1, "it did try to subscribe"
+    assert polled >= 2, "without a subscription the watch reads on its own"
+    assert [e.id for e in events] == [1]
+
+
+class Notices:
+    """A /subscribe response body the test feeds line by line, framed as a server might."""
+
+    def __init__(self, framing: str) -> None:
+        self.framing = framing
+        self._lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    def send(self, line: str) -> None:
+        self._lines.put_nowait(line)
+
+    def end(self) -> None:
+        self._lines.put_nowait(None)
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while (line := await self._lines.get()) is not None:
+            yield (line + self.framing).encode()
 
 
 @pytest.mark.parametrize("framing", ["\n\n", "\n", "\r\n"], ids=["blank-line", "line-only", "crlf"])
-async def test_pushed_events_are_read_line_by_line_however_the_stream_is_framed(
-    faulty_kv, framing
-) -> None:
-    channel = "quote:" + "r" * 22 + ":events"
-    lines = [
-        f"data: subscribe,{channel},1",
-        f'data: message,{channel},{{"id":0,"type":"activity","message":"a,b"}}',
-        f'data: message,{channel},{{"lastId":0}}',
-        f'data: message,{channel},{{"id":1,"type":"activity","message":"c"}}',
-    ]
-    body = framing.join(lines) + framing
-    with respx.mock(assert_all_called=False) as mock:
-        subscribe = mock.post(f"{KV_URL}/subscribe/{channel}").mock(
-            return_value=httpx.Response(
-                200, text=body, headers={"content-type": "text/event-stream"}
-            )
+async def test_notices_are_read_line_by_line_however_the_stream_is_framed(framing) -> None:
+    run_id = "r" * 22
+    channel = keyspace_channel(run_id)
+    stored = ['{"n":"AAAAAAAA","type":"started","providers":["geico"],"total":1,"ts":"x"}']
+    notices = Notices(framing)
+    reads: list[list[Any]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        command = [str(part) for part in json.loads(request.content)]
+        if command[:2] == ["CONFIG", "GET"]:
+            return httpx.Response(200, json={"result": ["notify-keyspace-events", "Klg"]})
+        assert command[0] == "LRANGE", command
+        reads.append(command)
+        first = int(command[2])
+        return httpx.Response(
+            200, json={"result": stored[first:] if "events" in command[1] else []}
         )
-        reads = mock.post(KV_URL).mock(return_value=httpx.Response(200, json={"result": []}))
-        async with faulty_kv.watch("r" * 22) as watch:
-            events = await watch.next_events(-1, timeout=2)
-    await faulty_kv.aclose()
-    assert subscribe.called
-    assert [e.data for e in events] == [
-        '{"id":0,"type":"activity","message":"a,b"}',
-        '{"id":1,"type":"activity","message":"c"}',
-    ]
-    assert reads.call_count <= 1, "pushed events need no reads beyond the backlog's"
+
+    # No silence fallback within the test: only a notice can make the watch read again.
+    kv = KVStore(KV_URL, "token", ttl_seconds=7200, silence_seconds=3600)
+    try:
+        with respx.mock(assert_all_called=True) as mock:
+            mock.post(f"{KV_URL}/subscribe/{channel}").mock(
+                return_value=httpx.Response(
+                    200, content=notices.body(), headers={"content-type": "text/event-stream"}
+                )
+            )
+            mock.post(KV_URL).mock(side_effect=answer)
+            notices.send(f"data: subscribe,{channel},1")
+            async with kv.watch(run_id) as watch:
+                backlog = await watch.next_events(-1, timeout=5)
+                reads_after_backlog = len(reads)
+                assert await watch.next_events(0, timeout=0.3) == []
+                assert len(reads) == reads_after_backlog, "a subscribed watch waits for notices"
+                stored.append('{"n":"BBBBBBBB","type":"activity","message":"a,b","ts":"x"}')
+                notices.send(f"data: message,{channel},rpushx")
+                live = await watch.next_events(0, timeout=10)
+                notices.end()
+    finally:
+        await kv.aclose()
+    assert [e.id for e in backlog] == [0]
+    assert [(e.id, e.as_dict()["message"]) for e in live] == [(1, "a,b")]
+
+
+async def test_a_dropped_subscription_is_caught_up_from_the_list(upstash_server) -> None:
+    reader = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    writer = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    record = make_record()
+    try:
+        await writer.create_run(record)
+        async with reader.watch(record.run_id) as watch:
+            assert [e.id for e in await watch.next_events(-1, timeout=5)] == [0]
+            upstash_server.set_subscription_mode("drop")
+            await writer.append_events(record.run_id, [activity("while dropped")])
+            events = await watch.next_events(0, timeout=30)
+            await writer.append_events(record.run_id, [activity("after")])
+            more = await watch.next_events(1, timeout=30)
+    finally:
+        upstash_server.set_subscription_mode("normal")
+        await reader.aclose()
+        await writer.aclose()
+    assert [e.id for e in events] == [1]
+    assert [e.id for e in more] == [2]
+
+
+async def test_a_claim_whose_reply_was_lost_is_not_counted_twice(upstash_server) -> None:
+    """The retry by the same owner finds its own lease: one delivery, still its own."""
+    store, losing = await losing_store(upstash_server, sends(_CLAIM_SCRIPT.sha))
+    record = make_record()
+    try:
+        await store.create_run(record)
+        now = utc_now()
+        first = await claim(store, record.run_id, "w1", now=now)
+        other = await claim(store, record.run_id, "w2", now=now + timedelta(seconds=1))
+    finally:
+        await store.aclose()
+    assert losing.lost == 1
+    assert first.result == "claimed" and first.deliveries == 1
+    assert other.result == "held"

@@ -86,8 +86,9 @@ async def test_watches_of_one_run_share_one_subscription_and_each_gets_every_eve
             assert RunSubscription.open_count(kv) == 2
             for n in (1, 2):
                 await kv.append_event(record.run_id, activity(f"live {n}"))
-            results = await asyncio.gather(*(collect(w, 3) for w in [*watches, late]))
-        assert results == [[0, 1, 2]] * (WATCHES + 1)
+            results = await asyncio.gather(*(collect(w, 4) for w in [*watches, late]))
+        # `started` (id 0, written with the run), then the three appends.
+        assert results == [[0, 1, 2, 3]] * (WATCHES + 1)
         assert all(w.delivery is Delivery.PUSH for w in watches)
     finally:
         for watch in watches:
@@ -110,7 +111,7 @@ async def test_the_subscription_lasts_until_the_last_watch_leaves(
     assert RunSubscription.open_count(kv) == 1
     assert await open_subscriptions(upstash_server) == baseline + 1
     await kv.append_event(record.run_id, activity("still pushed"))
-    assert await collect(last, 1) == [0]
+    assert await collect(last, 2) == [0, 1]  # `started`, then the append
     assert last.delivery is Delivery.PUSH
     await last.aclose()
     assert RunSubscription.open_count(kv) == 0
@@ -131,13 +132,13 @@ async def test_a_dropped_shared_subscription_falls_back_to_polling_for_every_wat
         await asyncio.to_thread(upstash_server.configure_subscriptions, "drop", fail_subscribe=True)
         await until(lambda: all(w.delivery is Delivery.POLL for w in watches), "every watch polls")
         await kv.append_event(record.run_id, activity("while push is down"))
-        assert await asyncio.gather(*(collect(w, 1) for w in watches)) == [[0]] * 5
+        assert await asyncio.gather(*(collect(w, 2) for w in watches)) == [[0, 1]] * 5
         assert all(w.delivery is Delivery.POLL for w in watches)
         # Push comes back: one subscription again, and pushed events put every watch back on it.
         await asyncio.to_thread(upstash_server.set_fail_subscribe, False)
         await subscriptions_become(upstash_server, baseline + 1)
         await kv.append_event(record.run_id, activity("pushed again"))
-        assert await asyncio.gather(*(collect(w, 2) for w in watches)) == [[0, 1]] * 5
+        assert await asyncio.gather(*(collect(w, 3) for w in watches)) == [[0, 1, 2]] * 5
         await until(lambda: all(w.delivery is Delivery.PUSH for w in watches), "push again")
     finally:
         for watch in watches:

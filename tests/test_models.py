@@ -76,9 +76,9 @@ def test_quotes_sort_cheapest_first_with_a_stable_tie_break() -> None:
 
 def test_an_event_is_stored_without_its_id_and_sent_with_it_first() -> None:
     event = ActivityEvent(provider="geico", message='Entering "vehicle"\nnext line')
-    stored = stored_event_json(event)
+    stored = stored_event_json(event, "n0nce-42")
     wire = StoredEvent(12, wire_event(12, stored))
-    assert '"id"' not in stored
+    assert '"id"' not in stored and stored.startswith('{"n":"n0nce-42","type":"activity"')
     assert wire.data.startswith('{"id":12,"type":"activity","provider":"geico"')
     assert "\n" not in wire.data
     assert wire.as_dict() == {"id": 12, **event.model_dump(mode="json")}

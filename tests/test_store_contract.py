@@ -1,5 +1,8 @@
-"""The Store contract, run unchanged against both backends (SQLite file; KV through the
-tests-only Upstash REST endpoint in front of a real redis-server)."""
+"""The Store contract (lib/store/base.py), run unchanged against both backends: the SQLite file,
+and KV through the tests-only Upstash REST endpoint in front of a real redis-server.
+
+Several writers share a run (one worker per provider, on different instances): each test that
+races them builds one store per writer from `store_factory`, as separate instances would."""
 
 from __future__ import annotations
 
@@ -10,317 +13,857 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, closing
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-import redis.asyncio as redis_asyncio
 
-from lib.models import ActivityEvent, CompleteEvent, ErrorEvent, StartedEvent, utc_now
-from lib.store import IdempotencyClaim, RunFinalized, RunNotFound, Store
-from lib.store.kv import KVStore
+from lib.models import (
+    PROVIDER_IDS,
+    ActivityEvent,
+    CompleteEvent,
+    ErrorEvent,
+    ErrorInfo,
+    ProviderErrorEvent,
+    ProviderId,
+    ProviderOutcome,
+    ProviderWork,
+    QuoteEvent,
+    RunEnd,
+    utc_now,
+)
+from lib.store import (
+    IdempotencyClaim,
+    LeaseLost,
+    ProviderClaim,
+    RunFinalized,
+    RunNotFound,
+    Store,
+)
+from lib.store.base import RELEASED
 from lib.store.sqlite import SQLiteStore
-from tests.conftest import make_record
-from tests.upstash_rest import kv_redis_url
+from tests.conftest import make_quote, make_record
 
 ROOT = Path(__file__).resolve().parent.parent
+LEASE = timedelta(seconds=45)
 
 
-def activity(n: int | str) -> ActivityEvent:
-    return ActivityEvent(provider="geico", message=f"step {n}")
+# --- helpers -----------------------------------------------------------------------------------
 
 
-def complete() -> CompleteEvent:
-    return CompleteEvent(quotes=[], best=None, failed=[])
+def activity(message: str, provider: ProviderId = "geico", **fields: Any) -> ActivityEvent:
+    return ActivityEvent(provider=provider, message=message, **fields)
 
 
-async def test_created_run_reads_back_with_no_events(store: Store) -> None:
+def quoted(provider: ProviderId) -> tuple[ProviderOutcome, QuoteEvent]:
+    quote = make_quote(provider)
+    outcome = ProviderOutcome(status="quoted", quote=quote, finished_at=utc_now())
+    return outcome, QuoteEvent(provider=provider, quote=quote)
+
+
+def failed(provider: ProviderId) -> tuple[ProviderOutcome, ProviderErrorEvent]:
+    error = ErrorInfo(code="provider_blocked", message="The site showed a CAPTCHA.")
+    outcome = ProviderOutcome(status="failed", error=error, finished_at=utc_now())
+    event = ProviderErrorEvent(
+        provider=provider, code="provider_blocked", message=error.message, retryable=False
+    )
+    return outcome, event
+
+
+def completed() -> tuple[CompleteEvent, RunEnd]:
+    event = CompleteEvent(quotes=[], best=None, failed=[])
+    return event, RunEnd(status="completed", ended_at=event.ts)
+
+
+def lost() -> tuple[ErrorEvent, RunEnd]:
+    event = ErrorEvent(code="worker_lost", message="The run's work was lost.")
+    error = ErrorInfo(code=event.code, message=event.message)
+    return event, RunEnd(status="failed", ended_at=event.ts, error=error)
+
+
+async def new_run(store: Store) -> str:
+    record = make_record()
+    assert (await store.create_run(record)).created
+    return record.run_id
+
+
+async def claim(
+    store: Store,
+    run_id: str,
+    owner: str,
+    *,
+    now: datetime,
+    alive_since: datetime | None = None,
+    provider: ProviderId = "geico",
+) -> ProviderClaim:
+    """A worker's claim at `now` (a moment the test chooses: leases are judged by it)."""
+    return await store.claim_provider(
+        run_id,
+        provider,
+        owner,
+        now=now,
+        lease_until=now + LEASE,
+        alive_since=alive_since if alive_since is not None else now - LEASE,
+    )
+
+
+async def events_of(store: Store, run_id: str) -> list[dict[str, Any]]:
+    return [e.as_dict() for e in await store.read_events(run_id, after=-1)]
+
+
+async def types_of(store: Store, run_id: str) -> list[str]:
+    return [e.type for e in await store.read_events(run_id, after=-1)]
+
+
+@asynccontextmanager
+async def instances(
+    store_factory: Any, count: int, **options: object
+) -> AsyncIterator[list[Store]]:
+    """`count` stores on the same storage, as separate function instances."""
+    stores: list[Store] = [store_factory(**options) for _ in range(count)]
+    try:
+        yield stores
+    finally:
+        await asyncio.gather(*(s.aclose() for s in stores))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    """Wait until `check` holds (for what only time brings about, such as a TTL)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
+        await asyncio.sleep(0.05)
+
+
+# --- creating and reading a run ----------------------------------------------------------------
+
+
+async def test_a_created_run_reads_back_with_its_started_event_as_id_0(store: Store) -> None:
     record = make_record()
     outcome = await store.create_run(record)
-    state = await store.get_run(record.run_id)
-    assert outcome.created
+    state = await store.get_run(record.run_id, events_after=-1)
+    assert outcome.created and outcome.run_id == record.run_id
     assert state is not None
     assert state.record == record
-    assert state.last_event_id == -1
+    assert state.last_event_id == 0
     assert not state.finalized
+    assert [e.id for e in state.events] == [0]
+    started = state.events[0].as_dict()
+    assert started["type"] == "started"
+    assert started["providers"] == list(PROVIDER_IDS)
+    assert started["total"] == len(PROVIDER_IDS)
+    assert state.events[0].data.startswith('{"id":0,"type":"started",')
 
 
-async def test_unknown_run_reads_as_none(store: Store) -> None:
+async def test_an_unknown_run_reads_as_none(store: Store) -> None:
     assert await store.get_run(make_record().run_id) is None
+    assert await store.read_events(make_record().run_id, after=-1) == []
 
 
-async def test_append_returns_consecutive_ids_and_reads_from_a_cursor(store: Store) -> None:
-    record = make_record()
-    await store.create_run(record)
-    ids = [await store.append_event(record.run_id, activity(i)) for i in range(5)]
-    after_two = await store.read_events(record.run_id, after=2)
-    limited = await store.read_events(record.run_id, after=-1, limit=2)
-    assert ids == [0, 1, 2, 3, 4]
-    assert [e.id for e in after_two] == [3, 4]
-    assert after_two[0].as_dict()["message"] == "step 3"
+async def test_get_run_reads_the_events_after_a_cursor_up_to_a_limit(store: Store) -> None:
+    run_id = await new_run(store)
+    await store.append_events(run_id, [activity(f"step {i}") for i in range(1, 41)])
+    # Cursors both before and inside the last events a snapshot reads for its activity.
+    early = await store.get_run(run_id, events_after=2, limit=5)
+    late = await store.get_run(run_id, events_after=36, limit=3)
+    caught_up = await store.get_run(run_id, events_after=40)
+    unasked = await store.get_run(run_id)
+    assert early is not None and late is not None and caught_up is not None
+    assert unasked is not None
+    assert [e.id for e in early.events] == [3, 4, 5, 6, 7]
+    assert [e.as_dict()["message"] for e in early.events] == [f"step {i}" for i in range(3, 8)]
+    assert [e.id for e in late.events] == [37, 38, 39]
+    assert caught_up.events == [] and unasked.events == []
+    assert {s.last_event_id for s in (early, late, caught_up, unasked)} == {40}
+
+
+async def test_read_events_reads_from_a_cursor_in_order_up_to_a_limit(store: Store) -> None:
+    run_id = await new_run(store)
+    await store.append_events(run_id, [activity(f"step {i}") for i in range(1, 6)])
+    after_two = await store.read_events(run_id, after=2)
+    limited = await store.read_events(run_id, after=-1, limit=2)
+    assert [e.id for e in after_two] == [3, 4, 5]
     assert after_two[0].data.startswith('{"id":3,"type":"activity",')
+    assert after_two[0].as_dict()["message"] == "step 3"
     assert [e.id for e in limited] == [0, 1]
+    assert await store.read_events(run_id, after=5) == []
 
 
-async def test_get_run_returns_events_after_cursor_in_the_same_read(store: Store) -> None:
-    record = make_record()
-    await store.create_run(record)
-    for i in range(4):
-        await store.append_event(record.run_id, activity(i))
-    state = await store.get_run(record.run_id, events_after=0, limit=2)
+async def test_the_snapshot_shows_each_providers_latest_activity_from_the_runs_last_events(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    await store.append_events(
+        run_id,
+        [
+            activity("Opening the quote form"),
+            activity("Filling in the vehicle", provider="progressive"),
+            activity("Submitting"),
+        ],
+    )
+    last = activity("Reading the premium", provider="progressive")
+    await store.append_events(run_id, [last])
+    state = await store.get_run(run_id)
     assert state is not None
-    assert state.last_event_id == 3
-    assert [e.id for e in state.events] == [1, 2]
+    assert state.record.provider("geico").last_activity == "Submitting"
+    assert state.record.provider("progressive").last_activity == "Reading the premium"
+    assert state.record.provider("allstate").last_activity is None
+    assert state.record.updated_at == last.ts
 
 
-async def test_append_with_record_replaces_the_record_atomically(store: Store) -> None:
-    record = make_record()
-    await store.create_run(record)
-    changed = record.model_copy(update={"status": "completed"})
-    await store.append_event(record.run_id, complete(), record=changed)
-    state = await store.get_run(record.run_id)
-    assert state is not None
-    assert state.record.status == "completed"
-    assert state.finalized
+async def test_without_a_tail_the_snapshot_falls_back_to_the_activity_in_the_work_state(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    assert (await claim(store, run_id, "w1", now=now)).result == "claimed"
+    work = ProviderWork(attempt=1, attempt_started_at=now, last_activity="Saved with the work")
+    await store.save_provider_work(run_id, "geico", "w1", work)
+    await store.append_events(run_id, [activity("Newer, in the events")])
+    from_tail = await store.get_run(run_id)
+    status_only = await store.get_run(run_id, tail=0)
+    assert from_tail is not None and status_only is not None
+    assert from_tail.record.provider("geico").last_activity == "Newer, in the events"
+    assert status_only.record.provider("geico").last_activity == "Saved with the work"
+    assert status_only.record.provider("geico").status == "running"
 
 
-async def test_append_to_unknown_run_is_refused(store: Store) -> None:
-    with pytest.raises(RunNotFound):
-        await store.append_event(make_record().run_id, activity(0))
+# --- idempotency keys --------------------------------------------------------------------------
 
 
-async def test_fifty_concurrent_writers_lose_and_duplicate_nothing(store: Store) -> None:
-    record = make_record()
-    await store.create_run(record)
+def new_claim(body: str = '{"vin":"X"}') -> IdempotencyClaim:
+    return IdempotencyClaim.for_request(f"key-{uuid.uuid4()}", body, b"secret")
 
-    async def writer(w: int) -> list[int]:
-        return [await store.append_event(record.run_id, activity(f"{w}:{i}")) for i in range(100)]
 
-    returned = await asyncio.gather(*(writer(w) for w in range(50)))
-    events = await store.read_events(record.run_id, after=-1)
-    assert sorted(i for ids in returned for i in ids) == list(range(5000))
-    assert [e.id for e in events] == list(range(5000))
-    messages = [e.as_dict()["message"] for e in events]
+async def test_an_idempotency_key_maps_to_the_first_run(store: Store) -> None:
+    claim_ = new_claim()
+    first, second = make_record(), make_record()
+    created = await store.create_run(first, claim_)
+    repeated = await store.create_run(second, claim_)
+    assert created.created
+    assert not repeated.created
+    assert repeated.run_id == first.run_id
+    assert repeated.body_hash == claim_.body_hash
+    assert await store.get_run(second.run_id) is None
+    assert await store.get_run(first.run_id) is not None
+
+
+async def test_concurrent_creates_with_one_idempotency_key_create_one_run(store_factory) -> None:
+    claim_ = new_claim()
+    records = [make_record() for _ in range(10)]
+    async with instances(store_factory, 10) as stores:
+        outcomes = await asyncio.gather(
+            *(s.create_run(r, claim_) for s, r in zip(stores, records, strict=True))
+        )
+        exist = [await stores[0].get_run(r.run_id) is not None for r in records]
+    assert sum(o.created for o in outcomes) == 1
+    winner = next(o.run_id for o in outcomes if o.created)
+    assert {o.run_id for o in outcomes} == {winner}
+    assert sum(exist) == 1
+
+
+async def test_releasing_an_idempotency_key_forgets_only_its_mapping_to_that_run(
+    store: Store,
+) -> None:
+    claim_ = new_claim()
+    first, second, third = make_record(), make_record(), make_record()
+    await store.create_run(first, claim_)
+    await store.release_idempotency(claim_, second.run_id)  # not the run the key maps to
+    still = await store.create_run(second, claim_)
+    await store.release_idempotency(claim_, first.run_id)
+    afresh = await store.create_run(third, claim_)
+    assert not still.created and still.run_id == first.run_id
+    assert afresh.created and afresh.run_id == third.run_id
+    assert await store.get_run(first.run_id) is not None, "only the mapping is forgotten"
+
+
+async def test_an_idempotency_claim_is_stable_and_its_body_hash_keyed_by_the_secret() -> None:
+    body = '{"driver":{"firstName":"Ana"}}'
+    one = IdempotencyClaim.for_request("k", body, b"secret-1")
+    again = IdempotencyClaim.for_request("k", body, b"secret-1")
+    other_secret = IdempotencyClaim.for_request("k", body, b"secret-2")
+    other_body = IdempotencyClaim.for_request("k", body + " ", b"secret-1")
+    assert one == again
+    assert one.key_hash == other_secret.key_hash
+    assert one.body_hash != other_secret.body_hash
+    assert one.body_hash != other_body.body_hash
+
+
+# --- appending events --------------------------------------------------------------------------
+
+
+async def test_appends_get_consecutive_ids_and_one_append_keeps_its_order(store: Store) -> None:
+    run_id = await new_run(store)
+    single = [await store.append_events(run_id, [activity(f"one {i}")]) for i in range(3)]
+    batch_first = await store.append_events(run_id, [activity(f"batch {i}") for i in range(4)])
+    after = await store.append_events(run_id, [activity("after")])
+    events = await events_of(store, run_id)
+    assert single == [1, 2, 3]
+    assert batch_first == 4
+    assert after == 8
+    assert [e["id"] for e in events] == list(range(9))
+    assert [e.get("message") for e in events[4:8]] == [f"batch {i}" for i in range(4)]
+
+
+@pytest.mark.timeout(600)  # 5,000 appends through the in-process endpoint: slow when busy
+async def test_fifty_concurrent_writers_lose_and_duplicate_nothing(store_factory) -> None:
+    # A KV client timeout would put an append on the unknown-fate path, which has its own
+    # tests (tests/test_kv_faults.py); this one is about concurrent writers alone.
+    async with instances(store_factory, 5, timeout=60.0) as stores:
+        run_id = await new_run(stores[0])
+
+        async def writer(w: int) -> list[int]:
+            store = stores[w % len(stores)]
+            return [await store.append_events(run_id, [activity(f"{w}:{i}")]) for i in range(100)]
+
+        returned = await asyncio.gather(*(writer(w) for w in range(50)))
+        events = await events_of(stores[0], run_id)
+    assert sorted(i for ids in returned for i in ids) == list(range(1, 5001))
+    assert [e["id"] for e in events] == list(range(5001))
+    messages = [str(e["message"]) for e in events[1:]]
     assert len(set(messages)) == 5000
     for w in range(50):
-        mine = [m for m in messages if str(m).startswith(f"step {w}:")]
-        assert mine == [f"step {w}:{i}" for i in range(100)], "a writer's events were reordered"
+        mine = [m for m in messages if m.startswith(f"{w}:")]
+        assert mine == [f"{w}:{i}" for i in range(100)], "a writer's events were reordered"
 
 
-async def test_retried_append_with_the_same_nonce_is_applied_once(store: Store) -> None:
-    record = make_record()
-    await store.create_run(record)
-    first = await store.append_event(record.run_id, activity(0), nonce="n-1")
-    again = await store.append_event(record.run_id, activity(0), nonce="n-1")
-    assert first == again == 0
-    assert len(await store.read_events(record.run_id, after=-1)) == 1
-
-
-async def test_terminal_event_fences_the_run(store: Store) -> None:
-    record = make_record()
-    await store.create_run(record)
-    await store.append_event(record.run_id, StartedEvent(providers=["geico"], total=1))
-    terminal_id = await store.append_event(record.run_id, complete(), nonce="end")
-    with pytest.raises(RunFinalized):
-        await store.append_event(record.run_id, activity("late"))
-    with pytest.raises(RunFinalized):
-        await store.update_run(record)
-    with pytest.raises(RunFinalized):
-        await store.append_event(record.run_id, ErrorEvent(code="internal", message="second end"))
-    # A retry of the terminal append itself still answers with its id.
-    assert await store.append_event(record.run_id, complete(), nonce="end") == terminal_id
-    events = await store.read_events(record.run_id, after=-1)
-    assert [e.type for e in events] == ["started", "complete"]
-
-
-async def test_update_run_replaces_the_record(store: Store) -> None:
-    record = make_record()
-    await store.create_run(record)
-    beat = record.model_copy(update={"heartbeat_at": utc_now()})
-    await store.update_run(beat)
-    state = await store.get_run(record.run_id)
-    assert state is not None
-    assert state.record.heartbeat_at == beat.heartbeat_at
+async def test_appending_to_an_unknown_run_is_refused(store: Store) -> None:
     with pytest.raises(RunNotFound):
-        await store.update_run(make_record())
+        await store.append_events(make_record().run_id, [activity("orphan")])
 
 
-async def test_finalize_stale_run_refuses_when_the_worker_wrote_since(store: Store) -> None:
-    record = make_record()
-    await store.create_run(record)
-    observed = await store.get_run(record.run_id)
-    assert observed is not None
-    await store.append_event(
-        record.run_id,
-        activity("alive"),
-        record=record.model_copy(update={"heartbeat_at": utc_now()}),
+# --- claiming a provider -----------------------------------------------------------------------
+
+
+async def test_the_first_claim_wins_and_others_see_it_held_until_its_lease_ends(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    first = await claim(store, run_id, "w1", now=now)
+    second = await claim(store, run_id, "w2", now=now + timedelta(seconds=1))
+    just_before = await claim(store, run_id, "w2", now=now + LEASE - timedelta(milliseconds=1))
+    state = await store.get_run(run_id)
+    assert first.result == "claimed"
+    assert first.deliveries == 1
+    assert first.work == ProviderWork()
+    assert second.result == "held" and just_before.result == "held"
+    assert second.busy_until == now + LEASE
+    assert state is not None
+    assert state.record.leases["geico"].owner == "w1"
+    assert state.record.leases["geico"].until == now + LEASE
+    assert state.record.provider("geico").status == "running"
+    assert state.record.provider("progressive").status == "pending"
+
+
+async def test_after_the_lease_ends_its_holder_keeps_the_provider_while_it_writes_events(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    start = utc_now()
+    await claim(store, run_id, "w1", now=start)
+    wrote_at = start + timedelta(seconds=30)
+    await store.append_events(run_id, [activity("still working", ts=wrote_at)])
+    # Another provider's event says nothing about geico's worker.
+    await store.append_events(
+        run_id, [activity("other", provider="progressive", ts=start + timedelta(seconds=50))]
     )
-    failed = record.model_copy(update={"status": "failed"})
-    result = await store.finalize_stale_run(
-        observed, ErrorEvent(code="worker_lost", message="gone"), failed
+    later = start + LEASE + timedelta(seconds=15)  # w1's lease has ended
+    alive = await claim(
+        store, run_id, "w2", now=later, alive_since=wrote_at - timedelta(milliseconds=1)
     )
-    assert result is None
-    assert [e.type for e in await store.read_events(record.run_id, after=-1)] == ["activity"]
+    at_the_event = await claim(store, run_id, "w2", now=later, alive_since=wrote_at)
+    state = await store.get_run(run_id)
+    assert alive.result == "held"
+    assert alive.busy_until == wrote_at + LEASE
+    assert at_the_event.result == "claimed", "only an event strictly after alive_since counts"
+    assert at_the_event.deliveries == 2
+    assert state is not None and state.record.leases["geico"].owner == "w2"
 
 
-async def test_concurrent_finalizers_write_exactly_one_terminal_event(store: Store) -> None:
-    record = make_record()
-    await store.create_run(record)
-    observed = await store.get_run(record.run_id)
-    assert observed is not None
-    failed = record.model_copy(update={"status": "failed"})
-    results = await asyncio.gather(
-        *(
-            store.finalize_stale_run(
-                observed, ErrorEvent(code="worker_lost", message="gone"), failed
-            )
-            for _ in range(10)
+async def test_after_the_lease_ends_a_silent_holder_loses_the_provider(store: Store) -> None:
+    run_id = await new_run(store)
+    start = utc_now()
+    await claim(store, run_id, "w1", now=start)
+    later = start + LEASE + timedelta(seconds=1)
+    taken = await claim(store, run_id, "w2", now=later)
+    with pytest.raises(LeaseLost):
+        await store.renew_lease(run_id, "geico", "w1", later + LEASE)
+    assert taken.result == "claimed"
+    assert taken.deliveries == 2
+
+
+async def test_a_released_lease_lets_the_next_claim_in_at_once(store: Store) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    await claim(store, run_id, "w1", now=now)
+    work = ProviderWork(attempt=1, attempt_started_at=now, agent_run_id="agent-1")
+    await store.save_provider_work(
+        run_id, "geico", "w1", work, [activity("handing back")], lease_until=RELEASED
+    )
+    resumed = await claim(store, run_id, "w2", now=now + timedelta(seconds=1))
+    assert resumed.result == "claimed"
+    assert resumed.work == work
+    assert resumed.deliveries == 2
+
+
+async def test_the_same_owner_claiming_again_is_idempotent(store: Store) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    first = await claim(store, run_id, "w1", now=now)
+    again = await claim(store, run_id, "w1", now=now + timedelta(seconds=5))
+    state = await store.get_run(run_id)
+    assert first.result == again.result == "claimed"
+    assert first.deliveries == again.deliveries == 1
+    assert state is not None
+    assert state.record.leases["geico"].until == now + timedelta(seconds=5) + LEASE
+
+
+async def test_deliveries_count_every_owner_that_claimed_the_provider(store: Store) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    counts = []
+    for turn, owner in enumerate(["w1", "w2", "w1", "w3"]):
+        result = await claim(store, run_id, owner, now=now + turn * (LEASE + LEASE))
+        assert result.result == "claimed"
+        counts.append(result.deliveries)
+    other = await claim(store, run_id, "w1", now=now, provider="progressive")
+    assert counts == [1, 2, 3, 4]
+    assert other.deliveries == 1, "deliveries are counted per provider"
+
+
+async def test_claims_report_a_finished_provider_an_ended_run_and_a_missing_run(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    await claim(store, run_id, "w1", now=now)
+    await store.record_outcome(run_id, "geico", *quoted("geico"), total=5)
+    finished = await claim(store, run_id, "w2", now=now)
+    unclaimed = await claim(store, run_id, "w2", now=now, provider="progressive")
+    await store.finish_run(run_id, *lost())
+    ended = await claim(store, run_id, "w3", now=now, provider="allstate")
+    missing = await claim(store, make_record().run_id, "w1", now=now)
+    assert finished.result == "finished"
+    assert unclaimed.result == "claimed"
+    assert ended.result == "ended"
+    assert missing.result == "missing"
+
+
+async def test_concurrent_claims_by_many_owners_give_the_provider_to_exactly_one(
+    store_factory,
+) -> None:
+    async with instances(store_factory, 8) as stores:
+        run_id = await new_run(stores[0])
+        now = utc_now()
+        results = await asyncio.gather(
+            *(claim(s, run_id, f"w{i}", now=now) for i, s in enumerate(stores))
         )
+        state = await stores[0].get_run(run_id)
+    winners = [f"w{i}" for i, r in enumerate(results) if r.result == "claimed"]
+    assert len(winners) == 1
+    assert sorted(r.result for r in results) == ["claimed"] + ["held"] * 7
+    assert state is not None and state.record.leases["geico"].owner == winners[0]
+
+
+# --- a provider's work and its lease -----------------------------------------------------------
+
+
+async def test_saved_work_reads_back_with_its_events_and_moves_the_lease(store: Store) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    await claim(store, run_id, "w1", now=now)
+    work = ProviderWork(
+        attempt=2,
+        attempt_started_at=now,
+        first_started_at=now - timedelta(minutes=3),
+        agent_run_id="agent-2",
+        agent_run_ids=["agent-1", "agent-2"],
+        cancelled_agent_run_ids=["agent-1"],
+        last_activity="Attempt 2 started",
     )
-    assert sorted(results, key=lambda r: r is None) == [0] + [None] * 9
-    events = await store.read_events(record.run_id, after=-1)
-    assert [e.type for e in events] == ["error"]
+    extended = now + timedelta(minutes=2)
+    await store.save_provider_work(
+        run_id,
+        "geico",
+        "w1",
+        work,
+        [activity("Attempt 2 started"), activity("Agent run agent-2")],
+        lease_until=extended,
+    )
+    state = await store.get_run(run_id, events_after=0)
+    assert state is not None
+    assert state.record.work["geico"] == work
+    assert state.record.leases["geico"].until == extended
+    assert [(e.id, e.as_dict()["message"]) for e in state.events] == [
+        (1, "Attempt 2 started"),
+        (2, "Agent run agent-2"),
+    ]
+    held = await claim(store, run_id, "w2", now=now + LEASE + timedelta(seconds=1))
+    assert held.result == "held" and held.busy_until == extended
 
 
-def _run_cli(args: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.store_cli", *args],
+async def test_renewing_a_lease_moves_its_end(store: Store) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    await claim(store, run_id, "w1", now=now)
+    renewed = now + timedelta(minutes=5)
+    await store.renew_lease(run_id, "geico", "w1", renewed)
+    state = await store.get_run(run_id)
+    held = await claim(store, run_id, "w2", now=now + timedelta(minutes=4))
+    assert state is not None and state.record.leases["geico"].until == renewed
+    assert held.result == "held"
+
+
+async def test_a_worker_without_the_lease_writes_nothing(store: Store) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    work = ProviderWork(attempt=1, attempt_started_at=now)
+    with pytest.raises(LeaseLost):  # never claimed
+        await store.save_provider_work(run_id, "geico", "w1", work, [activity("not mine")])
+    await claim(store, run_id, "w1", now=now)
+    with pytest.raises(LeaseLost):
+        await store.save_provider_work(run_id, "geico", "w2", work, [activity("not mine")])
+    with pytest.raises(LeaseLost):
+        await store.renew_lease(run_id, "geico", "w2", now + timedelta(hours=1))
+    with pytest.raises(RunNotFound):
+        await store.save_provider_work(make_record().run_id, "geico", "w1", work)
+    with pytest.raises(RunNotFound):
+        await store.renew_lease(make_record().run_id, "geico", "w1", now)
+    state = await store.get_run(run_id)
+    assert state is not None
+    assert "geico" not in state.record.work
+    assert state.record.leases["geico"].until == now + LEASE
+    assert await types_of(store, run_id) == ["started"]
+
+
+# --- outcomes ----------------------------------------------------------------------------------
+
+
+async def test_an_outcome_is_recorded_once_with_its_event_and_the_runs_progress(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    outcome, event = quoted("geico")
+    written = await store.record_outcome(run_id, "geico", outcome, event, total=5)
+    again = await store.record_outcome(run_id, "geico", *failed("geico"), total=5)
+    state = await store.get_run(run_id, events_after=0)
+    assert written.first_id == 1 and written.completed == 1
+    assert again.first_id is None and again.completed == 1
+    assert state is not None
+    assert [e.as_dict() for e in state.events] == [
+        {"id": 1, **json.loads(event.model_dump_json())},
+        {
+            "id": 2,
+            "type": "progress",
+            "completed": 1,
+            "total": 5,
+            "percent": 20,
+            "ts": json.loads(event.model_dump_json())["ts"],
+        },
+    ]
+    geico = state.record.provider("geico")
+    assert geico.status == "quoted" and geico.quote == outcome.quote
+    assert state.record.completed == 1
+
+
+async def test_a_failed_outcome_shows_as_the_providers_error(store: Store) -> None:
+    run_id = await new_run(store)
+    outcome, event = failed("allstate")
+    await store.record_outcome(run_id, "allstate", outcome, event, total=5)
+    state = await store.get_run(run_id)
+    assert state is not None
+    allstate = state.record.provider("allstate")
+    assert allstate.status == "failed"
+    assert allstate.error == outcome.error
+    assert allstate.quote is None
+    assert (await types_of(store, run_id))[1:] == ["provider_error", "progress"]
+
+
+async def test_five_providers_recording_at_once_count_progress_one_to_five(
+    store_factory,
+) -> None:
+    async with instances(store_factory, 5) as stores:
+        run_id = await new_run(stores[0])
+        written = await asyncio.gather(
+            *(
+                s.record_outcome(run_id, p, *quoted(p), total=5)
+                for s, p in zip(stores, PROVIDER_IDS, strict=True)
+            )
+        )
+        events = await events_of(stores[0], run_id)
+        state = await stores[0].get_run(run_id)
+    assert sorted(w.completed for w in written) == [1, 2, 3, 4, 5]
+    progress = [e for e in events if e["type"] == "progress"]
+    assert [(e["completed"], e["percent"]) for e in progress] == [
+        (1, 20),
+        (2, 40),
+        (3, 60),
+        (4, 80),
+        (5, 100),
+    ]
+    for w in written:  # each quote is followed by the progress it made
+        assert w.first_id is not None
+        assert events[w.first_id]["type"] == "quote"
+        assert events[w.first_id + 1]["completed"] == w.completed
+    assert len(events) == 11
+    assert state is not None and state.record.completed == 5
+
+
+async def test_an_outcome_for_an_ended_run_is_refused_and_leaves_nothing(store: Store) -> None:
+    run_id = await new_run(store)
+    await store.finish_run(run_id, *completed())
+    with pytest.raises(RunFinalized):
+        await store.record_outcome(run_id, "geico", *quoted("geico"), total=5)
+    state = await store.get_run(run_id)
+    assert state is not None
+    assert state.record.provider("geico").quote is None
+    assert state.record.completed == 0
+    assert await types_of(store, run_id) == ["started", "complete"]
+
+
+async def test_an_outcome_repeated_after_the_runs_end_is_refused_too(store: Store) -> None:
+    run_id = await new_run(store)
+    await store.record_outcome(run_id, "geico", *quoted("geico"), total=5)
+    await store.finish_run(run_id, *completed())
+    with pytest.raises(RunFinalized):
+        await store.record_outcome(run_id, "geico", *quoted("geico"), total=5)
+    assert await types_of(store, run_id) == ["started", "quote", "progress", "complete"]
+
+
+async def test_an_outcome_for_an_unknown_run_is_refused(store: Store) -> None:
+    missing = make_record().run_id
+    with pytest.raises(RunNotFound):
+        await store.record_outcome(missing, "geico", *quoted("geico"), total=5)
+    assert await store.get_run(missing) is None
+
+
+# --- the run's end -----------------------------------------------------------------------------
+
+
+async def test_finishing_a_run_fences_every_later_write(store: Store) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    await claim(store, run_id, "w1", now=now)
+    terminal = await store.finish_run(run_id, *completed())
+    work = ProviderWork(attempt=1)
+    with pytest.raises(RunFinalized):
+        await store.append_events(run_id, [activity("late")])
+    with pytest.raises(RunFinalized):
+        await store.finish_run(run_id, *lost())
+    with pytest.raises(RunFinalized):
+        await store.save_provider_work(run_id, "geico", "w1", work, [activity("late")])
+    with pytest.raises(RunFinalized):
+        await store.renew_lease(run_id, "geico", "w1", now + LEASE)
+    assert terminal == 1
+    assert await types_of(store, run_id) == ["started", "complete"]
+
+
+async def test_finishing_an_unknown_run_is_refused(store: Store) -> None:
+    with pytest.raises(RunNotFound):
+        await store.finish_run(make_record().run_id, *completed())
+
+
+async def test_an_ended_run_reads_back_with_its_end_and_all_its_events(store: Store) -> None:
+    run_id = await new_run(store)
+    await store.append_events(run_id, [activity("working")])
+    await store.record_outcome(run_id, "geico", *quoted("geico"), total=5)
+    event, end = lost()
+    terminal = await store.finish_run(run_id, event, end)
+    state = await store.get_run(run_id, events_after=-1)
+    read = await store.read_events(run_id, after=2)
+    assert terminal == 4
+    assert state is not None
+    assert state.finalized
+    assert state.last_event_id == 4
+    assert [e.type for e in state.events] == ["started", "activity", "quote", "progress", "error"]
+    assert [e.id for e in read] == [3, 4]
+    assert read[-1].is_terminal
+    record = state.record
+    assert record.status == "failed"
+    assert record.error == end.error
+    assert record.ended_at == end.ended_at
+    assert record.provider("geico").status == "quoted", "an outcome outlives the run's failure"
+    assert record.provider("progressive").status == "failed"
+    assert record.provider("progressive").error == end.error
+
+
+async def test_a_completed_run_has_no_error(store: Store) -> None:
+    run_id = await new_run(store)
+    await store.finish_run(run_id, *completed())
+    state = await store.get_run(run_id)
+    assert state is not None and state.finalized
+    assert state.record.status == "completed"
+    assert state.record.error is None
+
+
+async def test_append_event_with_a_terminal_event_ends_the_run_as_it_says(store: Store) -> None:
+    run_id = await new_run(store)
+    terminal = await store.append_event(run_id, ErrorEvent(code="deadline_exceeded", message="x"))
+    state = await store.get_run(run_id)
+    assert terminal == 1
+    assert state is not None and state.finalized
+    assert state.record.status == "failed"
+    assert state.record.error == ErrorInfo(code="deadline_exceeded", message="x")
+
+
+async def test_concurrent_finishers_write_exactly_one_terminal_event(store_factory) -> None:
+    async with instances(store_factory, 10) as stores:
+        run_id = await new_run(stores[0])
+
+        async def finish(store: Store) -> int | None:
+            try:
+                return await store.finish_run(run_id, *lost())
+            except RunFinalized:
+                return None
+
+        results = await asyncio.gather(*(finish(s) for s in stores))
+        types = await types_of(stores[0], run_id)
+    assert sorted(results, key=lambda r: r is None) == [1] + [None] * 9
+    assert types == ["started", "error"]
+
+
+async def test_writes_racing_the_end_land_before_it_or_are_refused(store_factory) -> None:
+    async with instances(store_factory, 6) as stores:
+        run_id = await new_run(stores[0])
+        accepted: dict[str, int] = {}
+        refused: list[str] = []
+        under_way: list[int] = []
+        all_writing = asyncio.Event()
+
+        async def writer(store: Store, w: int) -> None:
+            i = 0
+            while True:
+                message = f"{w}:{i}"
+                try:
+                    accepted[message] = await store.append_events(run_id, [activity(message)])
+                except RunFinalized:
+                    refused.append(message)
+                    return
+                i += 1
+                if i == 5:
+                    under_way.append(w)
+                    if len(under_way) == 4:  # every writer is appending when the end comes
+                        all_writing.set()
+
+        async def outcome(store: Store, provider: ProviderId) -> int | None:
+            await all_writing.wait()
+            try:
+                return (
+                    await store.record_outcome(run_id, provider, *quoted(provider), total=5)
+                ).first_id
+            except RunFinalized:
+                return None
+
+        async def finish(store: Store) -> int:
+            await all_writing.wait()
+            return await store.finish_run(run_id, *lost())
+
+        writers = [writer(s, w) for w, s in enumerate(stores[:4])]
+        outcomes = [outcome(stores[4], p) for p in PROVIDER_IDS]
+        *_, recorded, terminal = await asyncio.gather(
+            *writers, asyncio.gather(*outcomes), finish(stores[5])
+        )
+        events = await events_of(stores[0], run_id)
+    assert events[-1]["id"] == terminal and events[-1]["type"] == "error"
+    assert all(event_id < terminal for event_id in accepted.values())
+    logged = {str(e["message"]): e["id"] for e in events if e["type"] == "activity"}
+    assert logged == accepted, "every accepted append is there, once, where it was told"
+    assert len(refused) == 4 and not set(refused) & set(logged)
+    quotes = [e["id"] for e in events if e["type"] == "quote"]
+    progress = [e["completed"] for e in events if e["type"] == "progress"]
+    assert quotes == sorted(first for first in recorded if first is not None)
+    assert progress == list(range(1, len(quotes) + 1))
+
+
+def start_cli(store_factory: Any, command: str, *run_ids: str) -> subprocess.Popen[str]:
+    """tests/store_cli.py in its own process; it prints "ready" and waits for a line."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.store_cli", *store_factory.cli_args, command, *run_ids],
         cwd=ROOT,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    return process
 
 
-def _result(process: subprocess.Popen[str]) -> dict[str, float | int | None]:
-    out, err = process.communicate(timeout=30)
+async def wait_ready(process: subprocess.Popen[str]) -> None:
+    assert process.stdout is not None
+    line = await asyncio.to_thread(process.stdout.readline)
+    assert line.strip() == "ready", process.stderr.read() if process.stderr else line
+
+
+def release(process: subprocess.Popen[str]) -> None:
+    assert process.stdin is not None
+    process.stdin.write("go\n")
+    process.stdin.flush()
+
+
+async def result_of(process: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = await asyncio.to_thread(process.communicate, timeout=60)
     assert process.returncode == 0, err
-    value: dict[str, float | int | None] = json.loads(out.strip().splitlines()[-1])
+    value: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return value
 
 
-async def test_two_processes_racing_to_finalize_write_one_terminal_event(
+async def test_two_processes_racing_to_finish_runs_write_one_terminal_event_each(
     store: Store, store_factory
 ) -> None:
-    record = make_record()
-    await store.create_run(record)
-    at = time.time() + 1.5
-    racers = [
-        _run_cli([*store_factory.cli_args, "finalize-at", record.run_id, str(at)]) for _ in range(2)
-    ]
-    results = [_result(p)["id"] for p in racers]
-    assert sorted(results, key=lambda r: r is None) == [0, None]
-    events = await store.read_events(record.run_id, after=-1)
-    assert [e.type for e in events] == ["error"]
+    run_ids = [await new_run(store) for _ in range(20)]
+    racers = [start_cli(store_factory, "finish", *run_ids) for _ in range(2)]
+    for racer in racers:
+        await wait_ready(racer)
+    for racer in racers:  # both are waiting: released together
+        release(racer)
+    results = [(await result_of(r))["results"] for r in racers]
+    for index, run_id in enumerate(run_ids):
+        outcomes = sorted((results[0][index], results[1][index]), key=str)
+        assert outcomes == [1, "finalized"], (run_id, outcomes)
+        assert await types_of(store, run_id) == ["started", "error"]
 
 
-async def test_waiting_reader_is_woken_by_an_append_from_another_process(
-    store: Store, store_factory
-) -> None:
-    record = make_record()
-    await store.create_run(record)
-    # KV pushes; SQLite polls at most every 200 ms.
-    budget = 0.1 if store_factory.kind == "kv" else 0.25
-    async with store.watch(record.run_id) as watch:
-        assert await watch.next_events(-1, timeout=0.05) == []
-        at = time.time() + 1.5
-        writer = _run_cli([*store_factory.cli_args, "append-at", record.run_id, str(at)])
-        events = await watch.next_events(-1, timeout=10)
-        received = time.time()
-    sent = _result(writer)
-    assert [e.id for e in events] == [0]
-    assert received - float(sent["started"] or 0) < budget
-
-
-async def test_watch_delivers_backlog_then_live_events_in_order_exactly_once(store: Store) -> None:
-    record = make_record()
-    await store.create_run(record)
-    for i in range(3):
-        await store.append_event(record.run_id, activity(i))
-
-    async def write_more() -> None:
-        for i in range(3, 40):
-            await store.append_event(record.run_id, activity(i))
-            if i % 7 == 0:
-                await asyncio.sleep(0.03)
-
-    received: list[int] = []
-    async with store.watch(record.run_id) as watch:
-        writer = asyncio.create_task(write_more())
-        cursor = -1
-        while cursor < 39:
-            batch = await watch.next_events(cursor, timeout=5)
-            assert batch, "watch stalled"
-            received.extend(e.id for e in batch)
-            cursor = batch[-1].id
-        await writer
-    assert received == list(range(40))
-
-
-async def test_idempotency_key_maps_to_the_first_run(store: Store) -> None:
-    claim = IdempotencyClaim.for_request(f"key-{uuid.uuid4()}", '{"vin":"X"}', b"secret")
-    first, second = make_record(), make_record()
-    created = await store.create_run(first, claim)
-    repeated = await store.create_run(second, claim)
-    assert created.created
-    assert not repeated.created
-    assert repeated.run_id == first.run_id
-    assert repeated.body_hash == claim.body_hash
-    assert await store.get_run(second.run_id) is None
-
-
-async def test_concurrent_requests_with_one_idempotency_key_create_one_run(store: Store) -> None:
-    claim = IdempotencyClaim.for_request(f"key-{uuid.uuid4()}", "{}", b"secret")
-    outcomes = await asyncio.gather(*(store.create_run(make_record(), claim) for _ in range(10)))
-    assert sum(o.created for o in outcomes) == 1
-    assert len({o.run_id for o in outcomes}) == 1
-
-
-async def test_idempotency_body_hash_is_keyed_by_the_secret() -> None:
-    body = '{"driver":{"firstName":"Ana"}}'
-    one = IdempotencyClaim.for_request("k", body, b"secret-1")
-    two = IdempotencyClaim.for_request("k", body, b"secret-2")
-    assert one.key_hash == two.key_hash
-    assert one.body_hash != two.body_hash
-    assert "Ana" not in one.body_hash
+# --- expiry ------------------------------------------------------------------------------------
 
 
 async def test_runs_expire_after_the_ttl(store_factory) -> None:
     short = store_factory(ttl_seconds=1)
     try:
-        record = make_record()
-        await short.create_run(record)
-        await short.append_event(record.run_id, activity(0))
-        await asyncio.sleep(1.3)
-        assert await short.get_run(record.run_id) is None
-        assert await short.read_events(record.run_id, after=-1) == []
+        run_id = await new_run(short)
+        await short.append_events(run_id, [activity("soon gone")])
+
+        async def expired() -> bool:
+            return await short.get_run(run_id) is None
+
+        await eventually(expired)
+        assert await short.read_events(run_id, after=-1) == []
+        assert (await claim(short, run_id, "w1", now=utc_now())).result == "missing"
         with pytest.raises(RunNotFound):
-            await short.append_event(record.run_id, activity(1))
+            await short.append_events(run_id, [activity("too late")])
+        with pytest.raises(RunNotFound):
+            await short.finish_run(run_id, *completed())
     finally:
         await short.aclose()
 
 
-async def test_every_key_the_kv_store_writes_expires_within_the_ttl(upstash_server) -> None:
-    ttl = 600
-    kv = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=ttl)
-    record = make_record()
-    claim = IdempotencyClaim.for_request(f"key-{uuid.uuid4()}", "{}", b"secret")
-    try:
-        await kv.create_run(record, claim)
-        await kv.append_event(record.run_id, activity(0), record=record)
-        await kv.update_run(record)
-        await kv.append_event(record.run_id, complete())
-    finally:
-        await kv.aclose()
-    redis = redis_asyncio.Redis.from_url(kv_redis_url())
-    try:
-        run_keys = [k async for k in redis.scan_iter(f"quote:{record.run_id}*")]
-        written = [*run_keys, f"quote:idem:{claim.key_hash}".encode()]
-        assert len(run_keys) == 4  # record, events, appends, final
-        for key in written:
-            remaining = await redis.ttl(key)
-            assert 0 < remaining <= ttl, (key, remaining)
-    finally:
-        await redis.aclose()
+def expiries(path: str, table: str, run_id: str | None = None) -> list[float]:
+    with closing(sqlite3.connect(path)) as db:
+        where, args = (" WHERE run_id = ?", (run_id,)) if run_id else ("", ())
+        return [row[0] for row in db.execute(f"SELECT expires_at FROM {table}{where}", args)]
+
+
+def rows_of(path: str, run_id: str) -> dict[str, int]:
+    with closing(sqlite3.connect(path)) as db:
+        return {
+            table: db.execute(
+                f"SELECT COUNT(*) FROM {table} WHERE run_id = ?", (run_id,)
+            ).fetchone()[0]
+            for table in ("runs", "events", "providers")
+        }
 
 
 async def test_every_row_the_sqlite_store_writes_expires_within_the_ttl(tmp_path) -> None:
@@ -329,29 +872,108 @@ async def test_every_row_the_sqlite_store_writes_expires_within_the_ttl(tmp_path
     local = SQLiteStore(path, ttl_seconds=ttl)
     record = make_record()
     try:
-        await local.create_run(record, IdempotencyClaim.for_request("k", "{}", b"s"))
-        await local.append_event(record.run_id, complete())
+        await local.create_run(record, new_claim())
+        await claim(local, record.run_id, "w1", now=utc_now())
+        await local.record_outcome(record.run_id, "geico", *quoted("geico"), total=5)
+        horizon = time.time() + ttl
+        for table in ("runs", "idempotency"):
+            assert expiries(path, table), table
+            assert all(at <= horizon for at in expiries(path, table)), table
+        # The run's end is its last write: it renews the run's expiry to the full TTL.
+        with closing(sqlite3.connect(path)) as db, db:
+            db.execute(
+                "UPDATE runs SET expires_at = ? WHERE run_id = ?",
+                (time.time() + 100, record.run_id),
+            )
+        before = time.time()
+        await local.finish_run(record.run_id, *completed())
+        [renewed] = expiries(path, "runs", record.run_id)
+        assert before + ttl <= renewed <= time.time() + ttl
     finally:
         await local.aclose()
-    db = sqlite3.connect(path)
-    horizon = time.time() + ttl + 1
-    for table in ("runs", "idempotency"):
-        rows = db.execute(f"SELECT expires_at FROM {table}").fetchall()
-        assert rows, table
-        assert all(row[0] <= horizon for row in rows), table
-    db.close()
 
 
-async def test_wait_for_events_returns_what_arrives_or_nothing_at_the_timeout(store: Store) -> None:
+async def test_the_sqlite_store_purges_the_rows_of_expired_runs(tmp_path) -> None:
+    path = str(tmp_path / "quotes.sqlite3")
+    short = SQLiteStore(path, ttl_seconds=1)
+    idem = new_claim()
     record = make_record()
-    await store.create_run(record)
-    assert await store.wait_for_events(record.run_id, after=-1, timeout=0.2) == []
+    try:
+        await short.create_run(record, idem)
+        await claim(short, record.run_id, "w1", now=utc_now())
+        await short.append_events(record.run_id, [activity("soon gone")])
+        assert rows_of(path, record.run_id) == {"runs": 1, "events": 2, "providers": 1}
 
-    async def append_soon() -> None:
-        await asyncio.sleep(0.1)
-        await store.append_event(record.run_id, activity("soon"))
+        async def expired() -> bool:
+            return await short.get_run(record.run_id) is None
 
-    writer = asyncio.create_task(append_soon())
-    events = await store.wait_for_events(record.run_id, after=-1, timeout=5)
-    await writer
-    assert [e.id for e in events] == [0]
+        await eventually(expired)
+    finally:
+        await short.aclose()
+    later = SQLiteStore(path, ttl_seconds=7200)  # a new instance purges on its first create
+    try:
+        await later.create_run(make_record())
+    finally:
+        await later.aclose()
+    assert rows_of(path, record.run_id) == {"runs": 0, "events": 0, "providers": 0}
+    assert expiries(path, "idempotency") == []
+
+
+# --- watching a run ----------------------------------------------------------------------------
+
+
+async def test_a_waiting_reader_is_woken_by_an_append_from_another_process(
+    store: Store, store_factory
+) -> None:
+    run_id = await new_run(store)
+    writer = start_cli(store_factory, "append", run_id)
+    await wait_ready(writer)
+    async with store.watch(run_id) as watch:
+        assert [e.id for e in await watch.next_events(-1, timeout=5)] == [0]
+        assert await watch.next_events(0, timeout=0.05) == []
+        release(writer)
+        events = await watch.next_events(0, timeout=30)
+    sent = await result_of(writer)
+    assert sent["id"] == 1
+    assert [e.id for e in events] == [1]
+    assert events[0].as_dict()["message"] == "from another process"
+    assert watch.last_heard is not None
+
+
+async def test_a_watch_delivers_the_backlog_then_live_events_in_order_exactly_once(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    await store.append_events(run_id, [activity(f"step {i}") for i in range(1, 4)])
+
+    async def write_more() -> None:
+        for i in range(4, 40):
+            await store.append_events(run_id, [activity(f"step {i}")])
+            if i % 7 == 0:
+                await asyncio.sleep(0.03)
+        await store.finish_run(run_id, *completed())
+
+    received: list[int] = []
+    async with store.watch(run_id) as watch:
+        writer = asyncio.create_task(write_more())
+        cursor = -1
+        while not received or received[-1] < 40:
+            batch = await watch.next_events(cursor, timeout=10)
+            assert batch, "the watch stalled"
+            received.extend(e.id for e in batch)
+            cursor = batch[-1].id
+        await writer
+        assert await watch.next_events(cursor, timeout=0.1) == []
+    assert received == list(range(41))
+
+
+async def test_wait_for_events_returns_what_arrives_or_nothing_at_the_timeout(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    assert await store.wait_for_events(run_id, after=0, timeout=0.2) == []
+    waiting = asyncio.create_task(store.wait_for_events(run_id, after=0, timeout=30))
+    await asyncio.sleep(0.1)  # let the reader start waiting before the write
+    await store.append_events(run_id, [activity("soon")])
+    events = await waiting
+    assert [e.id for e in events] == [1]

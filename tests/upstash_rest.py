@@ -179,7 +179,11 @@ class _Api:
         self._commands = BlockingConnectionPool.from_url(
             self.redis_url, max_connections=256, timeout=30, **options
         )
-        self._pubsub = ConnectionPool.from_url(self.redis_url, max_connections=10_000, **options)
+        # No read timeout: a subscription may be silent for minutes (redis-py 8 defaults to 5 s,
+        # which ended every idle stream, unlike Upstash's).
+        self._pubsub = ConnectionPool.from_url(
+            self.redis_url, max_connections=10_000, socket_timeout=None, **options
+        )
         try:
             yield
         finally:

@@ -1,7 +1,12 @@
 """The run store's interface and its value types; it depends on nothing below it.
 
-Events are stored as JSON without their id (the id is the event's position); readers get
-`StoredEvent.data`, the wire JSON with `"id"` first, ready to send.
+A run is written by several workers at once (one per provider, on different instances) and read
+by any instance. Every write is one atomic store operation that touches only what it owns: an
+event append, one provider's lease or work state, one provider's outcome (with the run's
+progress), or the run's end (with its terminal event, which fences every later append).
+
+Events are stored as `{"n":"<nonce>",...}` (the nonce makes a retried append land once) and read
+as the wire JSON with `"id"` first, ready to send; an event's id is its position in the run.
 """
 
 from __future__ import annotations
@@ -10,29 +15,60 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Literal, Self
 
-from lib.store.errors import RunChanged, RunFinalized, RunNotFound
-from lib.terms import TERMINAL_EVENT_TYPES
+from lib.terms import TERMINAL_EVENT_TYPES, format_time
 
 if TYPE_CHECKING:
-    from lib.models import ErrorEvent, RunEvent, RunRecord
+    from lib.models import (
+        CompleteEvent,
+        ErrorEvent,
+        ProviderErrorEvent,
+        ProviderId,
+        ProviderLease,
+        ProviderOutcome,
+        ProviderWork,
+        QuoteEvent,
+        RunEnd,
+        RunEvent,
+        RunMeta,
+        RunRecord,
+        StartedEvent,
+    )
 
-# Every event's JSON starts with its id and type (see wire_event and the event models).
+# Every event's wire JSON starts with its id and type (see wire_event and the event models).
 _TYPE_FIELD = re.compile(r'\{"id":\d+,"type":"([a-z_]+)"')
+NONCE_CHARS = 8
+_NONCE_PREFIX = len('{"n":"",') + NONCE_CHARS
+# A lease given back on purpose (not merely expired).
+RELEASED = datetime.fromtimestamp(0, UTC)
+# The events a snapshot reads from the end of the run, for each provider's latest activity.
+TAIL_EVENTS = 24
 
 
-def stored_event_json(event: RunEvent) -> str:
-    """The stored form of an event: its JSON without the id."""
-    return event.model_dump_json()
+def new_nonce() -> str:
+    return secrets.token_urlsafe(6)  # 8 URL-safe characters
+
+
+def stored_event_json(event: RunEvent, nonce: str) -> str:
+    """The stored form of an event: its JSON with the append's nonce in place of the id."""
+    return f'{{"n":"{nonce}",{event.model_dump_json()[1:]}'
 
 
 def wire_event(event_id: int, stored: str) -> str:
-    """Splice the id in front of a stored event's fields: {"id":N,...}."""
-    return f'{{"id":{event_id},{stored[1:]}'
+    """Replace a stored event's nonce with its id: {"id":N,...}."""
+    return f'{{"id":{event_id},{stored[_NONCE_PREFIX:]}'
+
+
+def batch_nonces(count: int, first: str | None = None) -> list[str]:
+    """One nonce per event of an append; a retry looks for the first."""
+    return [first or new_nonce()] + [new_nonce() for _ in range(count - 1)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,11 +92,10 @@ class StoredEvent:
 
 @dataclass(frozen=True, slots=True)
 class RunState:
-    """A run as read in one round trip: its record, how many events it has, and whether it is
-    fenced; `raw` is the record exactly as stored, for compare-and-set finalization."""
+    """A run as read in one round trip: its record, its last event id, whether it has ended,
+    and the events after the reader's cursor when asked for."""
 
     record: RunRecord
-    raw: str
     last_event_id: int
     finalized: bool
     events: list[StoredEvent] = field(default_factory=list)
@@ -99,6 +134,101 @@ def parse_idempotency_value(raw: str) -> tuple[str, str]:
     return str(value["runId"]), str(value["bodyHash"])
 
 
+ClaimResult = Literal["claimed", "held", "finished", "ended", "missing"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderClaim:
+    """What claiming a provider found. `claimed`: this owner holds the lease now, `work` is where
+    the provider got to and `deliveries` how many deliveries claimed it so far. `held`: another
+    worker is alive on it until `busy_until`. `finished`: it has its outcome. `ended`: the run
+    has ended. `missing`: no such run."""
+
+    result: ClaimResult
+    work: ProviderWork | None = None
+    deliveries: int = 0
+    busy_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeWritten:
+    """`first_id` None: the provider already had its outcome and nothing was written."""
+
+    first_id: int | None
+    completed: int
+
+
+def progress_event_parts(nonce: str, ts: datetime) -> tuple[str, str]:
+    """The stored progress event around its counts, which the store fills in atomically:
+    prefix + "<completed>,\"total\":T,\"percent\":P" + suffix (ProgressEvent's field order)."""
+    return f'{{"n":"{nonce}","type":"progress","completed":', f',"ts":"{format_time(ts)}"}}'
+
+
+def assemble_record(
+    meta: RunMeta,
+    end: RunEnd | None,
+    outcomes: dict[ProviderId, ProviderOutcome],
+    work: dict[ProviderId, ProviderWork],
+    leases: dict[ProviderId, ProviderLease],
+    tail: Sequence[StoredEvent],
+) -> RunRecord:
+    """A run's record from its stored parts; each provider's latest activity comes from the
+    run's last events where they show one, else from its stored work state."""
+    from lib.models import ProviderState, RunRecord
+
+    last_activity: dict[str, str] = {}
+    updated_at = meta.created_at
+    for event in tail:
+        data = event.as_dict()
+        if data.get("type") == "activity":
+            last_activity[str(data["provider"])] = str(data["message"])
+    if tail:
+        updated_at = datetime.fromisoformat(str(tail[-1].as_dict()["ts"]))
+    providers = []
+    for provider in meta.providers:
+        outcome = outcomes.get(provider)
+        state = work.get(provider)
+        activity = last_activity.get(provider) or (state.last_activity if state else None)
+        if outcome is not None:
+            providers.append(
+                ProviderState(
+                    provider=provider,
+                    status=outcome.status,
+                    quote=outcome.quote,
+                    error=outcome.error,
+                    last_activity=activity,
+                )
+            )
+        elif end is not None and end.status == "failed" and end.error is not None:
+            providers.append(
+                ProviderState(
+                    provider=provider, status="failed", error=end.error, last_activity=activity
+                )
+            )
+        else:
+            started = (state is not None and state.attempt > 0) or provider in leases
+            providers.append(
+                ProviderState(
+                    provider=provider,
+                    status="running" if started else "pending",
+                    last_activity=activity,
+                )
+            )
+    return RunRecord(
+        run_id=meta.run_id,
+        status=end.status if end is not None else "processing",
+        created_at=meta.created_at,
+        updated_at=max(updated_at, end.ended_at) if end is not None else updated_at,
+        deadline=meta.deadline,
+        coverage=meta.coverage,
+        providers=providers,
+        error=end.error if end is not None else None,
+        ended_at=end.ended_at if end is not None else None,
+        work=work,
+        leases=leases,
+    )
+
+
 class EventWatch(ABC):
     """A reader's live view of one run's events (push where the backend has it, else polling).
     Use as an async context manager; `next_events` waits up to `timeout` for events after
@@ -110,7 +240,7 @@ class EventWatch(ABC):
     @property
     @abstractmethod
     def last_heard(self) -> float | None:
-        """time.time() when the watch last saw a sign of the worker (an event or heartbeat)."""
+        """time.time() when the watch last saw a sign of a writer (an event)."""
 
     async def __aenter__(self) -> Self:
         return self
@@ -128,13 +258,22 @@ class EventWatch(ABC):
 
 
 class Store(ABC):
+    """Runs and their events. Every method is one atomic operation against shared storage."""
+
     name: str
+    ttl_seconds: int
 
     @abstractmethod
     async def create_run(
         self, record: RunRecord, idempotency: IdempotencyClaim | None = None
     ) -> CreateOutcome:
-        """Store a new run; with a claim, atomically map the key to it unless already mapped."""
+        """Store a new run with its `started` event (id 0); with a claim, atomically map the
+        key to it unless the key is already mapped (then nothing is written)."""
+
+    @abstractmethod
+    async def release_idempotency(self, claim: IdempotencyClaim, run_id: str) -> None:
+        """Forget the key's mapping to `run_id` (a run that could not be started), so a retry
+        with the same key starts afresh."""
 
     @abstractmethod
     async def find_idempotent_run(self, idempotency: IdempotencyClaim) -> CreateOutcome | None:
@@ -143,26 +282,89 @@ class Store(ABC):
 
     @abstractmethod
     async def get_run(
-        self, run_id: str, *, events_after: int | None = None, limit: int = 100
-    ) -> RunState | None:
-        """The run's record and event count (and events after a cursor), or None if absent."""
-
-    @abstractmethod
-    async def update_run(self, record: RunRecord) -> None:
-        """Replace the run's record (a heartbeat). Raises RunFinalized, RunNotFound."""
-
-    @abstractmethod
-    async def append_event(
         self,
         run_id: str,
-        event: RunEvent,
         *,
-        record: RunRecord | None = None,
+        events_after: int | None = None,
+        limit: int = 100,
+        tail: int = TAIL_EVENTS,
+    ) -> RunState | None:
+        """The run's record and last event id (and events after a cursor), or None if absent.
+        `tail`: how many of the last events to read for each provider's latest activity (0
+        when the caller needs only the run's status)."""
+
+    @abstractmethod
+    async def append_events(
+        self,
+        run_id: str,
+        events: Sequence[RunEvent],
+        *,
         nonce: str | None = None,
+        again: bool = False,
     ) -> int:
-        """Append atomically (with the record, when given) and return the event's id. A terminal
-        event sets the fence. Idempotent per nonce: a retried append returns the first id.
-        Raises RunFinalized (fenced), RunNotFound."""
+        """Append non-terminal events atomically, in order; returns the first one's id. A retry
+        after a lost reply lands once: the store's own, and a caller's that passes the same
+        `nonce` with `again` (the append is then looked for before it is made).
+        Raises RunFinalized (the run has ended), RunNotFound."""
+
+    @abstractmethod
+    async def claim_provider(
+        self,
+        run_id: str,
+        provider: ProviderId,
+        owner: str,
+        *,
+        now: datetime,
+        lease_until: datetime,
+        alive_since: datetime,
+    ) -> ProviderClaim:
+        """Take the provider's lease for `owner` unless it is finished, the run has ended, or
+        another owner is alive on it: its lease runs past `now`, or it wrote an event after
+        `alive_since`. Counts the delivery."""
+
+    @abstractmethod
+    async def renew_lease(
+        self, run_id: str, provider: ProviderId, owner: str, until: datetime
+    ) -> None:
+        """Extend `owner`'s lease (or release it: `until` = RELEASED lets the next claim in
+        at once, without waiting for the holder's recent events to age).
+        Raises LeaseLost, RunFinalized, RunNotFound."""
+
+    @abstractmethod
+    async def save_provider_work(
+        self,
+        run_id: str,
+        provider: ProviderId,
+        owner: str,
+        work: ProviderWork,
+        events: Sequence[RunEvent] = (),
+        *,
+        lease_until: datetime | None = None,
+        nonce: str | None = None,
+        again: bool = False,
+    ) -> None:
+        """Store the provider's work state (and append `events`, and move the lease) if `owner`
+        still holds its lease; `nonce` and `again` as for append_events.
+        Raises LeaseLost, RunFinalized, RunNotFound."""
+
+    @abstractmethod
+    async def record_outcome(
+        self,
+        run_id: str,
+        provider: ProviderId,
+        outcome: ProviderOutcome,
+        event: QuoteEvent | ProviderErrorEvent,
+        *,
+        total: int,
+    ) -> OutcomeWritten:
+        """The provider's outcome, once: stores it and appends `event` and the run's progress
+        event (its count taken atomically, so concurrent outcomes count 1, 2, … of `total`).
+        Raises RunFinalized, RunNotFound."""
+
+    @abstractmethod
+    async def finish_run(self, run_id: str, event: CompleteEvent | ErrorEvent, end: RunEnd) -> int:
+        """Append the terminal event with the run's end, exactly once: every later append and
+        provider write is refused. Raises RunFinalized (already ended), RunNotFound."""
 
     @abstractmethod
     async def read_events(
@@ -174,27 +376,28 @@ class Store(ABC):
     def watch(self, run_id: str) -> EventWatch:
         """A live view of the run's events for a streaming reader."""
 
-    async def finalize_stale_run(
-        self, observed: RunState, event: ErrorEvent, record: RunRecord
-    ) -> int | None:
-        """Append the terminal `event` with `record` only if the run is unfenced and its record
-        is still exactly `observed.raw` (the worker showed no sign of life since). Returns the
-        event id, or None when another writer got there first. Exactly once across instances."""
-        try:
-            return await self._append_if_unchanged(record.run_id, event, record, observed.raw)
-        except (RunFinalized, RunChanged, RunNotFound):
-            return None
-
-    @abstractmethod
-    async def _append_if_unchanged(
-        self, run_id: str, event: RunEvent, record: RunRecord, expected_raw: str
-    ) -> int:
-        """Append with `record` only while the stored record is exactly `expected_raw`.
-        Raises RunChanged, RunFinalized, RunNotFound."""
-
     @abstractmethod
     async def ping(self) -> None:
         """One cheap round trip to storage (the health check); raises StoreUnavailable."""
+
+    async def append_event(
+        self, run_id: str, event: RunEvent, *, record: object = None, nonce: object = None
+    ) -> int:
+        """One event; a terminal one ends the run (completed or failed, as the event says).
+        `record` and `nonce` are accepted and ignored, for the benchmark's older scenarios."""
+        from lib.models import CompleteEvent, ErrorEvent, ErrorInfo, RunEnd
+
+        if isinstance(event, CompleteEvent | ErrorEvent):
+            error = None
+            if isinstance(event, ErrorEvent):
+                error = ErrorInfo(code=event.code, message=event.message)
+            end = RunEnd(
+                status="completed" if error is None else "failed",
+                ended_at=event.ts,
+                error=error,
+            )
+            return await self.finish_run(run_id, event, end)
+        return await self.append_events(run_id, [event])
 
     async def wait_for_events(self, run_id: str, after: int, timeout: float) -> list[StoredEvent]:
         async with self.watch(run_id) as watch:
@@ -202,3 +405,10 @@ class Store(ABC):
 
     async def aclose(self) -> None:
         return None
+
+
+def started_event(record: RunRecord) -> StartedEvent:
+    from lib.models import StartedEvent
+
+    providers = [p.provider for p in record.providers]
+    return StartedEvent(providers=providers, total=len(providers), ts=record.created_at)

@@ -27,5 +27,5 @@ class RunFinalized(StoreError):
     """The run already has its terminal event; the write was refused by the fence."""
 
 
-class RunChanged(StoreError):
-    """A conditional write found the run record changed since it was read."""
+class LeaseLost(StoreError):
+    """The provider's lease is no longer this worker's: another delivery took it over."""

@@ -1,11 +1,12 @@
-"""The KV backend's live view of one run: push over Upstash's /subscribe SSE, polling when push
-cannot be had.
+"""The KV backend's live view of one run: Redis' keyspace notifications for the run's event
+list, over Upstash's /subscribe SSE, say when it changed; polling when push cannot be had.
 
 Every watch of one run on one store shares ONE subscription (`RunSubscription`): the first watch
-opens it, the last to leave closes it, and each pushed message is parsed once and handed to every
-watch. Each watch keeps its own cursor state (what was pushed but not yet taken, the latest id
-it has heard of, whether it trusts push or polls), so the gap, heartbeat and silence checks and
-the polling fallback hold for every watcher on its own.
+opens it, the last to leave closes it. A notice carries no event, so the subscription reads the
+new events once (one LRANGE from the furthest cursor any of its watches reached) and hands them
+to every watch. Each watch keeps its own cursor state (what was handed to it but not yet taken,
+whether it trusts push or polls), so the catch-up, silence checks and the polling fallback hold
+for every watcher on its own.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import re
 import time
 from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
@@ -26,8 +26,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_EVENT_ID = re.compile(r'\{"id":(\d+),')
-_LAST_ID = re.compile(r'\{"lastId":(-?\d+)\}')
 # How long a new watch waits for a subscription being opened before it starts by polling.
 CONFIRM_WAIT_SECONDS = 2.0
 
@@ -63,6 +61,10 @@ class RunSubscription:
         self.state = ChannelState.CONNECTING
         self.watchers: set[KVEventWatch] = set()
         self._task: asyncio.Task[None] | None = None
+        # The last event id read for (or by) this run's watches; -1 before any read.
+        self.cursor = -1
+        self._notice = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
 
     @classmethod
     def acquire(cls, store: KVStore, run_id: str, watcher: KVEventWatch) -> RunSubscription:
@@ -90,21 +92,39 @@ class RunSubscription:
             # Dropped before awaiting anything: a watch arriving now opens a new subscription.
             del by_run[self.run_id]
         task, self._task = self._task, None
+        if self._reader is not None:
+            self._reader.cancel()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def _dispatch(self, payload: str) -> None:
-        heard = time.time()
-        if match := _EVENT_ID.match(payload):
-            event_id = int(match.group(1))
+    def seen(self, event_id: int) -> None:
+        """A watch read up to `event_id` on its own (its catch-up): later reads start after it."""
+        self.cursor = max(self.cursor, event_id)
+
+    def _on_notice(self) -> None:
+        # Notices that arrive while a read is under way are answered by one more read.
+        self._notice.set()
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read_for_watchers())
+
+    async def _read_for_watchers(self) -> None:
+        while self._notice.is_set():
+            self._notice.clear()
+            try:
+                events = await self._store.read_events(self.run_id, self.cursor)
+            except Exception as error:  # a failed read: every watch reads for itself instead
+                log.info("reading notified events failed: %s", type(error).__name__)
+                for watcher in tuple(self.watchers):
+                    watcher.on_read_due()
+                return
+            if not events:
+                continue
+            heard = time.time()
+            self.cursor = max(self.cursor, events[-1].id)
             for watcher in tuple(self.watchers):
-                watcher.on_event(event_id, payload, heard)
-        elif match := _LAST_ID.match(payload):
-            last_id = int(match.group(1))
-            for watcher in tuple(self.watchers):
-                watcher.on_heartbeat(last_id, heard)
+                watcher.on_events(events, heard)
 
     async def _subscribe_forever(self) -> None:
         url, headers = self._store.subscribe_request(self.run_id)
@@ -113,7 +133,7 @@ class RunSubscription:
             self.state = ChannelState.CONNECTING
             try:
                 # POST, as Upstash's own JS SDK subscribes. Each `data:` line is one pub/sub
-                # reply ("message,<channel>,<payload>"), read line by line so the stream works
+                # reply ("message,<channel>,<notice>"), read line by line so the stream works
                 # whether or not the server separates them with blank lines.
                 async with self._store.stream_client.stream(
                     "POST", url, headers=headers, json=[]
@@ -122,10 +142,9 @@ class RunSubscription:
                     async for line in response.aiter_lines():
                         if not line.startswith("data:"):
                             continue
-                        kind, _, rest = line[5:].removeprefix(" ").partition(",")
-                        _channel, _, payload = rest.partition(",")
+                        kind = line[5:].removeprefix(" ").partition(",")[0]
                         if kind == "message":
-                            self._dispatch(payload)
+                            self._on_notice()
                         elif kind == "subscribe":
                             self.state = ChannelState.LIVE
                             for watcher in tuple(self.watchers):
@@ -174,6 +193,8 @@ class KVEventWatch(EventWatch):
         return self._delivery
 
     async def __aenter__(self) -> KVEventWatch:
+        if not await self._store.notifications_enabled():
+            return self  # no push: next_events polls with backoff
         self._subscription = RunSubscription.acquire(self._store, self._run_id, self)
         try:
             # Reading the backlog only once subscribed means no event falls between the two.
@@ -203,6 +224,8 @@ class KVEventWatch(EventWatch):
                 self._read_due = ReadDue.NONE
                 events = await self._store.read_events(self._run_id, after)
                 if events:
+                    if self._subscription is not None:
+                        self._subscription.seen(events[-1].id)
                     self._last_heard = time.time()
                     self._last_signal = time.monotonic()
                     self._poll_delay = self._POLL_MIN
@@ -254,19 +277,18 @@ class KVEventWatch(EventWatch):
         self._subscribed.set()
         self._wake.set()
 
-    def on_event(self, event_id: int, payload: str, heard: float) -> None:
+    def on_events(self, events: list[StoredEvent], heard: float) -> None:
         self._last_heard = heard
         self._last_signal = time.monotonic()
-        self._pending[event_id] = payload
-        self._latest = max(self._latest, event_id)
-        # A pushed event arriving again is the sign the channel works.
+        for event in events:
+            self._pending[event.id] = event.data
+            self._latest = max(self._latest, event.id)
+        # Notified events arriving is the sign the channel works.
         self._delivery = Delivery.PUSH
         self._wake.set()
 
-    def on_heartbeat(self, last_id: int, heard: float) -> None:
-        self._last_heard = heard
-        self._last_signal = time.monotonic()
-        self._latest = max(self._latest, last_id)
+    def on_read_due(self) -> None:
+        self._read_due = ReadDue.CATCH_UP
         self._wake.set()
 
     def on_push_lost(self) -> None:

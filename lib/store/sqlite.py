@@ -1,7 +1,8 @@
 """The embedded backend for local development: one SQLite file in WAL mode, shared by every
 process on the machine exactly as function instances share KV. Same semantics as the KV store:
-atomic fenced appends, idempotent per nonce, TTL enforced on read and purged lazily. Live
-delivery polls with a short backoff (an indexed range query)."""
+atomic fenced writes (each one transaction), appends idempotent per nonce, provider leases and
+set-once outcomes, TTL enforced on read and purged lazily. Live delivery polls with a short
+backoff (an indexed range query)."""
 
 from __future__ import annotations
 
@@ -9,51 +10,97 @@ import asyncio
 import os
 import sqlite3
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import TypeVar
 
-from lib.models import RunEvent, RunRecord, is_terminal
+from lib.models import (
+    CompleteEvent,
+    ErrorEvent,
+    ProviderErrorEvent,
+    ProviderId,
+    ProviderLease,
+    ProviderOutcome,
+    ProviderWork,
+    QuoteEvent,
+    RunEnd,
+    RunEvent,
+    RunMeta,
+    RunRecord,
+)
 from lib.store.base import (
+    TAIL_EVENTS,
     CreateOutcome,
     EventWatch,
     IdempotencyClaim,
+    OutcomeWritten,
+    ProviderClaim,
     RunState,
     Store,
     StoredEvent,
+    assemble_record,
+    batch_nonces,
     idempotency_value,
+    new_nonce,
     parse_idempotency_value,
+    progress_event_parts,
+    started_event,
     stored_event_json,
     wire_event,
 )
-from lib.store.errors import RunChanged, RunFinalized, RunNotFound, StoreUnavailable
+from lib.store.errors import LeaseLost, RunFinalized, RunNotFound, StoreUnavailable
 
 T = TypeVar("T")
 
+# Bumped when the tables change: a local file of another version is recreated (it holds only
+# runs that live two hours).
+SCHEMA_VERSION = 2
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
+DROP TABLE IF EXISTS runs;
+DROP TABLE IF EXISTS events;
+DROP TABLE IF EXISTS providers;
+DROP TABLE IF EXISTS idempotency;
+CREATE TABLE runs (
     run_id      TEXT PRIMARY KEY,
-    record      TEXT NOT NULL,
+    meta        TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    run_end     TEXT,
     event_count INTEGER NOT NULL DEFAULT 0,
-    final_id    INTEGER,
+    done        INTEGER NOT NULL DEFAULT 0,
     expires_at  REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS events (
-    run_id TEXT NOT NULL,
-    id     INTEGER NOT NULL,
-    body   TEXT NOT NULL,
-    nonce  TEXT NOT NULL,
+CREATE TABLE providers (
+    run_id      TEXT NOT NULL,
+    provider    TEXT NOT NULL,
+    work        TEXT,
+    lease_owner TEXT,
+    lease_until REAL,
+    deliveries  INTEGER NOT NULL DEFAULT 0,
+    outcome     TEXT,
+    PRIMARY KEY (run_id, provider)
+) WITHOUT ROWID;
+CREATE TABLE events (
+    run_id   TEXT NOT NULL,
+    id       INTEGER NOT NULL,
+    body     TEXT NOT NULL,
+    nonce    TEXT NOT NULL,
+    provider TEXT,
+    ts       TEXT NOT NULL,
     PRIMARY KEY (run_id, id)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_nonce ON events (run_id, nonce);
-CREATE TABLE IF NOT EXISTS idempotency (
+CREATE UNIQUE INDEX events_by_nonce ON events (run_id, nonce);
+CREATE TABLE idempotency (
     key_hash   TEXT PRIMARY KEY,
     value      TEXT NOT NULL,
     expires_at REAL NOT NULL
 );
 """
 _PURGE_EVERY_SECONDS = 60.0
+
+
+def _epoch(moment: datetime) -> float:
+    return moment.timestamp()
 
 
 class SQLiteStore(Store):
@@ -76,7 +123,17 @@ class SQLiteStore(Store):
             db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
             self._db = db
         return self._db
 
@@ -89,63 +146,122 @@ class SQLiteStore(Store):
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
+    async def _transaction(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        """One write transaction: all of `operation` or none of it."""
+
+        def write(db: sqlite3.Connection) -> T:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                result = operation(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+
+        return await self._run(write)
+
     @staticmethod
-    def _live_run(db: sqlite3.Connection, run_id: str) -> tuple[str, int, int | None] | None:
+    def _open_run(db: sqlite3.Connection, run_id: str) -> tuple[str, int]:
+        """(status, event count) of a live run; raises RunNotFound."""
         row = db.execute(
-            "SELECT record, event_count, final_id FROM runs WHERE run_id = ? AND expires_at > ?",
+            "SELECT status, event_count FROM runs WHERE run_id = ? AND expires_at > ?",
             (run_id, time.time()),
         ).fetchone()
-        return (row[0], row[1], row[2]) if row else None
+        if row is None:
+            raise RunNotFound(f"run {run_id} does not exist")
+        return str(row[0]), int(row[1])
+
+    def _require_open(self, db: sqlite3.Connection, run_id: str) -> int:
+        status, count = self._open_run(db, run_id)
+        if status != "processing":
+            raise RunFinalized(f"run {run_id} has ended")
+        return count
+
+    @staticmethod
+    def _insert_events(
+        db: sqlite3.Connection, run_id: str, first: int, items: Sequence[tuple[str, str, RunEvent]]
+    ) -> None:
+        db.executemany(
+            "INSERT INTO events (run_id, id, body, nonce, provider, ts) VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    run_id,
+                    first + i,
+                    body,
+                    nonce,
+                    getattr(event, "provider", None),
+                    event.ts.isoformat(),
+                )
+                for i, (body, nonce, event) in enumerate(items)
+            ],
+        )
+        db.execute(
+            "UPDATE runs SET event_count = event_count + ? WHERE run_id = ?", (len(items), run_id)
+        )
 
     def _purge_expired(self, db: sqlite3.Connection) -> None:
         now = time.time()
         if now - self._last_purge < _PURGE_EVERY_SECONDS:
             return
         self._last_purge = now
-        db.execute(
-            "DELETE FROM events WHERE run_id IN (SELECT run_id FROM runs WHERE expires_at <= ?)",
-            (now,),
-        )
+        for table in ("events", "providers"):
+            db.execute(
+                f"DELETE FROM {table} WHERE run_id IN"
+                " (SELECT run_id FROM runs WHERE expires_at <= ?)",
+                (now,),
+            )
         db.execute("DELETE FROM runs WHERE expires_at <= ?", (now,))
         db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+
+    # --- the Store interface -------------------------------------------------------------------
 
     async def create_run(
         self, record: RunRecord, idempotency: IdempotencyClaim | None = None
     ) -> CreateOutcome:
         def create(db: sqlite3.Connection) -> CreateOutcome:
             expires = time.time() + self.ttl_seconds
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                self._purge_expired(db)
-                if idempotency is not None:
-                    row = db.execute(
-                        "SELECT value FROM idempotency WHERE key_hash = ? AND expires_at > ?",
-                        (idempotency.key_hash, time.time()),
-                    ).fetchone()
-                    if row:
-                        db.execute("COMMIT")
-                        run_id, body_hash = parse_idempotency_value(row[0])
-                        return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
-                    db.execute(
-                        "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?)",
-                        (
-                            idempotency.key_hash,
-                            idempotency_value(record.run_id, idempotency.body_hash),
-                            expires,
-                        ),
-                    )
+            self._purge_expired(db)
+            if idempotency is not None:
+                row = db.execute(
+                    "SELECT value FROM idempotency WHERE key_hash = ? AND expires_at > ?",
+                    (idempotency.key_hash, time.time()),
+                ).fetchone()
+                if row:
+                    run_id, body_hash = parse_idempotency_value(row[0])
+                    return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
                 db.execute(
-                    "INSERT OR REPLACE INTO runs (run_id, record, event_count, final_id,"
-                    " expires_at) VALUES (?, ?, 0, NULL, ?)",
-                    (record.run_id, record.model_dump_json(), expires),
+                    "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?)",
+                    (
+                        idempotency.key_hash,
+                        idempotency_value(record.run_id, idempotency.body_hash),
+                        expires,
+                    ),
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            if db.execute("SELECT 1 FROM runs WHERE run_id = ?", (record.run_id,)).fetchone():
+                return CreateOutcome(created=True, run_id=record.run_id)
+            db.execute(
+                "INSERT INTO runs (run_id, meta, status, expires_at) VALUES (?, ?, ?, ?)",
+                (record.run_id, record.meta.model_dump_json(), "processing", expires),
+            )
+            started = started_event(record)
+            nonce = new_nonce()
+            self._insert_events(
+                db, record.run_id, 0, [(stored_event_json(started, nonce), nonce, started)]
+            )
             return CreateOutcome(created=True, run_id=record.run_id)
 
-        return await self._run(create)
+        return await self._transaction(create)
+
+    async def release_idempotency(self, claim: IdempotencyClaim, run_id: str) -> None:
+        value = idempotency_value(run_id, claim.body_hash)
+
+        def forget(db: sqlite3.Connection) -> None:
+            db.execute(
+                "DELETE FROM idempotency WHERE key_hash = ? AND value = ?", (claim.key_hash, value)
+            )
+
+        await self._run(forget)
 
     async def find_idempotent_run(self, idempotency: IdempotencyClaim) -> CreateOutcome | None:
         def find(db: sqlite3.Connection) -> CreateOutcome | None:
@@ -161,27 +277,48 @@ class SQLiteStore(Store):
         return await self._run(find)
 
     async def get_run(
-        self, run_id: str, *, events_after: int | None = None, limit: int = 100
+        self,
+        run_id: str,
+        *,
+        events_after: int | None = None,
+        limit: int = 100,
+        tail: int = TAIL_EVENTS,
     ) -> RunState | None:
         def get(db: sqlite3.Connection) -> RunState | None:
-            db.execute("BEGIN")
-            try:
-                run = self._live_run(db, run_id)
-                if run is None:
-                    return None
-                raw, count, final_id = run
-                events = (
-                    self._events(db, run_id, events_after, limit)
-                    if events_after is not None
-                    else []
-                )
-            finally:
-                db.execute("COMMIT")
+            row = db.execute(
+                "SELECT meta, run_end, event_count FROM runs WHERE run_id = ? AND expires_at > ?",
+                (run_id, time.time()),
+            ).fetchone()
+            if row is None:
+                return None
+            meta = RunMeta.model_validate_json(row[0])
+            end = RunEnd.model_validate_json(row[1]) if row[1] else None
+            count = int(row[2])
+            outcomes, work, leases = {}, {}, {}
+            for provider, work_json, owner, until, deliveries, outcome in db.execute(
+                "SELECT provider, work, lease_owner, lease_until, deliveries, outcome"
+                " FROM providers WHERE run_id = ?",
+                (run_id,),
+            ):
+                if outcome:
+                    outcomes[provider] = ProviderOutcome.model_validate_json(outcome)
+                if work_json:
+                    work[provider] = ProviderWork.model_validate_json(work_json)
+                if owner:
+                    leases[provider] = ProviderLease(
+                        owner=owner,
+                        until=datetime.fromtimestamp(until, UTC),
+                        deliveries=deliveries,
+                    )
+            recent = self._events(db, run_id, max(count - tail, 0) - 1, tail) if tail else []
+            record = assemble_record(meta, end, outcomes, work, leases, recent)
+            events = (
+                self._events(db, run_id, events_after, limit) if events_after is not None else []
+            )
             return RunState(
-                record=RunRecord.model_validate_json(raw),
-                raw=raw,
+                record=record,
                 last_event_id=count - 1,
-                finalized=final_id is not None,
+                finalized=end is not None,
                 events=events,
             )
 
@@ -197,88 +334,213 @@ class SQLiteStore(Store):
         ).fetchall()
         return [StoredEvent(event_id, wire_event(event_id, body)) for event_id, body in rows]
 
-    async def update_run(self, record: RunRecord) -> None:
-        def update(db: sqlite3.Connection) -> None:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                run = self._live_run(db, record.run_id)
-                if run is None:
-                    raise RunNotFound(f"run {record.run_id} does not exist")
-                if run[2] is not None:
-                    raise RunFinalized(f"run {record.run_id} already has its terminal event")
-                db.execute(
-                    "UPDATE runs SET record = ?, expires_at = ? WHERE run_id = ?",
-                    (record.model_dump_json(), time.time() + self.ttl_seconds, record.run_id),
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-
-        await self._run(update)
-
-    async def append_event(
+    async def append_events(
         self,
         run_id: str,
-        event: RunEvent,
+        events: Sequence[RunEvent],
         *,
-        record: RunRecord | None = None,
         nonce: str | None = None,
+        again: bool = False,
     ) -> int:
-        return await self._append(run_id, event, record, nonce or uuid.uuid4().hex, expected=None)
-
-    async def _append(
-        self,
-        run_id: str,
-        event: RunEvent,
-        record: RunRecord | None,
-        nonce: str,
-        *,
-        expected: str | None,
-    ) -> int:
-        body = stored_event_json(event)
-        record_json = record.model_dump_json() if record is not None else None
-        terminal = is_terminal(event)
+        # Every append looks for its nonce first (one indexed lookup), so `again` changes nothing.
+        nonces = batch_nonces(len(events), nonce)
+        items = [(stored_event_json(e, n), n, e) for e, n in zip(events, nonces, strict=True)]
 
         def append(db: sqlite3.Connection) -> int:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                prior = db.execute(
-                    "SELECT id FROM events WHERE run_id = ? AND nonce = ?", (run_id, nonce)
-                ).fetchone()
-                if prior:
-                    db.execute("COMMIT")
-                    return int(prior[0])
-                run = self._live_run(db, run_id)
-                if run is None:
-                    raise RunNotFound(f"run {run_id} does not exist")
-                raw, event_id, final_id = run
-                if final_id is not None:
-                    raise RunFinalized(f"run {run_id} already has its terminal event")
-                if expected is not None and raw != expected:
-                    raise RunChanged(f"run {run_id} changed since it was read")
-                db.execute(
-                    "INSERT INTO events (run_id, id, body, nonce) VALUES (?, ?, ?, ?)",
-                    (run_id, event_id, body, nonce),
-                )
-                db.execute(
-                    "UPDATE runs SET event_count = ?, record = COALESCE(?, record),"
-                    " final_id = ?, expires_at = ? WHERE run_id = ?",
-                    (
-                        event_id + 1,
-                        record_json,
-                        event_id if terminal else None,
-                        time.time() + self.ttl_seconds,
-                        run_id,
-                    ),
-                )
-                db.execute("COMMIT")
-                return int(event_id)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            prior = db.execute(
+                "SELECT id FROM events WHERE run_id = ? AND nonce = ?", (run_id, nonces[0])
+            ).fetchone()
+            if prior:
+                return int(prior[0])
+            first = self._require_open(db, run_id)
+            self._insert_events(db, run_id, first, items)
+            return first
 
-        return await self._run(append)
+        return await self._transaction(append)
+
+    async def claim_provider(
+        self,
+        run_id: str,
+        provider: ProviderId,
+        owner: str,
+        *,
+        now: datetime,
+        lease_until: datetime,
+        alive_since: datetime,
+    ) -> ProviderClaim:
+        def claim(db: sqlite3.Connection) -> ProviderClaim:
+            try:
+                status, _ = self._open_run(db, run_id)
+            except RunNotFound:
+                return ProviderClaim("missing")
+            if status != "processing":
+                return ProviderClaim("ended")
+            row = db.execute(
+                "SELECT work, lease_owner, lease_until, deliveries, outcome FROM providers"
+                " WHERE run_id = ? AND provider = ?",
+                (run_id, provider),
+            ).fetchone()
+            work_json, holder, until, deliveries, outcome = row or (None, None, None, 0, None)
+            if outcome:
+                return ProviderClaim("finished")
+            if holder is not None and holder != owner:
+                if until is not None and until > _epoch(now):
+                    return ProviderClaim("held", busy_until=datetime.fromtimestamp(until, UTC))
+                last = (
+                    until
+                    and db.execute(
+                        "SELECT ts FROM events WHERE run_id = ? AND provider = ?"
+                        " ORDER BY id DESC LIMIT 1",
+                        (run_id, provider),
+                    ).fetchone()
+                )
+                if last and datetime.fromisoformat(last[0]) > alive_since:
+                    active_until = datetime.fromisoformat(last[0]) + (lease_until - now)
+                    return ProviderClaim("held", busy_until=active_until)
+            if holder != owner:
+                deliveries += 1
+            db.execute(
+                "INSERT INTO providers (run_id, provider, lease_owner, lease_until, deliveries)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, provider) DO UPDATE SET"
+                " lease_owner = excluded.lease_owner, lease_until = excluded.lease_until,"
+                " deliveries = excluded.deliveries",
+                (run_id, provider, owner, _epoch(lease_until), deliveries),
+            )
+            work = ProviderWork.model_validate_json(work_json) if work_json else ProviderWork()
+            return ProviderClaim("claimed", work=work, deliveries=deliveries)
+
+        return await self._transaction(claim)
+
+    def _require_lease(
+        self, db: sqlite3.Connection, run_id: str, provider: ProviderId, owner: str
+    ) -> int:
+        count = self._require_open(db, run_id)
+        row = db.execute(
+            "SELECT lease_owner FROM providers WHERE run_id = ? AND provider = ?",
+            (run_id, provider),
+        ).fetchone()
+        if row is None or row[0] != owner:
+            raise LeaseLost(f"{provider} of run {run_id} is no longer {owner}'s")
+        return count
+
+    async def renew_lease(
+        self, run_id: str, provider: ProviderId, owner: str, until: datetime
+    ) -> None:
+        def renew(db: sqlite3.Connection) -> None:
+            self._require_lease(db, run_id, provider, owner)
+            db.execute(
+                "UPDATE providers SET lease_until = ? WHERE run_id = ? AND provider = ?",
+                (_epoch(until), run_id, provider),
+            )
+
+        await self._transaction(renew)
+
+    async def save_provider_work(
+        self,
+        run_id: str,
+        provider: ProviderId,
+        owner: str,
+        work: ProviderWork,
+        events: Sequence[RunEvent] = (),
+        *,
+        lease_until: datetime | None = None,
+        nonce: str | None = None,
+        again: bool = False,
+    ) -> None:
+        nonces = batch_nonces(len(events), nonce) if events else []
+        items = [(stored_event_json(e, n), n, e) for e, n in zip(events, nonces, strict=True)]
+
+        def save(db: sqlite3.Connection) -> None:
+            count = self._require_lease(db, run_id, provider, owner)
+            if (
+                items
+                and db.execute(
+                    "SELECT 1 FROM events WHERE run_id = ? AND nonce = ?", (run_id, nonces[0])
+                ).fetchone()
+            ):
+                items.clear()  # a retry of a save that landed: its events are there
+            db.execute(
+                "UPDATE providers SET work = ?, lease_until = COALESCE(?, lease_until)"
+                " WHERE run_id = ? AND provider = ?",
+                (
+                    work.model_dump_json(),
+                    _epoch(lease_until) if lease_until is not None else None,
+                    run_id,
+                    provider,
+                ),
+            )
+            if items:
+                self._insert_events(db, run_id, count, items)
+
+        await self._transaction(save)
+
+    async def record_outcome(
+        self,
+        run_id: str,
+        provider: ProviderId,
+        outcome: ProviderOutcome,
+        event: QuoteEvent | ProviderErrorEvent,
+        *,
+        total: int,
+    ) -> OutcomeWritten:
+        def record(db: sqlite3.Connection) -> OutcomeWritten:
+            count = self._require_open(db, run_id)
+            row = db.execute(
+                "SELECT outcome FROM providers WHERE run_id = ? AND provider = ?",
+                (run_id, provider),
+            ).fetchone()
+            if row and row[0]:
+                done = db.execute("SELECT done FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+                return OutcomeWritten(first_id=None, completed=int(done[0]))
+            db.execute(
+                "INSERT INTO providers (run_id, provider, outcome) VALUES (?, ?, ?)"
+                " ON CONFLICT (run_id, provider) DO UPDATE SET outcome = excluded.outcome",
+                (run_id, provider, outcome.model_dump_json()),
+            )
+            done = int(
+                db.execute(
+                    "UPDATE runs SET done = done + 1 WHERE run_id = ? RETURNING done", (run_id,)
+                ).fetchone()[0]
+            )
+            progress_nonce = new_nonce()
+            prefix, suffix = progress_event_parts(progress_nonce, event.ts)
+            progress = f'{prefix}{done},"total":{total},"percent":{done * 100 // total}{suffix}'
+            nonce = new_nonce()
+            db.executemany(
+                "INSERT INTO events (run_id, id, body, nonce, provider, ts)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        run_id,
+                        count,
+                        stored_event_json(event, nonce),
+                        nonce,
+                        provider,
+                        event.ts.isoformat(),
+                    ),
+                    (run_id, count + 1, progress, progress_nonce, None, event.ts.isoformat()),
+                ],
+            )
+            db.execute("UPDATE runs SET event_count = event_count + 2 WHERE run_id = ?", (run_id,))
+            return OutcomeWritten(first_id=count, completed=done)
+
+        return await self._transaction(record)
+
+    async def finish_run(self, run_id: str, event: CompleteEvent | ErrorEvent, end: RunEnd) -> int:
+        nonce = new_nonce()
+
+        def finish(db: sqlite3.Connection) -> int:
+            count = self._require_open(db, run_id)
+            self._insert_events(
+                db, run_id, count, [(stored_event_json(event, nonce), nonce, event)]
+            )
+            db.execute(
+                "UPDATE runs SET status = ?, run_end = ?, expires_at = ? WHERE run_id = ?",
+                (end.status, end.model_dump_json(), time.time() + self.ttl_seconds, run_id),
+            )
+            return count
+
+        return await self._transaction(finish)
 
     async def read_events(
         self, run_id: str, after: int, limit: int | None = None
@@ -293,11 +555,6 @@ class SQLiteStore(Store):
             return [StoredEvent(event_id, wire_event(event_id, body)) for event_id, body in rows]
 
         return await self._run(read)
-
-    async def _append_if_unchanged(
-        self, run_id: str, event: RunEvent, record: RunRecord, expected_raw: str
-    ) -> int:
-        return await self._append(run_id, event, record, uuid.uuid4().hex, expected=expected_raw)
 
     async def ping(self) -> None:
         await self._run(lambda db: db.execute("SELECT 1").fetchone())

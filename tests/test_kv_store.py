@@ -1,0 +1,348 @@
+"""What only the KV backend promises, checked on Redis itself: every key it writes expires within
+the TTL, readers are woken by the event list's keyspace notifications (no polling, no PUBLISH),
+and what each store operation costs in the unit Upstash bills: commands, counted by
+redis-server's own `INFO commandstats` (which counts the commands a script runs, plus the
+EVALSHA). The cost tests run on a private redis-server, so no other test's traffic is counted."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as redis_asyncio
+
+from lib.models import ActivityEvent, ProviderWork, utc_now
+from lib.store import IdempotencyClaim, RunNotFound
+from lib.store.kv import KVStore
+from tests.conftest import make_record
+from tests.test_store_contract import LEASE, activity, claim, completed, lost, quoted
+from tests.upstash_rest import UpstashRestServer, kv_redis_url
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.02)
+
+
+# --- expiry ------------------------------------------------------------------------------------
+
+
+async def test_every_key_the_kv_store_writes_expires_within_the_ttl(upstash_server) -> None:
+    ttl = 600
+    kv = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=ttl)
+    direct = redis_asyncio.Redis.from_url(kv_redis_url())
+    record = make_record()
+    run_id = record.run_id
+    idem = IdempotencyClaim.for_request(f"key-{uuid.uuid4()}", "{}", b"secret")
+    missing = make_record().run_id
+    try:
+        await kv.create_run(record, idem)
+        now = utc_now()
+        await claim(kv, run_id, "w1", now=now)
+        await kv.save_provider_work(
+            run_id, "geico", "w1", ProviderWork(attempt=1), [activity("saved")]
+        )
+        await kv.renew_lease(run_id, "geico", "w1", now + LEASE)
+        await kv.append_events(run_id, [activity("appended")])
+        await kv.record_outcome(run_id, "geico", *quoted("geico"), total=5)
+        # Writes refused for a run that does not exist leave no key behind.
+        with pytest.raises(RunNotFound):
+            await kv.record_outcome(missing, "geico", *quoted("geico"), total=5)
+        await claim(kv, missing, "w1", now=now)
+
+        run_keys = {k.decode() async for k in direct.scan_iter(f"quote:{run_id}*")}
+        others = [f"quote:idem:{idem.key_hash}"]
+        assert run_keys == {f"quote:{run_id}", f"quote:{run_id}:events"}
+        for key in [*run_keys, *others]:
+            assert 0 < await direct.ttl(key) <= ttl, key
+        assert not [k async for k in direct.scan_iter(f"quote:{missing}*")]
+
+        # The run's end is its last write: it renews the run's keys to the full TTL.
+        for key in run_keys:
+            await direct.expire(key, 100)
+        await kv.finish_run(run_id, *completed())
+        ended_keys = {k.decode() async for k in direct.scan_iter(f"quote:{run_id}*")}
+        assert ended_keys == {f"quote:{run_id}", f"quote:{run_id}:log"}
+        for key in ended_keys:
+            assert ttl - 5 <= await direct.ttl(key) <= ttl, key
+    finally:
+        await kv.aclose()
+        await direct.aclose()
+
+
+# --- push: keyspace notifications over /subscribe ----------------------------------------------
+
+
+def command_requests(server: UpstashRestServer) -> int:
+    return int(server.stats()["by_kind"]["command"]["requests"])
+
+
+async def test_a_watch_is_woken_by_the_lists_notification_and_reads_once(upstash_server) -> None:
+    # A silence of an hour: within this test nothing but a notification can make the watch read.
+    reader = KVStore(
+        upstash_server.url, upstash_server.token, ttl_seconds=7200, silence_seconds=3600
+    )
+    writer = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    record = make_record()
+    try:
+        await writer.create_run(record)
+        async with reader.watch(record.run_id) as watch:
+            assert [e.id for e in await watch.next_events(-1, timeout=5)] == [0]
+            upstash_server.reset_stats()
+            # Longer than redis-py 8's default socket timeout, which once ended idle streams.
+            assert await watch.next_events(0, timeout=6) == []
+            idle = command_requests(upstash_server)
+            await writer.append_events(record.run_id, [activity("pushed")])
+            events = await watch.next_events(0, timeout=30)
+            delivered = command_requests(upstash_server)
+    finally:
+        await reader.aclose()
+        await writer.aclose()
+    assert idle == 0, "a subscribed watch does not poll"
+    assert [e.id for e in events] == [1]
+    assert delivered == 2, "the append's RPUSHX and the reader's one LRANGE"
+
+
+async def test_the_runs_end_reaches_a_watching_reader_by_push(upstash_server) -> None:
+    reader = KVStore(
+        upstash_server.url, upstash_server.token, ttl_seconds=7200, silence_seconds=3600
+    )
+    writer = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    record = make_record()
+    try:
+        await writer.create_run(record)
+        async with reader.watch(record.run_id) as watch:
+            assert [e.id for e in await watch.next_events(-1, timeout=5)] == [0]
+            await writer.finish_run(record.run_id, *lost())
+            events = await watch.next_events(0, timeout=30)
+    finally:
+        await reader.aclose()
+        await writer.aclose()
+    assert [(e.id, e.type) for e in events] == [(1, "error")]
+
+
+async def test_closing_a_watch_releases_its_subscription(upstash_server) -> None:
+    kv = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    record = make_record()
+
+    def open_subscriptions() -> int:
+        return int(upstash_server.stats()["open_subscriptions"])
+
+    try:
+        await kv.create_run(record)
+        before = open_subscriptions()
+        async with kv.watch(record.run_id) as watch:
+            await watch.next_events(-1, timeout=1)
+            during = open_subscriptions()
+        await eventually(lambda: open_subscriptions() == before)
+    finally:
+        await kv.aclose()
+    assert during == before + 1
+
+
+# --- a private redis-server: its configuration and its command counts are ours alone ------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def quiet_kv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpstashRestServer]:
+    """A redis-server of our own (nobody else's commands in its stats) behind the endpoint."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed: the KV cost tests need a private one")
+    port = _free_port()
+    workdir: Path = tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis.from_url(url, socket_connect_timeout=0.2) as probe:
+                    probe.ping()
+                break
+            except redis.ConnectionError:
+                assert server.poll() is None, "the private redis-server exited"
+                assert time.monotonic() < deadline, "the private redis-server did not start"
+                time.sleep(0.05)
+        with UpstashRestServer(url) as endpoint:
+            yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def notify_flags(url: str) -> str:
+    with redis.Redis.from_url(url, decode_responses=True) as direct:
+        return str(direct.config_get("notify-keyspace-events")["notify-keyspace-events"])
+
+
+def set_notify_flags(url: str, flags: str) -> None:
+    with redis.Redis.from_url(url) as direct:
+        direct.config_set("notify-keyspace-events", flags)
+
+
+async def test_the_first_watch_turns_on_keyspace_notifications_keeping_other_flags(
+    quiet_kv,
+) -> None:
+    set_notify_flags(quiet_kv.redis_url, "Ex")  # someone else's expiry notices
+    reader = KVStore(quiet_kv.url, quiet_kv.token, ttl_seconds=7200, silence_seconds=3600)
+    writer = KVStore(quiet_kv.url, quiet_kv.token, ttl_seconds=7200)
+    record = make_record()
+    try:
+        await writer.create_run(record)
+        async with reader.watch(record.run_id) as watch:
+            assert [e.id for e in await watch.next_events(-1, timeout=5)] == [0]
+            quiet_kv.reset_stats()
+            assert await watch.next_events(0, timeout=0.3) == []
+            idle = command_requests(quiet_kv)
+            await writer.append_events(record.run_id, [activity("pushed")])
+            events = await watch.next_events(0, timeout=30)
+        flags = notify_flags(quiet_kv.redis_url)
+    finally:
+        await reader.aclose()
+        await writer.aclose()
+    assert idle == 0, "a subscribed watch does not poll"
+    assert [e.id for e in events] == [1]
+    # Keyspace notices (K) of list commands (l: RPUSHX) and generic ones (g: RENAME).
+    assert set("Klg") | set("Ex") <= set(flags), flags
+
+
+class CommandMeter:
+    """Billed commands of one operation: the delta of redis-server's INFO commandstats, less
+    what taking the measurement costs, measured at the start rather than assumed (INFO counts
+    itself, once per snapshot, after its reply)."""
+
+    def __init__(self, url: str) -> None:
+        self._redis = redis.Redis.from_url(url)
+        self._redis.ping()  # connect (and its handshake) before anything is measured
+        self._own = Counter[str]()
+        self._own = self.delta(self.snapshot())
+
+    def snapshot(self) -> Counter[str]:
+        stats = self._redis.info("commandstats")
+        return Counter(
+            {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+        )
+
+    def delta(self, before: Counter[str]) -> Counter[str]:
+        spent = self.snapshot()
+        spent.subtract(before)
+        spent.subtract(self._own)
+        return Counter({name: n for name, n in spent.items() if n})
+
+    async def of(self, operation: Awaitable[object]) -> Counter[str]:
+        before = self.snapshot()
+        await operation
+        return self.delta(before)
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def billed(counts: Counter[str]) -> int:
+    return sum(counts.values())
+
+
+async def test_each_store_operation_bills_the_commands_its_design_promises(quiet_kv) -> None:
+    set_notify_flags(quiet_kv.redis_url, "")
+    kv = KVStore(quiet_kv.url, quiet_kv.token, ttl_seconds=7200)
+    reader = KVStore(quiet_kv.url, quiet_kv.token, ttl_seconds=7200, silence_seconds=3600)
+    meter = CommandMeter(quiet_kv.redis_url)
+    try:
+        # One whole run first: the scripts get loaded and the endpoint's connection opened, so
+        # what follows is each operation's steady cost.
+        warm = make_record()
+        await kv.create_run(warm)
+        await claim(kv, warm.run_id, "w1", now=utc_now())
+        await kv.save_provider_work(warm.run_id, "geico", "w1", ProviderWork(), [activity("x")])
+        await kv.renew_lease(warm.run_id, "geico", "w1", utc_now() + LEASE)
+        await kv.append_events(warm.run_id, [activity("x")])
+        await kv.record_outcome(warm.run_id, "geico", *quoted("geico"), total=5)
+        await kv.get_run(warm.run_id)
+        await kv.finish_run(warm.run_id, *completed())
+        assert await meter.of(asyncio.sleep(0)) == Counter(), "the meter measures only itself"
+
+        record = make_record()
+        run_id = record.run_id
+        now = utc_now()
+        later = now + LEASE + timedelta(seconds=1)
+        costs = {
+            "create_run": await meter.of(kv.create_run(record)),
+            "claim_provider (claimed)": await meter.of(claim(kv, run_id, "w1", now=now)),
+            "claim_provider (held)": await meter.of(claim(kv, run_id, "w2", now=now)),
+            "append_events (1 activity)": await meter.of(
+                kv.append_events(run_id, [ActivityEvent(provider="geico", message="Step 1")])
+            ),
+            "claim_provider (lease ended, holder checked)": await meter.of(
+                claim(kv, run_id, "w2", now=later)
+            ),
+            "save_provider_work (+1 event)": await meter.of(
+                kv.save_provider_work(run_id, "geico", "w2", ProviderWork(), [activity("s")])
+            ),
+            "renew_lease": await meter.of(kv.renew_lease(run_id, "geico", "w2", later + LEASE)),
+            "record_outcome (2 events)": await meter.of(
+                kv.record_outcome(run_id, "geico", *quoted("geico"), total=5)
+            ),
+            "get_run (snapshot)": await meter.of(kv.get_run(run_id)),
+        }
+        async with reader.watch(run_id) as watch:
+            await watch.next_events(-1, timeout=5)  # the backlog
+
+            async def one_event_delivered() -> None:
+                first = await kv.append_events(run_id, [activity("pushed")])
+                assert [e.id for e in await watch.next_events(first - 1, timeout=30)] == [first]
+
+            costs["append + its delivery to a watching reader"] = await meter.of(
+                one_event_delivered()
+            )
+        costs["finish_run"] = await meter.of(kv.finish_run(run_id, *completed()))
+    finally:
+        meter.close()
+        await kv.aclose()
+        await reader.aclose()
+
+    for name, counts in costs.items():
+        print(f"{name}: {billed(counts)} billed {dict(sorted(counts.items()))}")
+    assert costs["append_events (1 activity)"] == Counter(rpushx=1)
+    assert costs["append + its delivery to a watching reader"] == Counter(rpushx=1, lrange=1)
+    assert costs["record_outcome (2 events)"] == Counter(evalsha=1, hsetnx=1, hincrby=1, rpushx=1)
+    assert costs["finish_run"] == Counter(evalsha=1, rpushx=1, rename=1, hset=1, expire=2), (
+        "the terminal event, the fence (rename), the run's end and two TTLs"
+    )
+    assert costs["claim_provider (claimed)"] == Counter(evalsha=1, hmget=1, hset=1)
+    assert costs["claim_provider (held)"] == Counter(evalsha=1, hmget=1)
+    assert costs["claim_provider (lease ended, holder checked)"] == Counter(
+        evalsha=1, hmget=1, lrange=1, hset=1
+    )
+    assert costs["save_provider_work (+1 event)"] == Counter(evalsha=1, hmget=1, hset=1, rpushx=1)
+    assert costs["renew_lease"] == Counter(evalsha=1, hmget=1, hset=1)
+    assert billed(costs["create_run"]) <= 6
+    assert billed(costs["get_run (snapshot)"]) <= 5
