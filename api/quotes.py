@@ -1,5 +1,6 @@
-"""POST /api/quotes: validate, create the run, answer 202, then run the workflow to its end
-within this same invocation (after the response, bounded by this function's maxDuration)."""
+"""POST /api/quotes: validate, admit, create the run, enqueue one message per provider (and one
+for the run's deadline) on Vercel Queues, answer 202. No provider work runs here: the
+queue-triggered worker (api/work.py) does it, as long as it takes."""
 
 from __future__ import annotations
 
@@ -9,14 +10,13 @@ import re
 import time
 from typing import Any
 
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lib.admission import AdmissionPass, AdmissionRequest, DailyLimitReached, RateLimited
 from lib.callers import Caller, CredentialsRefused, identify_caller
 from lib.config import Settings
-from lib.http import FunctionContext, Problem, function_app, invocation_deadline
+from lib.http import FunctionContext, Problem, function_app
 from lib.store import CreateOutcome, IdempotencyClaim, StoreUnavailable
 from lib.terms import ProviderId, new_run_id
 
@@ -142,8 +142,10 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
     from pydantic import ValidationError
 
     from lib.models import QuoteRequest, RunAccepted
+    from lib.queue import QueueNotConfigured, QueueUnavailable, require_queue
+    from lib.queue.dispatch import dispatch_run
     from lib.validation import validation_problem
-    from lib.workflow import QuoteRun, new_run_record, run_deadline
+    from lib.workflow import fail_run, new_run_record, run_deadline
 
     settings = context.settings
     caller = identify_caller(request, settings)
@@ -176,10 +178,9 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
         return _replay(earlier, claim)
     run_id = new_run_id()
     providers = quote_request.selected_providers(allowed or settings.providers)
-    record = new_run_record(
-        run_id, quote_request, providers, run_deadline(settings, invocation_deadline())
-    )
+    record = new_run_record(run_id, quote_request, providers, run_deadline(settings))
     try:
+        require_queue(settings)
         outcome = await store.create_run(record, claim)
     except BaseException:
         await _give_back(admitted, context)
@@ -191,13 +192,17 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
 
     accepted = RunAccepted.for_run(outcome.run_id)
     headers = {"Location": accepted.status_url, "Cache-Control": "no-store"}
-    workflow = QuoteRun(store, context.source, settings, quote_request, record)
-    return JSONResponse(
-        accepted.model_dump(mode="json"),
-        status_code=202,
-        headers=headers,
-        background=BackgroundTask(workflow.run),
-    )
+    try:
+        await dispatch_run(settings, run_id, providers, quote_request, record.deadline)
+    except (QueueNotConfigured, QueueUnavailable):
+        # No run may stay processing with no work behind it, count against a limit, or keep
+        # its Idempotency-Key: a retry starts afresh.
+        await fail_run(store, run_id, "internal")
+        if claim is not None:
+            await store.release_idempotency(claim, run_id)
+        await _give_back(admitted, context)
+        raise
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers=headers)
 
 
 app = function_app(start_quote_run, methods=("POST",))

@@ -1,4 +1,5 @@
-"""POST /api/work: the queue-triggered worker. Vercel Queues pushes each message of the
+"""POST /api/work: the queue-triggered worker; each delivery is one provider of one run, or a
+run's deadline (lib/worker.py does the work). Vercel Queues pushes each message of the
 `quote-provider-work` topic here (vercel.json `experimentalTriggers`); the `vercel-queue` SDK
 accepts the delivery, runs the subscriber, and acknowledges the message when it returns. A
 subscriber that raises leaves the message unacknowledged (the queue redelivers it after the
@@ -10,13 +11,23 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
-from vercel.queue import Message, ProtocolError, QueueError, accept_and_handle, subscribe
+from vercel.queue import (
+    Message,
+    ProtocolError,
+    QueueError,
+    RetryAfter,
+    accept_and_handle,
+    subscribe,
+)
 
-from lib.http import FunctionContext, Problem, function_app
+from lib.http import FunctionContext, Problem, function_app, invocation_deadline
+from lib.queue import TOPIC
+from lib.queue.messages import ProviderWorkMessage, work_message
+from lib.worker import Delivery, HandBack, ProviderTask, enforce_deadline
 
-TOPIC = "quote-provider-work"
 CLOUD_EVENT_TYPE = "com.vercel.queue.v2beta"  # what every Vercel Queues push carries as ce-type
 log = logging.getLogger(__name__)
 
@@ -26,9 +37,26 @@ log = logging.getLogger(__name__)
 @subscribe(topic=TOPIC, consumer_group="api/work.py")
 async def work(message: Message[Any]) -> None:
     meta = message.metadata
-    log.warning(
-        "queue message %s (delivery %d): %r", meta.message_id, meta.delivery_count, message.payload
+    try:
+        payload = work_message().validate_python(message.payload)
+    except ValidationError as error:
+        # Redelivering a message that can never be read would only burn deliveries.
+        log.error("queue message %s is not provider work: %s", meta.message_id, error)
+        return
+    context = app.context
+    delivery = Delivery(
+        message_id=str(meta.message_id),
+        count=meta.delivery_count,
+        invocation_deadline=invocation_deadline(),
     )
+    try:
+        if isinstance(payload, ProviderWorkMessage):
+            task = ProviderTask(context.store, context.source, context.settings, payload, delivery)
+            await task.run()
+        else:
+            await enforce_deadline(context.store, context.source, payload)
+    except HandBack as directive:
+        raise RetryAfter(directive.delay) from None
 
 
 async def deliver(request: Request, context: FunctionContext) -> Response:

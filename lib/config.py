@@ -155,13 +155,20 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         # Local embedded store only: nothing to protect beyond this machine.
         secret = b"quote-runs local development secret"
     stream_max = _number(env, "STREAM_MAX_SECONDS", 0, minimum=1) or None
+    run_max = _number(env, "RUN_MAX_SECONDS", 900, minimum=1)
+    ttl = int(_number(env, "QUOTE_RUN_TTL_SECONDS", 7200, minimum=60))
+    if ttl < run_max:
+        # Keys get their TTL when a run starts and again when it ends: a run must fit in it.
+        raise ConfigError(
+            f"QUOTE_RUN_TTL_SECONDS ({ttl}) must be at least RUN_MAX_SECONDS ({run_max:g})"
+        )
     runs_per_day = int(_number(env, "QUOTE_RUNS_PER_DAY", 200))
     api_keys = tuple(k.strip() for k in env.get("QUOTES_API_KEYS", "").split(",") if k.strip())
     origins = tuple(o.strip() for o in env.get("CORS_ALLOW_ORIGINS", "*").split(",") if o.strip())
     return Settings(
         kv=kv,
         db_path=env.get("QUOTES_DB_PATH", "").strip() or ".data/quotes.sqlite3",
-        run_ttl_seconds=int(_number(env, "QUOTE_RUN_TTL_SECONDS", 7200, minimum=60)),
+        run_ttl_seconds=ttl,
         tinyfish_api_key=env.get("TINYFISH_API_KEY", "").strip() or None,
         tinyfish_api_url=(
             env.get("TINYFISH_API_URL", "").strip() or DEFAULT_TINYFISH_API_URL
@@ -169,7 +176,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         providers=_providers(env.get("QUOTE_PROVIDERS", "")),
         provider_timeout_seconds=_number(env, "PROVIDER_TIMEOUT_SECONDS", 180, minimum=1),
         stream_max_seconds=stream_max,
-        run_max_seconds=_number(env, "RUN_MAX_SECONDS", 290, minimum=1),
+        run_max_seconds=run_max,
         secret=secret,
         cors_allow_origins=origins or ("*",),
         run_lease_seconds=_number(env, "RUN_LEASE_SECONDS", 45, minimum=0.3),

@@ -25,6 +25,7 @@ from lib.admission.errors import AdmissionRefused, DailyLimitReached, RateLimite
 from lib.callers import CredentialsRefused, CredentialsRequired, PaidDeploymentOpen
 from lib.config import ConfigError, Settings, get_settings
 from lib.logs import configure_logging, log_context
+from lib.queue.errors import QueueNotConfigured, QueueUnavailable
 from lib.store import RunNotFound, Store, StoreNotConfigured, StoreUnavailable, open_store
 from lib.terms import is_run_id
 
@@ -101,6 +102,18 @@ def problem_for(error: Exception) -> Problem:
                 "Storage is unavailable",
                 "The run store could not be reached; try again shortly.",
                 headers=headers,
+            )
+        case QueueNotConfigured():
+            return Problem(
+                503, "queue-not-configured", "The work queue is not configured", str(error)
+            )
+        case QueueUnavailable():
+            return Problem(
+                503,
+                "queue-unavailable",
+                "The work queue is unavailable",
+                "The quote run could not be queued; try again shortly.",
+                headers={"Retry-After": "5"},
             )
         case CredentialsRequired():
             return Problem(
@@ -268,7 +281,13 @@ class function_app:
                 Problem | RunNotFound | CredentialsRequired | CredentialsRefused | AdmissionRefused,
             ):
                 if isinstance(
-                    error, StoreUnavailable | StoreNotConfigured | ConfigError | PaidDeploymentOpen
+                    error,
+                    StoreUnavailable
+                    | StoreNotConfigured
+                    | ConfigError
+                    | PaidDeploymentOpen
+                    | QueueNotConfigured
+                    | QueueUnavailable,
                 ):
                     log.warning("%s %s: %s", request.method, request.url.path, error)
                 else:

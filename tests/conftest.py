@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
+from typing import Any
 
+import httpx
 import pytest
 
 from lib.models import (
@@ -27,7 +31,6 @@ def make_record(run_id: str | None = None, **changes: object) -> RunRecord:
         run_id=run_id or new_run_id(),
         created_at=now,
         updated_at=now,
-        heartbeat_at=now,
         deadline=now + timedelta(seconds=290),
         coverage="standard",
         providers=[ProviderState(provider=p) for p in PROVIDER_IDS],
@@ -99,6 +102,59 @@ async def store(store_factory) -> AsyncIterator[Store]:
     built = store_factory()
     yield built
     await built.aclose()
+
+
+async def run_end(api: httpx.AsyncClient, run_id: str) -> dict[str, Any]:
+    """The run's snapshot once the queue worker has finished it (each stream GET returns after
+    the next events, or after STREAM_MAX_SECONDS)."""
+    for _ in range(20):
+        snapshot: dict[str, Any] = (await api.get(f"/api/quotes/{run_id}")).json()
+        if snapshot["status"] != "processing":
+            return snapshot
+        cursor = str(snapshot["lastEventId"])
+        await api.get(f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": cursor})
+    raise AssertionError(f"run {run_id} did not finish")
+
+
+@pytest.fixture(scope="session")
+def queue_server() -> Iterator[Any]:
+    """vercel-queue's embedded queue service on a local port, for the whole session."""
+    from vercel.queue.devserver import embedded_queue_dev_server
+
+    with embedded_queue_dev_server(manual_clock=False) as server:
+        yield server
+
+
+@pytest.fixture
+def queue_env(queue_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """This process's functions send to the embedded queue service, as `make dev`'s do."""
+    queue_server.reset()
+    monkeypatch.setenv("VERCEL_QUEUE_BASE_URL", queue_server.base_url)
+    monkeypatch.setenv("VERCEL_QUEUE_TOKEN", "vc-dev-token")
+    monkeypatch.setenv("VERCEL_REGION", "dev1")
+    from vercel.queue.testing import reset_default_queue_clients
+
+    reset_default_queue_clients()
+    return queue_server
+
+
+@pytest.fixture
+async def queue_worker(queue_env: Any) -> AsyncIterator[Any]:
+    """The worker function (api/work.py) consuming the queue in this process: the SDK's own
+    polling loop hands each message to the function's subscriber."""
+    from vercel.queue import poll_and_handle
+
+    from tests.functions import FUNCTION_FILES, load_function
+
+    worker = load_function(FUNCTION_FILES["work"])
+    consumer = asyncio.create_task(poll_and_handle(worker.work, interval=0.02))
+    yield worker
+    consumer.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await consumer
+    from vercel.queue.testing import reset_default_async_queue_clients
+
+    await reset_default_async_queue_clients()
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from lib.config import get_settings
+from tests.conftest import run_end
 from tests.functions import VercelRouter
 from tools import openapi
 from tools.devhost.routes import Router, discover_functions, discover_rewrites
@@ -91,7 +92,7 @@ def test_request_schema_documents_the_contract_constraints() -> None:
 
 
 @pytest.fixture
-async def api(tmp_path, monkeypatch) -> AsyncIterator[httpx.AsyncClient]:
+async def api(tmp_path, monkeypatch, queue_worker) -> AsyncIterator[httpx.AsyncClient]:
     for name in ("KV_REST_API_URL", "KV_REST_API_TOKEN", "VERCEL", "VERCEL_ENV"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("QUOTES_DB_PATH", str(tmp_path / "quotes.sqlite3"))
@@ -125,9 +126,10 @@ async def test_other_methods_on_the_document_are_a_405_problem(api: httpx.AsyncC
 
 
 async def test_a_whole_run_as_sent_fits_the_document(api: httpx.AsyncClient) -> None:
-    started = await api.post("/api/quotes", json=REQUEST)  # returns after the whole run here
+    started = await api.post("/api/quotes", json=REQUEST)
     assert started.status_code == 202
     conforms(started.json(), "RunAccepted")
+    await run_end(api, started.json()["runId"])
     snapshot = await api.get(started.json()["statusUrl"], params={"since": -1})
     assert snapshot.status_code == 200
     body = snapshot.json()

@@ -58,7 +58,8 @@ def test_settings_defaults_match_the_documented_configuration() -> None:
     )
     assert settings.provider_timeout_seconds == 180
     assert settings.stream_max_seconds is None
-    assert settings.run_max_seconds == 290
+    assert settings.run_max_seconds == 900
+    assert settings.queue_backend is None
     assert settings.run_lease_seconds == 45
     assert settings.cors_allow_origins == ("*",)
     assert settings.tinyfish_api_key is None

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 
+from lib.staleness import LOST_AFTER_DEADLINE_SECONDS
 from lib.store import StoreUnavailable
 from lib.store.sqlite import SQLiteEventWatch
 from tests.functions import VercelRouter
@@ -23,7 +24,7 @@ def stream_lines(json_logs, run_id: str) -> list[dict[str, Any]]:
 async def test_a_stream_that_sends_the_terminal_event_logs_open_and_close_terminal(
     api, store, json_logs
 ) -> None:
-    run_id = await _orphan_run(store, heartbeat_age=0, deadline_in=-1)
+    run_id = await _orphan_run(store, past_deadline=LOST_AFTER_DEADLINE_SECONDS + 5)
     response = await api.get(f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": "0"})
     assert response.status_code == 200
     opened, closed = stream_lines(json_logs, run_id)
@@ -40,7 +41,7 @@ async def test_a_stream_that_reaches_its_own_deadline_logs_close_deadline(
 ) -> None:
     configure(STREAM_MAX_SECONDS="1", RUN_LEASE_SECONDS="60")
     api._transport = httpx.ASGITransport(app=VercelRouter())
-    run_id = await _orphan_run(store, heartbeat_age=0, deadline_in=200)
+    run_id = await _orphan_run(store, past_deadline=-200)
     await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
     _, closed = stream_lines(json_logs, run_id)
     assert closed["closeReason"] == "deadline"
@@ -51,7 +52,7 @@ async def test_a_stream_that_reaches_its_own_deadline_logs_close_deadline(
 async def test_a_stream_of_a_finished_run_with_nothing_new_logs_that_it_did_not_open(
     api, store, json_logs
 ) -> None:
-    run_id = await _orphan_run(store, heartbeat_age=0, deadline_in=-1)
+    run_id = await _orphan_run(store, past_deadline=LOST_AFTER_DEADLINE_SECONDS + 5)
     await api.get(f"/api/quotes/{run_id}")  # finalizes it: events 0..2
     response = await api.get(f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": "2"})
     assert response.status_code == 204
@@ -70,7 +71,7 @@ async def test_a_stream_whose_storage_fails_logs_a_warning_and_close_storage_err
 
     monkeypatch.setattr(SQLiteEventWatch, "next_events", unavailable)
     api._transport = httpx.ASGITransport(app=VercelRouter())
-    run_id = await _orphan_run(store, heartbeat_age=0, deadline_in=200)
+    run_id = await _orphan_run(store, past_deadline=-200)
     await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
     _, warning, closed = stream_lines(json_logs, run_id)
     assert warning["level"] == "warning"
@@ -83,7 +84,7 @@ async def test_a_stream_whose_client_leaves_logs_close_client_left(
 ) -> None:
     configure(RUN_LEASE_SECONDS="60")
     router = VercelRouter()
-    run_id = await _orphan_run(store, heartbeat_age=0, deadline_in=200)
+    run_id = await _orphan_run(store, past_deadline=-200)
     first_event = asyncio.Event()
     messages: list[dict[str, Any]] = []
 

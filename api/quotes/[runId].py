@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lib.http import FunctionContext, Problem, function_app, run_id_from, run_not_found
-from lib.staleness import finalize_if_stale
+from lib.staleness import finalize_if_lost
 from lib.store import RunState
 from lib.terms import is_run_id, percent
 
@@ -44,7 +44,8 @@ def snapshot(state: RunState, ttl_seconds: int, *, with_events: bool) -> RunSnap
 
     record = state.record
     total = len(record.providers)
-    last_write = max(record.updated_at, record.heartbeat_at)
+    # Keys get the TTL at creation and again with the terminal event (lib/store/kv.py).
+    last_write = record.ended_at or record.created_at
     return RunSnapshot(
         run_id=record.run_id,
         status=record.status,
@@ -73,7 +74,7 @@ async def get_quote_run(request: Request, context: FunctionContext) -> Response:
     state = await store.get_run(run_id, events_after=since, limit=limit)
     if state is None:
         raise run_not_found()
-    if await finalize_if_stale(store, state, context.settings):
+    if not state.finalized and await finalize_if_lost(store, state):
         state = await store.get_run(run_id, events_after=since, limit=limit)
         if state is None:
             raise run_not_found()

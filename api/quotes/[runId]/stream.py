@@ -24,7 +24,7 @@ from lib.http import (
     run_not_found,
 )
 from lib.sse import KEEP_ALIVE, RETRY, EventStreamResponse, sse_frame
-from lib.staleness import finalize_if_stale, next_stale_check
+from lib.staleness import finalize_if_lost, next_lost_check
 from lib.store import RunState, Store, StoreUnavailable
 from lib.terms import is_run_id
 
@@ -83,7 +83,7 @@ async def _run_events(
         async with store.watch(run_id) as watch:
             while True:
                 now = time.time()
-                check_at = max(next_stale_check(state, settings, watch.last_heard), not_before)
+                check_at = max(next_lost_check(state), not_before)
                 keep_alive_at = last_sent + KEEP_ALIVE_SECONDS - time.monotonic() + now
                 wake_at = min(close_at, check_at, keep_alive_at)
                 events = await watch.next_events(cursor, timeout=max(0.0, wake_at - now))
@@ -105,12 +105,12 @@ async def _run_events(
                     yield KEEP_ALIVE
                     last_sent = time.monotonic()
                 if now >= check_at:
-                    fresh = await store.get_run(run_id)
+                    fresh = await store.get_run(run_id, tail=0)
                     if fresh is None:
                         reason = "run_expired"
                         return
                     state = fresh
-                    await finalize_if_stale(store, state, settings)
+                    await finalize_if_lost(store, state)
                     not_before = time.time() + MIN_CHECK_INTERVAL
     except StoreUnavailable as error:
         # End the stream; the client reconnects after `retry` and resumes from its cursor.
@@ -137,11 +137,11 @@ async def stream_quote_run(request: Request, context: FunctionContext) -> Respon
         raise run_not_found()
     cursor = _cursor(request)
     store = context.store
-    state = await store.get_run(run_id)
+    state = await store.get_run(run_id, tail=0)
     if state is None:
         raise run_not_found()
-    if await finalize_if_stale(store, state, context.settings):
-        state = await store.get_run(run_id) or state
+    if not state.finalized and await finalize_if_lost(store, state):
+        state = await store.get_run(run_id, tail=0) or state
     terminal = state.finalized or state.record.status != "processing"
     if terminal and state.last_event_id <= cursor:
         # Nothing more will come: 204 tells an EventSource to stop reconnecting.

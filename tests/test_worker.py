@@ -1,0 +1,364 @@
+"""The queue worker's unit of work, in-process on both stores: one delivery of one provider
+(claim, resume, relay, outcome), hand-offs before an invocation's deadline, replays, deaths,
+retries across paid attempts, and the run's own deadline. The queue itself is exercised end to
+end (tests/test_e2e.py); here deliveries are made by hand, as the SDK would make them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from lib.config import settings_from_env
+from lib.models import PROVIDER_IDS, ProviderId, Quote, QuoteRequest, new_run_id, utc_now
+from lib.providers.base import (
+    AgentAttempt,
+    AttemptListener,
+    ProviderAgentFailed,
+    ProviderError,
+    ProviderUnavailable,
+)
+from lib.providers.simulated import SimulatedQuoteSource
+from lib.queue import MAX_DELIVERIES
+from lib.queue.messages import ProviderWorkMessage, RunDeadlineMessage
+from lib.store import Store
+from lib.worker import Delivery, HandBack, ProviderTask, enforce_deadline
+from lib.workflow import new_run_record, run_deadline
+from tests.conftest import make_quote
+
+REQUEST = QuoteRequest.model_validate(
+    {
+        "vin": "2C3CDZAG2GH967639",
+        "zip": "94107",
+        "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
+    }
+)
+
+
+def settings(**env: str) -> Any:
+    return settings_from_env(
+        {
+            "SIMULATED_DELAY_SCALE": "0.01",
+            "RUN_LEASE_SECONDS": "1.5",
+            "PROVIDER_TIMEOUT_SECONDS": "60",
+            "RUN_MAX_SECONDS": "120",
+            **env,
+        }
+    )
+
+
+async def new_run(
+    store: Store, providers: list[ProviderId] | None = None, *, deadline_in: float = 120
+) -> tuple[str, list[ProviderId], datetime]:
+    run_id = new_run_id()
+    chosen = providers or list(PROVIDER_IDS)
+    deadline = utc_now() + timedelta(seconds=deadline_in)
+    await store.create_run(new_run_record(run_id, REQUEST, chosen, deadline))
+    return run_id, chosen, deadline
+
+
+def message(
+    run_id: str, provider: ProviderId, total: int, deadline: datetime
+) -> ProviderWorkMessage:
+    return ProviderWorkMessage(
+        run_id=run_id, provider=provider, total=total, deadline=deadline, request=REQUEST
+    )
+
+
+def delivery(count: int = 1, *, deadline_in: float | None = None) -> Delivery:
+    deadline = utc_now() + timedelta(seconds=deadline_in) if deadline_in is not None else None
+    return Delivery(message_id=f"m-{new_run_id()}", count=count, invocation_deadline=deadline)
+
+
+class RecordingSource:
+    """Wraps a real source: records every attempt it was asked to run and every cancel."""
+
+    name = "simulated"
+    billable = False
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.attempts: list[tuple[ProviderId, AgentAttempt]] = []
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self._start = asyncio.Event()
+
+    def record_start(self, agent_run_id: str) -> None:
+        self.started.append(agent_run_id)
+        self._start.set()
+
+    async def wait_for_starts(self, count: int = 1) -> None:
+        while len(self.started) < count:
+            self._start.clear()
+            await asyncio.wait_for(self._start.wait(), 10)
+
+    async def quote(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
+    ) -> Quote:
+        self.attempts.append((provider, attempt))
+        source = self
+
+        class Spy:
+            async def activity(self, text: str) -> None:
+                await listener.activity(text)
+
+            async def agent_run_started(self, agent_run_id: str) -> None:
+                await listener.agent_run_started(agent_run_id)
+                source.record_start(agent_run_id)  # once the store has it
+
+        quote: Quote = await self.inner.quote(request, provider, attempt, Spy())
+        return quote
+
+    async def cancel(self, agent_run_id: str) -> None:
+        self.cancelled.append(agent_run_id)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class ScriptedSource(RecordingSource):
+    """A source whose attempts fail as scripted (the real adapters' wire formats are tested in
+    tests/test_provider_*.py): each attempt starts an agent run, then raises or quotes."""
+
+    def __init__(self, outcomes: list[Callable[[], ProviderError] | None]) -> None:
+        super().__init__(None)
+        self.outcomes = outcomes
+
+    async def quote(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
+    ) -> Quote:
+        self.attempts.append((provider, attempt))
+        agent_run_id = f"agent-{provider}-{attempt.number}"
+        if attempt.agent_run_id is None:
+            await listener.agent_run_started(agent_run_id)
+            self.record_start(agent_run_id)
+        outcome = self.outcomes[attempt.number - 1]
+        if outcome is not None:
+            error = outcome()
+            error.agent_run_id = agent_run_id
+            raise error
+        return make_quote(provider, 99.0)
+
+
+def simulated(**options: float) -> RecordingSource:
+    return RecordingSource(SimulatedQuoteSource(delay_scale=0.01, **options))
+
+
+async def events_of(store: Store, run_id: str) -> list[dict[str, Any]]:
+    return [e.as_dict() for e in await store.read_events(run_id, -1)]
+
+
+async def test_five_workers_at_once_complete_the_run_exactly_once(store: Store) -> None:
+    run_id, providers, deadline = await new_run(store)
+    source = simulated()
+    tasks = [
+        ProviderTask(store, source, settings(), message(run_id, p, 5, deadline), delivery())
+        for p in providers
+    ]
+    await asyncio.gather(*(t.run() for t in tasks))
+    events = await events_of(store, run_id)
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.status == "completed"
+    assert [e["id"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events].count("complete") == 1
+    assert events[-1]["type"] == "complete"
+    assert [e["completed"] for e in events if e["type"] == "progress"] == [1, 2, 3, 4, 5]
+    premiums = [q["monthlyPremium"] for q in events[-1]["quotes"]]
+    assert premiums == sorted(premiums)
+    assert len(source.started) == 5  # one agent run per provider
+
+
+async def test_a_replayed_delivery_of_a_finished_provider_does_no_work(store: Store) -> None:
+    run_id, _, deadline = await new_run(store, ["geico", "progressive"])
+    source = simulated()
+    work = message(run_id, "geico", 2, deadline)
+    await ProviderTask(store, source, settings(), work, delivery()).run()
+    before = await events_of(store, run_id)
+    await ProviderTask(store, source, settings(), work, delivery(2)).run()
+    assert await events_of(store, run_id) == before
+    assert len(source.attempts) == 1
+
+
+async def test_a_delivery_that_finds_a_live_lease_hands_back_and_does_nothing(store: Store) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"])
+    source = simulated(min_seconds=3)
+    work = message(run_id, "geico", 1, deadline)
+    first = asyncio.create_task(ProviderTask(store, source, settings(), work, delivery()).run())
+    await source.wait_for_starts()
+    with pytest.raises(HandBack) as handed:
+        await ProviderTask(store, source, settings(), work, delivery()).run()
+    assert 0 < handed.value.delay <= 60
+    assert len(source.attempts) == 1
+    await first
+
+
+async def test_work_longer_than_an_invocation_is_handed_back_and_resumed(store: Store) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"])
+    source = simulated(min_seconds=3)
+    work = message(run_id, "geico", 1, deadline)
+    deliveries = 0
+    delays: list[float] = []
+    while True:
+        deliveries += 1
+        # Each invocation may run 16.5 s: its hand-off comes 15 s before that, after 1.5 s.
+        task = ProviderTask(store, source, settings(), work, delivery(deliveries, deadline_in=16.5))
+        try:
+            await task.run()
+            break
+        except HandBack as directive:
+            delays.append(directive.delay)
+            await asyncio.sleep(min(directive.delay, 1))  # the queue's redelivery delay
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.status == "completed"
+    assert deliveries >= 2
+    assert all(delay <= 5 for delay in delays)
+    assert len(source.started) == 1  # every later delivery reattached to the same agent run
+    assert {a.agent_run_id for _, a in source.attempts[1:]} == {source.started[0]}
+
+
+async def test_a_dead_workers_provider_is_resumed_after_its_lease(store: Store) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"])
+    source = simulated(min_seconds=4)
+    work = message(run_id, "geico", 1, deadline)
+    doomed = asyncio.create_task(ProviderTask(store, source, settings(), work, delivery()).run())
+    await source.wait_for_starts()
+    doomed.cancel()  # the instance died: no release, no outcome
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    resumed = False
+    for count in range(2, MAX_DELIVERIES + 1):
+        try:
+            await ProviderTask(store, source, settings(), work, delivery(count)).run()
+            resumed = True
+            break
+        except HandBack as directive:
+            await asyncio.sleep(min(directive.delay, 0.5))
+    state = await store.get_run(run_id)
+    assert resumed
+    assert state is not None and state.record.status == "completed"
+    assert len(source.started) == 1
+    assert source.attempts[-1][1].agent_run_id == source.started[0]
+
+
+async def test_a_blip_is_retried_as_a_new_paid_attempt_after_cancelling_the_old(
+    store: Store,
+) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"])
+    source = ScriptedSource([lambda: ProviderUnavailable("blip"), None])
+    await ProviderTask(
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+    ).run()
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.provider("geico").status == "quoted"
+    assert source.started == ["agent-geico-1", "agent-geico-2"]
+    assert source.cancelled == ["agent-geico-1"]
+    assert state.record.work["geico"].attempt == 2
+
+
+async def test_an_agent_failure_is_not_retried_and_says_why(store: Store) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"])
+    source = ScriptedSource([lambda: ProviderAgentFailed("The form needs a phone number")])
+    await ProviderTask(
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+    ).run()
+    events = await events_of(store, run_id)
+    failure = next(e for e in events if e["type"] == "provider_error")
+    assert failure["code"] == "provider_unavailable"
+    assert "phone number" in failure["message"]
+    assert failure["retryable"] is False
+    assert len(source.started) == 1
+    assert events[-1]["type"] == "complete" and events[-1]["failed"] == ["geico"]
+
+
+async def test_attempts_stop_at_three(store: Store) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"])
+    source = ScriptedSource([lambda: ProviderUnavailable("blip")] * 3)
+    await ProviderTask(
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+    ).run()
+    assert len(source.started) == 3
+    assert set(source.cancelled) == set(source.started)
+
+
+async def test_the_last_delivery_fails_the_provider_instead_of_handing_back(store: Store) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"])
+    source = simulated(min_seconds=20)
+    task = ProviderTask(
+        store,
+        source,
+        settings(),
+        message(run_id, "geico", 1, deadline),
+        delivery(MAX_DELIVERIES, deadline_in=16),
+    )
+    await task.run()
+    events = await events_of(store, run_id)
+    failure = next(e for e in events if e["type"] == "provider_error")
+    assert failure["code"] == "provider_unavailable"
+    assert "deliveries" in failure["message"]
+    assert source.cancelled == source.started
+
+
+async def test_a_run_that_ended_elsewhere_stops_its_workers_and_cancels_their_agents(
+    store: Store,
+) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"])
+    source = simulated(min_seconds=5)
+    work = message(run_id, "geico", 1, deadline)
+    task = asyncio.create_task(ProviderTask(store, source, settings(), work, delivery()).run())
+    await source.wait_for_starts()
+    await enforce_deadline(store, source, RunDeadlineMessage(run_id=run_id, deadline=utc_now()))
+    await asyncio.wait_for(task, 10)
+    events = await events_of(store, run_id)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "deadline_exceeded"
+    assert source.started[0] in source.cancelled
+
+
+async def test_the_deadline_cancels_every_agent_run_still_going_and_ends_the_run(
+    store: Store,
+) -> None:
+    run_id, providers, deadline = await new_run(store, ["geico", "progressive", "allstate"])
+    source = simulated(min_seconds=30)
+    # Three workers start their agents, then their instances die.
+    tasks = [
+        asyncio.create_task(
+            ProviderTask(
+                store, source, settings(), message(run_id, p, 3, deadline), delivery()
+            ).run()
+        )
+        for p in providers
+    ]
+    await source.wait_for_starts(3)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await enforce_deadline(store, source, RunDeadlineMessage(run_id=run_id, deadline=utc_now()))
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.status == "failed"
+    assert state.record.error is not None and state.record.error.code == "deadline_exceeded"
+    assert sorted(source.cancelled) == sorted(source.started)
+    assert {p.status for p in state.record.providers} == {"failed"}
+
+
+async def test_an_early_deadline_message_is_handed_back_until_the_deadline(store: Store) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"], deadline_in=30)
+    with pytest.raises(HandBack) as handed:
+        await enforce_deadline(
+            store, simulated(), RunDeadlineMessage(run_id=run_id, deadline=deadline)
+        )
+    assert 25 < handed.value.delay <= 31
+
+
+async def test_run_deadline_is_the_runs_own(store: Store) -> None:
+    moment = run_deadline(settings(RUN_MAX_SECONDS="900", QUOTE_RUN_TTL_SECONDS="7200"))
+    assert timedelta(seconds=899) < moment - utc_now() <= timedelta(seconds=900)
