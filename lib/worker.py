@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from lib.models import (
     QuoteEvent,
     utc_now,
 )
+from lib.providers.backoff import ATTEMPTS, STORE_WRITES
 from lib.providers.base import (
     AgentAttempt,
     ProviderError,
@@ -231,7 +233,7 @@ class ProviderTask:
                 return_when=asyncio.FIRST_COMPLETED,
             )
             if quote_task in done:
-                return quote_task.result()
+                return self._result_of(quote_task)
             if keeper in done:
                 keeper.result()  # raises why the lease could not be kept
         finally:
@@ -246,6 +248,19 @@ class ProviderTask:
             raise ProviderTimeout("The insurer's site did not produce a quote in time.")
         await self._hand_back()
         raise AssertionError("unreachable")
+
+    def _result_of(self, quote_task: asyncio.Future[Quote]) -> Quote:
+        """The attempt's quote, or its typed failure; a bug in a source is a blip, not a crash
+        that would burn the message's deliveries (its text may hold the request's data)."""
+        try:
+            return quote_task.result()
+        except (ProviderError, RunFinalized, RunNotFound, LeaseLost, HandBack, StoreUnavailable):
+            raise
+        except Exception:
+            log.exception(
+                "run %s %s: the quote source failed unexpectedly", self.run_id, self.provider
+            )
+            raise ProviderUnavailable("The quote source failed unexpectedly.") from None
 
     async def _hand_back(self) -> None:
         """Release the lease so the next delivery can claim at once, and give the message back."""
@@ -270,7 +285,9 @@ class ProviderTask:
         """Start the next paid attempt when the failure was a blip and budget remains."""
         if not error.transient or self._work.attempt >= MAX_ATTEMPTS:
             return False
-        wait = min(error.retry_after or 0.0, 30.0)
+        wait = min(
+            max(error.retry_after or 0.0, ATTEMPTS.wait(self._work.attempt, random.random)), 30.0
+        )
         start = utc_now() + timedelta(seconds=wait)
         if provider_deadline - start < timedelta(seconds=MIN_ATTEMPT_SECONDS):
             return False
@@ -390,17 +407,16 @@ class ProviderTask:
         """A write storage could not take is retried for a while (each backend makes its own
         retries land once); past that the work is handed back to the queue."""
         give_up = asyncio.get_running_loop().time() + 30.0
-        delay = 0.5
-        again = False
+        tries = 0
         while True:
             try:
-                return await write(again)
+                return await write(tries > 0)
             except StoreUnavailable:
-                again = True
+                tries += 1
+                delay = STORE_WRITES.wait(tries, random.random)
                 if asyncio.get_running_loop().time() + delay > give_up:
                     raise HandBack(STORE_RETRY_SECONDS, "storage unavailable") from None
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def _keep_lease(self) -> None:
         """Renew the lease whenever this worker has written nothing for a third of it (a claim

@@ -28,7 +28,6 @@ from lib.providers.base import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from lib.providers.retry import quote_with_retries
 from lib.providers.tinyfish import (
     INSURER_START_URLS,
     MAX_ACTIVITY_CHARS,
@@ -766,25 +765,42 @@ async def test_wrong_key_and_missing_beta_against_fake_tinyfish() -> None:
         assert ["output_schema" in body for body in fake.requests] == [True, False]
 
 
-async def test_retries_over_real_sockets_end_in_the_last_transient_error() -> None:
-    sleeps: list[float] = []
+async def test_the_worker_retries_over_real_sockets_and_ends_in_the_last_transient_error(
+    tmp_path,
+) -> None:
+    from datetime import timedelta
 
-    async def no_wait(seconds: float) -> None:
-        sleeps.append(seconds)
+    from lib.config import settings_from_env
+    from lib.models import new_run_id
+    from lib.queue.messages import ProviderWorkMessage
+    from lib.store.sqlite import SQLiteStore
+    from lib.worker import Delivery, ProviderTask
+    from lib.workflow import new_run_record
 
+    store = SQLiteStore(str(tmp_path / "quotes.sqlite3"), ttl_seconds=7200)
     with FakeTinyFishServer(api_key=API_KEY, default_scenario="http_500", delay_scale=0) as fake:
         source = TinyFishQuoteSource(api_key=API_KEY, api_url=fake.url)
-        activity = Activity()
         try:
-            with pytest.raises(ProviderUnavailable, match="HTTP 500"):
-                await quote_with_retries(
-                    source, REQUEST, "geico", activity.activity, timeout_seconds=30, sleep=no_wait
-                )
+            run_id = new_run_id()
+            deadline = utc_now() + timedelta(seconds=120)
+            await store.create_run(new_run_record(run_id, REQUEST, ["geico"], deadline))
+            work = ProviderWorkMessage(
+                run_id=run_id, provider="geico", total=1, deadline=deadline, request=REQUEST
+            )
+            delivery = Delivery(message_id="m-1", count=1, invocation_deadline=None)
+            settings = settings_from_env({"PROVIDER_TIMEOUT_SECONDS": "60"})
+            await ProviderTask(store, source, settings, work, delivery).run()
+            events = [e.as_dict() for e in await store.read_events(run_id, -1)]
         finally:
             await source.aclose()
-        assert len(fake.requests) == 3
-        assert len(sleeps) == 2
-        assert activity.messages[-1].endswith("(attempt 3 of 3)")
+            await store.aclose()
+    assert len(fake.requests) == 3  # three paid attempts at most (none started: all refused)
+    failure = next(e for e in events if e["type"] == "provider_error")
+    assert failure["code"] == "provider_unavailable" and "HTTP 500" in failure["message"]
+    retries = [
+        e["message"] for e in events if e["type"] == "activity" and "attempt" in e["message"]
+    ]
+    assert retries == ["Retrying GEICO (attempt 2 of 3)", "Retrying GEICO (attempt 3 of 3)"]
 
 
 # --- reattaching to an agent run by its id ------------------------------------------------------

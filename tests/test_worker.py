@@ -362,3 +362,23 @@ async def test_an_early_deadline_message_is_handed_back_until_the_deadline(store
 async def test_run_deadline_is_the_runs_own(store: Store) -> None:
     moment = run_deadline(settings(RUN_MAX_SECONDS="900", QUOTE_RUN_TTL_SECONDS="7200"))
     assert timedelta(seconds=899) < moment - utc_now() <= timedelta(seconds=900)
+
+
+async def test_a_bug_in_a_source_is_a_retried_blip_whose_text_never_reaches_the_run(
+    store: Store,
+) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"])
+
+    def crash() -> ProviderError:
+        raise KeyError("Ana Lee 1990-04-12")
+
+    source = ScriptedSource([crash, None])
+    task = ProviderTask(
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+    )
+    await task.run()
+    events = await events_of(store, run_id)
+    assert events[-1]["type"] == "complete" and events[-1]["best"] == "geico"
+    assert "Ana" not in str(events)
+    assert len(source.started) == 2  # the crashed attempt's agent run was given up, then a retry
+    assert source.cancelled == ["agent-geico-1"]

@@ -1,7 +1,6 @@
 """Quote sources: the TinyFish web-agent API when TINYFISH_API_KEY is set, else the simulated
 demo source. A source runs one attempt (`QuoteSource.quote`, lib.providers.base), resumable after
-a hand-off; `quote_with_retries` (lib.providers.retry) gives one provider its whole budget in one
-process.
+a hand-off; the queue worker (lib.worker) gives a provider its attempts across deliveries.
 
 Kept light on purpose: the stream and snapshot functions import this package (for the error
 types) and should not pay for importing either source on a cold start."""
