@@ -168,3 +168,25 @@ async def test_watches_that_leave_before_the_subscription_is_confirmed_release_i
     await asyncio.gather(*entering, return_exceptions=True)
     assert RunSubscription.open_count(kv) == 0
     await subscriptions_become(upstash_server, baseline)
+
+
+async def test_watches_at_one_cursor_share_one_read(
+    kv: KVStore, upstash_server: UpstashRestServer
+) -> None:
+    record = make_record()
+    await kv.create_run(record)
+    await kv.append_event(record.run_id, activity("in the backlog"))
+    watches = [kv.watch(record.run_id) for _ in range(WATCHES)]
+    for watch in watches:
+        await watch.__aenter__()
+    try:
+        # Each watch owes a catch-up read since it subscribed; all of them are at one cursor.
+        await asyncio.to_thread(upstash_server.reset_stats)
+        batches = await asyncio.gather(*(w.next_events(-1, timeout=5) for w in watches))
+        reads = (await asyncio.to_thread(upstash_server.stats))["by_kind"]["command"]["requests"]
+    finally:
+        for watch in watches:
+            await watch.aclose()
+    stored = [e.id for e in await kv.read_events(record.run_id, -1)]
+    assert [[e.id for e in batch] for batch in batches] == [stored] * WATCHES
+    assert reads <= 2, f"{WATCHES} watches at one cursor read {reads} times"

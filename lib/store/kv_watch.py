@@ -65,6 +65,10 @@ class RunSubscription:
         self.cursor = -1
         self._notice = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        # Notices seen so far, and the watches' reads in flight by cursor with the count each
+        # began at.
+        self._notices = 0
+        self._reads: dict[int, tuple[int, asyncio.Future[list[StoredEvent]]]] = {}
 
     @classmethod
     def acquire(cls, store: KVStore, run_id: str, watcher: KVEventWatch) -> RunSubscription:
@@ -103,7 +107,28 @@ class RunSubscription:
         """A watch read up to `event_id` on its own (its catch-up): later reads start after it."""
         self.cursor = max(self.cursor, event_id)
 
+    async def read_after(self, after: int) -> list[StoredEvent]:
+        """A watch's own read of the events after `after` (its catch-up, silence check or poll):
+        one KV read for every watch that asks for the same cursor while it is in flight (500
+        watches polling after a drop are mostly at one cursor), unless a notice came since it
+        began (what the notice announced may postdate it)."""
+        in_flight = self._reads.get(after)
+        if in_flight is None or in_flight[0] != self._notices:
+            read = asyncio.ensure_future(self._store.read_events(self.run_id, after))
+            in_flight = self._reads[after] = (self._notices, read)
+
+            def done(future: asyncio.Future[list[StoredEvent]]) -> None:
+                if self._reads.get(after, (0, None))[1] is future:
+                    del self._reads[after]
+                if not future.cancelled():
+                    future.exception()  # retrieved here, whoever is still waiting
+
+            read.add_done_callback(done)
+        # Shielded: a watch that leaves does not cancel the read the others wait for.
+        return list(await asyncio.shield(in_flight[1]))
+
     def _on_notice(self) -> None:
+        self._notices += 1
         # Notices that arrive while a read is under way are answered by one more read.
         self._notice.set()
         if self._reader is None or self._reader.done():
@@ -146,6 +171,7 @@ class RunSubscription:
                         if kind == "message":
                             self._on_notice()
                         elif kind == "subscribe":
+                            self._notices += 1  # a catch-up read from now on must be fresh
                             self.state = ChannelState.LIVE
                             for watcher in tuple(self.watchers):
                                 watcher.on_subscribed()
@@ -222,7 +248,7 @@ class KVEventWatch(EventWatch):
             due = self._read_due
             if due is not ReadDue.NONE or self._delivery is Delivery.POLL or self._latest > after:
                 self._read_due = ReadDue.NONE
-                events = await self._store.read_events(self._run_id, after)
+                events = await self._read_after(after)
                 if events:
                     if self._subscription is not None:
                         self._subscription.seen(events[-1].id)
@@ -247,6 +273,11 @@ class KVEventWatch(EventWatch):
                 if self._delivery is Delivery.PUSH and time.monotonic() < end:
                     self._read_due = ReadDue.SILENCE_CHECK
                     self._last_signal = time.monotonic()
+
+    async def _read_after(self, after: int) -> list[StoredEvent]:
+        if self._subscription is None:
+            return await self._store.read_events(self._run_id, after)
+        return await self._subscription.read_after(after)
 
     def _take_contiguous(self, after: int) -> list[StoredEvent]:
         for stale in [i for i in self._pending if i <= after]:
