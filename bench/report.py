@@ -192,7 +192,7 @@ def delivery_section(
         this, seed = got
         rows.append(
             Row(
-                "  REST requests per append (the writers')",
+                "  REST requests per event written (the writers')",
                 f"{this.requests_per_append:.2f}",
                 f"{seed.requests_per_append:.2f}",
                 ratio(this.requests_per_append, seed.requests_per_append),

@@ -32,9 +32,8 @@ from httpx_sse import aconnect_sse
 
 from bench.infra import ROOT, FunctionHost, UpstashEndpoint, command_calls
 from bench.seed import SeedStore
-from bench.workload import RunPlan, Write, completed_record, new_record, plan_run
+from bench.workload import RunPlan, Write, new_record, plan_run, write
 from lib.models import PROVIDER_IDS, ActivityEvent, CompleteEvent, new_run_id
-from lib.store.base import stored_event_json
 from lib.store.kv import KVStore
 
 STREAM_FUNCTION = "api/quotes/[runId]/stream.py"
@@ -195,7 +194,7 @@ def count_requests(store: object) -> list[int]:
 
 
 def _mean_event_bytes(plan: RunPlan) -> float:
-    return statistics.fmean(len(stored_event_json(w.event).encode()) for w in plan.in_time_order)
+    return statistics.fmean(len(w.event.model_dump_json().encode()) for w in plan.in_time_order)
 
 
 async def _counted_span(setup: Setup) -> Counter[str]:
@@ -242,12 +241,12 @@ async def project_delivery(setup: Setup, clients: int, duration: float) -> Deliv
                 if is_terminal_data(sse.data):
                     return
 
-    async def write(writes: list[Write], began: float) -> None:
+    async def write_all(writes: list[Write], began: float) -> None:
         for w in writes:
             await sleep_until(began + w.at)
             at = time.time()
-            event_id = await store.append_event(run_id, w.event, record=w.record, nonce=w.nonce)
-            sent[event_id] = at
+            for event_id in await write(store, run_id, w):
+                sent[event_id] = at
 
     before = await _counted_span(setup)
     try:
@@ -258,8 +257,8 @@ async def project_delivery(setup: Setup, clients: int, duration: float) -> Deliv
                 await asyncio.gather(*(c.wait() for c in connected))
             started = time.time()
             began = time.monotonic()
-            await write(plan.opening, began)
-            await asyncio.gather(*(write(ws, began) for ws in plan.workers))
+            await write_all(plan.opening, began)
+            await asyncio.gather(*(write_all(ws, began) for ws in plan.workers))
             async with asyncio.timeout(30):
                 await asyncio.gather(*readers)
         figures = await _span_figures(setup, before)
@@ -313,7 +312,7 @@ async def seed_delivery(setup: Setup, clients: int, duration: float) -> Delivery
             await sleep_until(began + w.at)
             sent[index] = time.time()
             status = "completed" if index == len(writes) - 1 else None
-            await store.append_event(run_id, json.loads(stored_event_json(w.event)), status=status)
+            await store.append_event(run_id, json.loads(w.event.model_dump_json()), status=status)
         async with asyncio.timeout(30):
             await asyncio.gather(*readers)
         figures = await _span_figures(setup, before)
@@ -471,7 +470,7 @@ async def project_writers(
             await asyncio.sleep(1.0)  # any stream a client dropped has had a second to end
             leaked = max(0, int((await setup.stats())["open_subscriptions"]) - readers)
             final = CompleteEvent(quotes=[], best=None, failed=[])
-            await store.append_event(run_id, final, record=completed_record(record))
+            await store.append_event(run_id, final)
             async with asyncio.timeout(60):
                 logs = await asyncio.gather(*reading)
         stored = await store.read_events(run_id, -1)
@@ -494,7 +493,7 @@ async def seed_writers(setup: Setup, writers: int = 50, each: int = 20) -> Write
     run_id = new_run_id()
 
     async def append(w: int, seq: int) -> None:
-        await store.append_event(run_id, json.loads(stored_event_json(_writer_event(w, seq))))
+        await store.append_event(run_id, json.loads(_writer_event(w, seq).model_dump_json()))
 
     try:
         await store.create_run(run_id)
@@ -591,7 +590,7 @@ async def concurrent_streams(setup: Setup, target: int = 500) -> Streams:
             held = sum(1 for t, e in zip(tasks, live, strict=True) if e.is_set() and not t.done())
             memory, fds = host.memory_kib(), host.open_fds()
             final = CompleteEvent(quotes=[], best=None, failed=[])
-            await store.append_event(run_id, final, record=completed_record(record))
+            await store.append_event(run_id, final)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(30):
                     await asyncio.gather(*tasks)

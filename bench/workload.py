@@ -1,11 +1,11 @@
 """How the system writes one run, as `make bench` replays it: THE place to change when the write
 path changes (which writer appends what, with which record, when).
 
-A run of five insurers, as the queue workers write it: POST's `started`, then five provider
-workers appending at once, each its own agent's activity (no record: an activity append is an
-event and its announcement), then its outcome (`quote`, or `provider_error`, with the record that
-outcome implies) and the run's `progress`; the worker that records the last outcome writes
-`complete` with the final record. 100 events in all, spread over the run's duration with the same
+A run of five insurers, as the queue workers write it (lib/worker.py): `started` with the run
+(`create_run`), then five provider workers appending at once, each its own agent's activity
+(`append_events`), then its outcome, `quote` or `provider_error`, with the run's `progress` in
+the same write (`record_outcome`); the worker that records the last outcome writes `complete`
+(`finish_run`). 100 events in all, spread over the run's duration with the same
 pseudo-random times for both designs; the seed's design replays the same events in time order
 (its read-modify-write cannot take concurrent writers without losing events).
 """
@@ -13,7 +13,6 @@ pseudo-random times for both designs; the seed's design replays the same events 
 from __future__ import annotations
 
 import random
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -26,10 +25,11 @@ from lib.models import (
     ProgressEvent,
     ProviderErrorEvent,
     ProviderId,
-    ProviderState,
+    ProviderOutcome,
     Quote,
     QuoteEvent,
     QuoteRequest,
+    RunEnd,
     RunEvent,
     RunRecord,
     StartedEvent,
@@ -37,6 +37,7 @@ from lib.models import (
     percent,
     utc_now,
 )
+from lib.store import Store
 from lib.workflow import new_run_record
 
 EVENTS_PER_RUN = 100
@@ -77,18 +78,34 @@ def new_record(run_id: str) -> RunRecord:
     return new_run_record(run_id, SAMPLE_REQUEST, list(PROVIDER_IDS), deadline)
 
 
-def completed_record(record: RunRecord) -> RunRecord:
-    return record.model_copy(update={"status": "completed", "updated_at": utc_now()})
-
-
 @dataclass(frozen=True)
 class Write:
-    """One `Store.append_event(run_id, event, record=record, nonce=nonce)` at `at` seconds."""
+    """One event of the run, due `at` seconds in. `outcome`: a provider's outcome, recorded with
+    the run's progress; `with_another`: this design writes the event as part of another write
+    (`started` with the run, `progress` with the outcome); the seed appends every event."""
 
     at: float
     event: RunEvent
-    record: RunRecord | None
-    nonce: str
+    provider: ProviderId | None = None
+    outcome: ProviderOutcome | None = None
+    with_another: bool = False
+
+
+async def write(store: Store, run_id: str, w: Write) -> list[int]:
+    """This design's write of `w`, as the worker makes it; the ids of the events it stored."""
+    if w.with_another:
+        return []
+    if w.outcome is not None:
+        assert w.provider is not None and isinstance(w.event, QuoteEvent | ProviderErrorEvent)
+        written = await store.record_outcome(
+            run_id, w.provider, w.outcome, w.event, total=len(PROVIDER_IDS)
+        )
+        assert written.first_id is not None, "an outcome was recorded twice"
+        return [written.first_id, written.first_id + 1]
+    if isinstance(w.event, CompleteEvent):
+        end = RunEnd(status="completed", ended_at=utc_now())
+        return [await store.finish_run(run_id, w.event, end)]
+    return [await store.append_events(run_id, [w.event])]
 
 
 @dataclass(frozen=True)
@@ -123,23 +140,16 @@ def _quote(provider: ProviderId, index: int) -> Quote:
     )
 
 
-def _with_provider(record: RunRecord, state: ProviderState) -> RunRecord:
-    providers = [state if p.provider == state.provider else p for p in record.providers]
-    now = utc_now()
-    return record.model_copy(update={"providers": providers, "updated_at": now})
-
-
 def plan_run(record: RunRecord, duration: float, seed: int = 20261128) -> RunPlan:
     rng = random.Random(seed)
-    nonce = lambda: uuid.uuid4().hex  # noqa: E731 - every write carries one, as a worker's does
     providers = list(PROVIDER_IDS)
     activity_total = EVENTS_PER_RUN - 2 - 2 * len(providers)
     per_provider = [activity_total // len(providers)] * len(providers)
     for i in range(activity_total % len(providers)):
         per_provider[i] += 1
-    opening = [Write(0.0, StartedEvent(providers=providers, total=len(providers)), None, nonce())]
-    # Outcomes in the order they land, so each outcome's record holds the earlier ones.
-    current, quotes = record, []
+    started = StartedEvent(providers=providers, total=len(providers))
+    opening = [Write(0.0, started, with_another=True)]
+    quotes = []
     workers: dict[ProviderId, list[Write]] = {}
     by_finish = sorted(enumerate(providers), key=lambda ip: FINISH_AT[ip[1]])
     for completed, (index, provider) in enumerate(by_finish, start=1):
@@ -149,34 +159,33 @@ def plan_run(record: RunRecord, duration: float, seed: int = 20261128) -> RunPla
         writes = []
         for step, at in enumerate(times):
             text = _STEPS[step * len(_STEPS) // len(times)].format(name=PROVIDER_NAMES[provider])
-            writes.append(Write(at, ActivityEvent(provider=provider, message=text), None, nonce()))
+            writes.append(Write(at, ActivityEvent(provider=provider, message=text), provider))
         outcome: RunEvent
         if provider in DECLINES:
             message = "The insurer declined to quote."
             info = ErrorInfo(code="provider_declined", message=message)
-            state = ProviderState(provider=provider, status="failed", error=info)
+            outcome_state = ProviderOutcome(status="failed", error=info, finished_at=utc_now())
             outcome = ProviderErrorEvent(
                 provider=provider, code="provider_declined", message=message, retryable=False
             )
         else:
             quote = _quote(provider, index)
             quotes.append(quote)
-            state = ProviderState(provider=provider, status="quoted", quote=quote)
+            outcome_state = ProviderOutcome(status="quoted", quote=quote, finished_at=utc_now())
             outcome = QuoteEvent(provider=provider, quote=quote)
-        current = _with_provider(current, state)
-        writes.append(Write(finish, outcome, current, nonce()))
+        writes.append(Write(finish, outcome, provider, outcome_state))
         total = len(providers)
         progress = ProgressEvent(
             completed=completed, total=total, percent=percent(completed, total)
         )
-        writes.append(Write(finish, progress, None, nonce()))
+        writes.append(Write(finish, progress, provider, with_another=True))
         workers[provider] = writes
     last = max(providers, key=lambda p: FINISH_AT[p])
     ranked = cheapest_first(quotes)
     complete = CompleteEvent(
         quotes=ranked, best=ranked[0].provider if ranked else None, failed=sorted(DECLINES)
     )
-    workers[last].append(Write(duration, complete, completed_record(current), nonce()))
+    workers[last].append(Write(duration, complete, last))
     plan = RunPlan(opening, [workers[p] for p in providers])
     assert plan.events == EVENTS_PER_RUN, plan.events
     return plan
