@@ -28,11 +28,11 @@ _RECORD_ATTRIBUTES = frozenset(
 
 
 def bind_log_context(**fields: str | None) -> None:
-    """Add fields (None: leave out) to every line logged from here on in this request, delivery
-    or task (and the tasks it starts: they copy the context)."""
-    present = {name: value for name, value in fields.items() if value is not None}
-    if present:
-        _context.set({**_context.get(), **present})
+    """Add fields to every line logged from here on in this request, delivery or task (and the
+    tasks it starts: they copy the context); a field given as None is left off from here on."""
+    if fields:
+        current = {k: v for k, v in _context.get().items() if fields.get(k, v) is not None}
+        _context.set({**current, **{k: v for k, v in fields.items() if v is not None}})
 
 
 @contextmanager

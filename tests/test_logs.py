@@ -99,6 +99,9 @@ async def test_the_context_is_per_task_and_log_context_restores_it() -> None:
 def test_none_leaves_a_field_out() -> None:
     with log_context(runId=None, provider="geico"):
         assert dict(current_log_context()) == {"provider": "geico"}
+        with log_context(provider=None, runId="r1"):
+            assert dict(current_log_context()) == {"runId": "r1"}
+        assert dict(current_log_context()) == {"provider": "geico"}
 
 
 async def test_request_lines_carry_the_run_id_of_the_path_and_vercels_request_id(
