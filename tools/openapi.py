@@ -155,7 +155,7 @@ PARAMETERS: dict[str, Any] = {
         "in": "path",
         "required": True,
         "description": "The run id POST returned. Anything else is 404 (storage is not asked).",
-        "schema": {"type": "string", "pattern": models.RUN_ID_PATTERN.pattern},
+        "schema": {"type": "string", "pattern": f"^{models.RUN_ID_PATTERN.pattern}$"},
     },
 }
 
