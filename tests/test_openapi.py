@@ -91,8 +91,8 @@ def test_request_schema_documents_the_contract_constraints() -> None:
         conforms({**REQUEST, "extra": 1}, "QuoteRequest")
 
 
-@pytest.fixture
-async def api(tmp_path, monkeypatch, queue_worker) -> AsyncIterator[httpx.AsyncClient]:
+@pytest.fixture(params=[""], ids=["open"])
+async def api(tmp_path, monkeypatch, request, queue_worker) -> AsyncIterator[httpx.AsyncClient]:
     for name in ("KV_REST_API_URL", "KV_REST_API_TOKEN", "VERCEL", "VERCEL_ENV"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("QUOTES_DB_PATH", str(tmp_path / "quotes.sqlite3"))
@@ -100,11 +100,33 @@ async def api(tmp_path, monkeypatch, queue_worker) -> AsyncIterator[httpx.AsyncC
     monkeypatch.setenv("QUOTE_RATE_LIMIT_PER_MINUTE", "0")
     monkeypatch.setenv("QUOTE_RUNS_PER_DAY", "0")
     monkeypatch.setenv("CORS_ALLOW_ORIGINS", "https://app.example")
+    monkeypatch.setenv("QUOTES_API_KEYS", request.param)
     get_settings.cache_clear()
     transport = httpx.ASGITransport(app=VercelRouter())
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         yield client
     get_settings.cache_clear()
+
+
+def documented_headers(path: str, status: int) -> set[str]:
+    response = DOCUMENT["paths"][path]["post"]["responses"][str(status)]
+    return {name.lower() for name in response.get("headers", {})}
+
+
+@pytest.mark.parametrize("api", ["key-one,key-two"], ids=["keyed"], indirect=True)
+async def test_a_keyed_deployment_answers_as_documented(api: httpx.AsyncClient) -> None:
+    assert DOCUMENT["paths"]["/api/quotes"]["post"]["security"] == [{"bearer": []}, {}]
+    for headers in ({}, {"Authorization": "Bearer key-three"}):
+        refused = await api.post("/api/quotes", json=REQUEST, headers=headers)
+        assert refused.status_code == 401
+        assert refused.headers["content-type"] == "application/problem+json"
+        conforms(refused.json(), "ProblemDetail")
+        assert documented_headers("/api/quotes", 401) <= set(refused.headers)
+    key = {"Authorization": "Bearer key-two"}
+    started = await api.post("/api/quotes", json=REQUEST, headers=key)
+    assert started.status_code == 202, started.text
+    conforms(started.json(), "RunAccepted")
+    assert documented_headers("/api/quotes", 202) <= set(started.headers)
 
 
 async def test_document_is_served_as_json_with_the_apis_cors(api: httpx.AsyncClient) -> None:
