@@ -479,4 +479,3 @@ async def test_the_runs_deadline_cancels_every_agent_run_still_going(tmp_path) -
     # own duration cap (the attempt's time left) ran out at the same moment may end FAILED first.
     assert all(r["cancel_calls"] >= 1 for r in runs), runs
     assert {r["status"] for r in runs} <= {"CANCELLED", "FAILED"}, runs
-    assert "CANCELLED" in {r["status"] for r in runs}, runs
