@@ -453,6 +453,7 @@ class RunRecord(CamelModel):
     ended_at: UtcTime | None = None
     work: dict[ProviderId, ProviderWork] = Field(default_factory=dict, exclude=True)
     leases: dict[ProviderId, ProviderLease] = Field(default_factory=dict, exclude=True)
+    finished_at: dict[ProviderId, UtcTime] = Field(default_factory=dict, exclude=True)
 
     def provider(self, provider: ProviderId) -> ProviderState:
         return next(p for p in self.providers if p.provider == provider)

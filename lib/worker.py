@@ -42,6 +42,7 @@ from lib.providers.base import (
 )
 from lib.queue import MAX_DELIVERIES
 from lib.queue.messages import ProviderWorkMessage, RunDeadlineMessage
+from lib.run_log import log_provider_outcome
 from lib.store import LeaseLost, RunFinalized, RunNotFound, Store, StoreUnavailable
 from lib.store.base import RELEASED, new_nonce
 from lib.workflow import complete_if_done, fail_run
@@ -324,8 +325,6 @@ class ProviderTask:
         await self._record(outcome, QuoteEvent(provider=self._message.provider, quote=quote))
 
     async def _fail(self, error: ProviderError) -> None:
-        level = logging.ERROR if error.code == "provider_auth" else logging.WARNING
-        log.log(level, "run %s %s failed: %s", self.run_id, self.provider, error.code)
         info = ErrorInfo(code=error.code, message=error.message)
         outcome = ProviderOutcome(status="failed", error=info, finished_at=utc_now())
         event = ProviderErrorEvent(
@@ -344,6 +343,13 @@ class ProviderTask:
                 self.run_id, self._message.provider, outcome, event, total=self._message.total
             )
         )
+        if written.first_id is not None:
+            log_provider_outcome(
+                self._message.provider,
+                outcome.error.code if outcome.error else outcome.status,
+                self._work,
+                finished_at=outcome.finished_at,
+            )
         if written.completed >= self._message.total:
             await complete_if_done(self._store, self.run_id)
 

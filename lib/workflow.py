@@ -25,7 +25,8 @@ from lib.models import (
     RunRecord,
     utc_now,
 )
-from lib.store import RunFinalized, RunNotFound, Store
+from lib.run_log import log_run_summary
+from lib.store import RunFinalized, RunNotFound, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ async def complete_if_done(store: Store, run_id: str) -> bool:
         )
     except (RunFinalized, RunNotFound):
         return True
-    log.info("run %s completed", run_id)
+    log_run_summary(state.record.model_copy(update={"status": "completed", "ended_at": event.ts}))
     return True
 
 
@@ -89,4 +90,12 @@ async def fail_run(store: Store, run_id: str, code: RunErrorCode) -> bool:
         await store.finish_run(run_id, event, end)
     except (RunFinalized, RunNotFound):
         return False
+    try:
+        ended = await store.get_run(run_id, tail=0)
+    except StoreUnavailable:
+        ended = None
+    if ended is not None:
+        log_run_summary(ended.record)
+    else:
+        log.error("run %s failed (%s); its summary could not be read", run_id, code)
     return True
