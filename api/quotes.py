@@ -17,6 +17,7 @@ from lib.admission import AdmissionPass, AdmissionRequest, DailyLimitReached, Ra
 from lib.callers import Caller, CredentialsRefused, identify_caller
 from lib.config import Settings
 from lib.http import FunctionContext, Problem, function_app
+from lib.logs import bind_log_context
 from lib.store import CreateOutcome, IdempotencyClaim, StoreUnavailable
 from lib.terms import ProviderId, new_run_id
 
@@ -202,6 +203,18 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
             await store.release_idempotency(claim, run_id)
         await _give_back(admitted, context)
         raise
+    bind_log_context(runId=run_id)
+    log.info(
+        "run started: %d providers on %s",
+        len(providers),
+        settings.quote_source,
+        extra={
+            "kind": "run_started",
+            "providers": list(providers),
+            "source": settings.quote_source,
+            "deadline": record.deadline.isoformat(),
+        },
+    )
     return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers=headers)
 
 

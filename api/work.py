@@ -24,6 +24,7 @@ from vercel.queue import (
 )
 
 from lib.http import FunctionContext, Problem, function_app, invocation_deadline
+from lib.logs import bind_log_context, log_context
 from lib.queue import TOPIC
 from lib.queue.messages import ProviderWorkMessage, work_message
 from lib.worker import Delivery, HandBack, ProviderTask, enforce_deadline
@@ -37,26 +38,36 @@ log = logging.getLogger(__name__)
 @subscribe(topic=TOPIC, consumer_group="api/work.py")
 async def work(message: Message[Any]) -> None:
     meta = message.metadata
-    try:
-        payload = work_message().validate_python(message.payload)
-    except ValidationError as error:
-        # Redelivering a message that can never be read would only burn deliveries.
-        log.error("queue message %s is not provider work: %s", meta.message_id, error)
-        return
-    context = app.context
-    delivery = Delivery(
-        message_id=str(meta.message_id),
-        count=meta.delivery_count,
-        invocation_deadline=invocation_deadline(),
-    )
-    try:
-        if isinstance(payload, ProviderWorkMessage):
-            task = ProviderTask(context.store, context.source, context.settings, payload, delivery)
-            await task.run()
-        else:
-            await enforce_deadline(context.store, context.source, payload)
-    except HandBack as directive:
-        raise RetryAfter(directive.delay) from None
+    # Every line of this delivery carries its message, and once read, its run and provider.
+    with log_context(messageId=str(meta.message_id), delivery=str(meta.delivery_count)):
+        try:
+            payload = work_message().validate_python(message.payload)
+        except ValidationError as error:
+            # Redelivering a message that can never be read would only burn deliveries.
+            log.error("queue message %s is not provider work: %s", meta.message_id, error)
+            return
+        provider = payload.provider if isinstance(payload, ProviderWorkMessage) else None
+        bind_log_context(runId=payload.run_id, provider=provider)
+        context = app.context
+        delivery = Delivery(
+            message_id=str(meta.message_id),
+            count=meta.delivery_count,
+            invocation_deadline=invocation_deadline(),
+        )
+        try:
+            if isinstance(payload, ProviderWorkMessage):
+                task = ProviderTask(
+                    context.store, context.source, context.settings, payload, delivery
+                )
+                await task.run()
+            else:
+                await enforce_deadline(context.store, context.source, payload)
+        except HandBack as directive:
+            raise RetryAfter(directive.delay) from None
+        except Exception:
+            # Logged here, with the run and provider; the queue redelivers the message.
+            log.exception("delivery %d failed unexpectedly", meta.delivery_count)
+            raise
 
 
 async def deliver(request: Request, context: FunctionContext) -> Response:

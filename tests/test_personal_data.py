@@ -3,6 +3,7 @@ the quote source's goal and nowhere else."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -16,10 +17,15 @@ import redis
 from pydantic import ValidationError
 
 from lib.models import QuoteRequest
+from tests.conftest import run_end
 from tests.fake_tinyfish import FakeTinyFishServer
+from tests.functions import VercelRouter
 from tests.test_e2e import LEASE_SECONDS, ROOT, assert_gap_free, visit_stream
+from tests.test_routes import api, configure
 from tests.upstash_rest import kv_redis_url
 from tools.devhost import RunningDevHost, start_devhost_process
+
+__all__ = ["api", "configure"]  # the in-process functions, as tests/test_routes.py runs them
 
 FIRST_NAME, LAST_NAME, BIRTH_DATE = "Zephyrine", "Quillfeather", "1987-03-19"
 PERSONAL = (FIRST_NAME, LAST_NAME, BIRTH_DATE)
@@ -180,6 +186,14 @@ async def test_whole_runs_leave_no_personal_data_in_any_line_or_stored_byte(
     assert any(run_id in line for line in written) and any(killed_run in line for line in written)
     not_json = [line for line in written if not _is_json_object(line)]
     assert not_json == [], "every function line is one JSON object"
+    objects = [json.loads(line) for line in written]
+    (started,) = [o for o in objects if o.get("kind") == "run_started" and o["runId"] == run_id]
+    assert started["vercelId"] == posted.headers["x-vercel-id"]
+    (summary,) = [o for o in objects if o.get("kind") == "run_summary" and o["runId"] == run_id]
+    assert summary["outcome"] == "completed"
+    assert summary["providers"]["progressive"]["outcome"] == "provider_auth"
+    assert summary["providers"]["liberty_mutual"]["attempts"] >= 2
+    assert [o for o in objects if o.get("kind") == "run_summary" and o["runId"] == killed_run]
     leaked = [line for line in host.output_lines() if personal_data_in(line)]
     assert leaked == []
     stored = stored_kv_bytes() if host.store_kind == "kv" else stored_sqlite_bytes(db_path)
@@ -192,3 +206,85 @@ def _is_json_object(line: str) -> bool:
         return isinstance(json.loads(line), dict)
     except ValueError:
         return False
+
+
+# --- whole runs in-process, through the queue: every log record, every stored byte -------------
+
+
+@pytest.fixture
+def tinyfish(monkeypatch) -> Iterator[FakeTinyFishServer]:
+    """The local TinyFish-compatible server, its agent echoing the driver as a chatty agent
+    might: the source must mask that before it is relayed, stored or logged."""
+    import tests.fake_tinyfish as fake
+
+    echo = f"Typing {FIRST_NAME} {LAST_NAME}, born {BIRTH_DATE}, into the driver form"
+    monkeypatch.setattr(fake, "PROGRESS_STEPS", (*fake.PROGRESS_STEPS[:3], echo))
+    scenarios = {"allstate": "declined", "progressive": "billing_failure", "geico": "agent_failure"}
+    with FakeTinyFishServer(delay_scale=0.02, scenarios=scenarios) as server:
+        yield server
+
+
+def assert_nothing_personal(json_logs, run_ids: list[str], stored: bytes) -> None:
+    lines = json_logs.lines
+    assert lines, "the capture saw no line at all"
+    for run_id in run_ids:
+        assert any(json.loads(line).get("runId") == run_id for line in lines), run_id
+        assert run_id.encode() in stored
+    assert [line for line in lines if personal_data_in(line)] == []
+    assert [v for v in PERSONAL if v.encode() in stored] == []
+
+
+async def _traceback_logged(json_logs, text: str, within: float = 30) -> dict[str, Any]:
+    """The first line logged with an exception whose traceback holds `text`."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + within
+    while loop.time() < give_up:
+        for line in json_logs.objects():
+            if text in line.get("traceback", ""):
+                return line
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no traceback with {text!r} was logged")
+
+
+def stored_bytes(store_kind: str, tmp_path: Path) -> bytes:
+    if store_kind == "kv":
+        return stored_kv_bytes()
+    return stored_sqlite_bytes(tmp_path / "quotes.sqlite3")
+
+
+async def test_simulated_runs_and_a_failure_reaching_log_exception_leave_nothing_personal(
+    api, configure, store_kind, tmp_path, json_logs, monkeypatch
+) -> None:
+    configure(SIMULATED_DELAY_SCALE="0.01")
+    quoted = (await api.post("/api/quotes", json=REQUEST)).json()["runId"]
+    assert (await run_end(api, quoted))["status"] == "completed"
+
+    # An unexpected exception inside the work, carrying the request as a careless one might.
+    from lib.providers.simulated import SimulatedQuoteSource
+
+    async def broken(self: object, request: QuoteRequest, *args: object, **kwargs: object) -> None:
+        raise RuntimeError(f"unexpected state for {request!r} / {request.driver}")
+
+    monkeypatch.setattr(SimulatedQuoteSource, "quote", broken)
+    failed = (await api.post("/api/quotes", json={**REQUEST, "providers": ["geico"]})).json()
+    logged = await _traceback_logged(json_logs, "RuntimeError: unexpected state for QuoteRequest(")
+    assert logged["level"] == "error"
+    assert logged["runId"] == failed["runId"] and logged["provider"] == "geico"
+    assert_nothing_personal(
+        json_logs, [quoted, failed["runId"]], stored_bytes(store_kind, tmp_path)
+    )
+
+
+async def test_tinyfish_runs_with_failures_leave_nothing_personal(
+    api, configure, store_kind, tmp_path, json_logs, tinyfish
+) -> None:
+    configure(TINYFISH_API_KEY=tinyfish.api_key, TINYFISH_API_URL=tinyfish.url)
+    api._transport = httpx.ASGITransport(app=VercelRouter())
+    run_id = (await api.post("/api/quotes", json=REQUEST)).json()["runId"]
+    ended = await run_end(api, run_id)
+    codes = {p["provider"]: (p.get("error") or {}).get("code") for p in ended["providers"]}
+    assert codes["allstate"] == "provider_declined"
+    assert codes["progressive"] == "provider_auth"
+    goals = [body["goal"] for body in tinyfish.requests]
+    assert goals and all(FIRST_NAME in g and BIRTH_DATE in g for g in goals)
+    assert_nothing_personal(json_logs, [run_id], stored_bytes(store_kind, tmp_path))

@@ -7,7 +7,7 @@ import logging
 from functools import cache
 from typing import Annotated, Literal
 
-from pydantic import Field, TypeAdapter
+from pydantic import ConfigDict, Field, TypeAdapter
 
 from lib.models import CamelModel, ProviderId, QuoteRequest, UtcTime
 
@@ -39,4 +39,5 @@ WorkMessage = Annotated[ProviderWorkMessage | RunDeadlineMessage, Field(discrimi
 @cache
 def work_message() -> TypeAdapter[ProviderWorkMessage | RunDeadlineMessage]:
     """The message parser, built on first use (only the worker reads messages)."""
-    return TypeAdapter(WorkMessage)
+    # A message that does not fit must not be quoted in the error's text: it holds the driver.
+    return TypeAdapter(WorkMessage, config=ConfigDict(hide_input_in_errors=True))
