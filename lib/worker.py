@@ -201,7 +201,7 @@ class ProviderTask:
             except ProviderError as error:
                 if await self._retry(error, provider_deadline):
                     continue
-                await self._cancel_agent_run()
+                await self._give_up_on(error)
                 await self._fail(error)
                 return
             await self._finish(quote)
@@ -292,7 +292,7 @@ class ProviderTask:
         start = utc_now() + timedelta(seconds=wait)
         if provider_deadline - start < timedelta(seconds=MIN_ATTEMPT_SECONDS):
             return False
-        await self._cancel_agent_run()
+        await self._give_up_on(error)
         log.warning(
             "run %s %s: attempt %d failed (%s); retrying",
             self.run_id,
@@ -352,6 +352,12 @@ class ProviderTask:
             )
         if written.completed >= self._message.total:
             await complete_if_done(self._store, self.run_id)
+
+    async def _give_up_on(self, error: ProviderError) -> None:
+        """Cancel the attempt's agent run unless the agent API said it is over already."""
+        if error.agent_run_finished and error.agent_run_id == self._work.agent_run_id:
+            return
+        await self._cancel_agent_run()
 
     async def _cancel_agent_run(self) -> None:
         """Cancel the current attempt's agent run (idempotent; never raises)."""

@@ -382,3 +382,20 @@ async def test_a_bug_in_a_source_is_a_retried_blip_whose_text_never_reaches_the_
     assert "Ana" not in str(events)
     assert len(source.started) == 2  # the crashed attempt's agent run was given up, then a retry
     assert source.cancelled == ["agent-geico-1"]
+
+
+async def test_an_agent_run_the_agent_api_reported_over_is_not_cancelled(store: Store) -> None:
+    run_id, _, deadline = await new_run(store, ["geico"])
+
+    def finished_failure() -> ProviderError:
+        error = ProviderAgentFailed("The agent could not find the quote form")
+        error.agent_run_finished = True
+        return error
+
+    source = ScriptedSource([finished_failure])
+    task = ProviderTask(
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+    )
+    await task.run()
+    assert source.started == ["agent-geico-1"]
+    assert source.cancelled == []
