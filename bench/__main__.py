@@ -120,10 +120,11 @@ def notes(runs: dict[DeliveryKey, Delivery], base: float, redis_note: str) -> li
         "of its own to Redis but connection set-up; INFO, HELLO, SELECT, CLIENT and CONFIG "
         "commands (no REST request carries them) are left out. SUBSCRIBE counts 1 per "
         "subscription; messages pushed to a subscriber are not counted.",
-        "Run: bench/workload.py (POST's started; five provider workers appending at once, "
-        "activity without a record, outcome with it, then progress; complete by the last), "
-        "create_run and every stream's own reads and subscription included. Streams of one run on "
-        "one instance share one subscription, so 10 clients on the one stream instance hold one.",
+        "Run: bench/workload.py, written as lib/worker.py writes it (started with create_run; five "
+        "provider workers at once: activity with append_events, each outcome and the progress in "
+        "one record_outcome; complete with finish_run), every stream's own reads and subscription "
+        "included. Streams of one run on one instance share one subscription (and one read per "
+        "notice), so 10 clients on the one stream instance hold one.",
         "Seed = shared-storage-fix.md: one JSON blob per run, append = GET + SET of the blob, each "
         "client's loop GETs the blob every 500 ms; its replies are plain JSON (as ours) and its "
         "events skip the HTTP hop ours take, so its figures are a lower bound.",
