@@ -147,7 +147,7 @@ async def queue_worker(queue_env: Any) -> AsyncIterator[Any]:
     from tests.functions import FUNCTION_FILES, load_function
 
     worker = load_function(FUNCTION_FILES["work"])
-    consumer = asyncio.create_task(poll_and_handle(worker.work, interval=0.02))
+    consumer = asyncio.create_task(poll_and_handle(worker.subscriber(), interval=0.02))
     yield worker
     consumer.cancel()
     with contextlib.suppress(asyncio.CancelledError):
