@@ -2,12 +2,15 @@
 path changes (which writer appends what, with which record, when).
 
 A run of five insurers, as the queue workers write it (lib/worker.py): `started` with the run
-(`create_run`), then five provider workers appending at once, each its own agent's activity
-(`append_events`), then its outcome, `quote` or `provider_error`, with the run's `progress` in
-the same write (`record_outcome`); the worker that records the last outcome writes `complete`
-(`finish_run`). 100 events in all, spread over the run's duration with the same
-pseudo-random times for both designs; the seed's design replays the same events in time order
-(its read-modify-write cannot take concurrent writers without losing events).
+(`create_run`), then five provider workers at once, each claiming its provider and storing its
+first attempt with a "Starting" activity (`claim_provider` + `save_provider_work`), storing its
+agent run's id with an "agent started" activity (`save_provider_work`), appending its agent's
+activity (`append_events`), then its outcome, `quote` or `provider_error`, with the run's
+`progress` in the same write (`record_outcome`); the worker that records the last outcome reads
+the run and writes `complete` (`get_run`, `finish_run`). 100 events in all, spread over the
+run's duration with the same pseudo-random times for both designs; the seed's design replays
+the same events in time order (its read-modify-write cannot take concurrent writers without
+losing events).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal
 
 from lib.models import (
     PROVIDER_IDS,
@@ -26,6 +30,7 @@ from lib.models import (
     ProviderErrorEvent,
     ProviderId,
     ProviderOutcome,
+    ProviderWork,
     Quote,
     QuoteEvent,
     QuoteRequest,
@@ -89,12 +94,28 @@ class Write:
     provider: ProviderId | None = None
     outcome: ProviderOutcome | None = None
     with_another: bool = False
+    # The worker's own writes of a provider's work state, each with its activity event: its claim
+    # of the provider and first attempt ("claim"), and the agent run's id ("agent").
+    work: Literal["claim", "agent"] | None = None
 
 
 async def write(store: Store, run_id: str, w: Write) -> list[int]:
     """This design's write of `w`, as the worker makes it; the ids of the events it stored."""
     if w.with_another:
         return []
+    if w.work is not None:
+        assert w.provider is not None
+        owner, now = f"bench-{w.provider}", utc_now()
+        if w.work == "claim":
+            lease = timedelta(seconds=45)
+            await store.claim_provider(
+                run_id, w.provider, owner, now=now, lease_until=now + lease, alive_since=now - lease
+            )
+            work = ProviderWork(attempt=1, attempt_started_at=now, first_started_at=now)
+        else:
+            work = ProviderWork(attempt=1, agent_run_id="agent-1", agent_run_ids=["agent-1"])
+        await store.save_provider_work(run_id, w.provider, owner, work, [w.event])
+        return []  # its id is not returned: these events are delivered, not timed
     if w.outcome is not None:
         assert w.provider is not None and isinstance(w.event, QuoteEvent | ProviderErrorEvent)
         written = await store.record_outcome(
@@ -103,6 +124,7 @@ async def write(store: Store, run_id: str, w: Write) -> list[int]:
         assert written.first_id is not None, "an outcome was recorded twice"
         return [written.first_id, written.first_id + 1]
     if isinstance(w.event, CompleteEvent):
+        await store.get_run(run_id, tail=0)  # complete_if_done reads the outcomes first
         end = RunEnd(status="completed", ended_at=utc_now())
         return [await store.finish_run(run_id, w.event, end)]
     return [await store.append_events(run_id, [w.event])]
@@ -156,9 +178,23 @@ def plan_run(record: RunRecord, duration: float, seed: int = 20261128) -> RunPla
         finish = FINISH_AT[provider] * duration
         count = per_provider[index]
         times = sorted(rng.uniform(0.02 * duration, finish * 0.98) for _ in range(count))
-        writes = []
-        for step, at in enumerate(times):
-            text = _STEPS[step * len(_STEPS) // len(times)].format(name=PROVIDER_NAMES[provider])
+        name = PROVIDER_NAMES[provider]
+        writes = [
+            Write(
+                times[0],
+                ActivityEvent(provider=provider, message=f"Starting {name} quote"),
+                provider,
+                work="claim",
+            ),
+            Write(
+                times[1],
+                ActivityEvent(provider=provider, message=f"{name} agent started"),
+                provider,
+                work="agent",
+            ),
+        ]
+        for step, at in enumerate(times[2:]):
+            text = _STEPS[step * len(_STEPS) // (len(times) - 2)].format(name=name)
             writes.append(Write(at, ActivityEvent(provider=provider, message=text), provider))
         outcome: RunEvent
         if provider in DECLINES:
