@@ -11,9 +11,11 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -45,6 +47,7 @@ from lib.store import (
 )
 from lib.store.base import RELEASED
 from lib.store.sqlite import SQLiteStore
+from lib.store.sqlite_file import open_wal_database
 from tests.conftest import make_quote, make_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -977,3 +980,25 @@ async def test_wait_for_events_returns_what_arrives_or_nothing_at_the_timeout(
     await store.append_events(run_id, [activity("soon")])
     events = await waiting
     assert [e.id for e in events] == [1]
+
+
+def test_many_instances_opening_a_fresh_sqlite_file_at_once_all_open_it(tmp_path) -> None:
+    # Switching a fresh file to WAL from several connections at once deadlocks, and SQLite
+    # answers "database is locked" without waiting; the opener must wait it out.
+    def open_at_once(path: str, count: int) -> list[str]:
+        barrier = threading.Barrier(count)
+
+        def open_one() -> str:
+            barrier.wait()
+            db = open_wal_database(path)
+            try:
+                return str(db.execute("PRAGMA journal_mode").fetchone()[0])
+            finally:
+                db.close()
+
+        with ThreadPoolExecutor(count) as pool:
+            return list(pool.map(lambda _: open_one(), range(count)))
+
+    for round_ in range(40):
+        modes = open_at_once(str(tmp_path / f"fresh-{round_}.sqlite3"), 12)
+        assert modes == ["wal"] * 12

@@ -5,7 +5,6 @@ processes sharing the file admit exactly as KV does."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import TypeVar
 
 from lib.admission.base import Admission, AdmissionKeys, Counts, Limits, Verdict, judge
 from lib.store.errors import StoreUnavailable
+from lib.store.sqlite_file import open_wal_database
 
 T = TypeVar("T")
 
@@ -44,12 +44,7 @@ class SQLiteAdmission(Admission):
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            directory = os.path.dirname(self.path)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            db = open_wal_database(self.path)
             db.executescript(_SCHEMA)
             self._db = db
         return self._db

@@ -7,7 +7,6 @@ backoff (an indexed range query)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +49,7 @@ from lib.store.base import (
     wire_event,
 )
 from lib.store.errors import LeaseLost, RunFinalized, RunNotFound, StoreUnavailable
+from lib.store.sqlite_file import open_wal_database
 
 T = TypeVar("T")
 
@@ -117,12 +117,7 @@ class SQLiteStore(Store):
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
-            directory = os.path.dirname(self.path)
-            if directory:
-                os.makedirs(directory, exist_ok=True)
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
+            db = open_wal_database(self.path)
             db.execute("BEGIN IMMEDIATE")
             try:
                 if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
