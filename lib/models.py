@@ -415,6 +415,7 @@ class ProviderOutcome(CamelModel):
     quote: Quote | None = None
     error: ErrorInfo | None = None
     finished_at: UtcTime
+    agent_steps: int | None = None  # every agent run's steps for this provider (None: unknown)
 
 
 class ProviderWork(CamelModel):
@@ -427,7 +428,13 @@ class ProviderWork(CamelModel):
     agent_run_id: str | None = None
     agent_run_ids: list[str] = Field(default_factory=list)
     cancelled_agent_run_ids: list[str] = Field(default_factory=list)
+    # Steps each agent run took (what the agent API bills), as far as the workers saw them.
+    agent_steps: dict[str, int] = Field(default_factory=dict)
     last_activity: str | None = None
+
+    @property
+    def total_agent_steps(self) -> int:
+        return sum(self.agent_steps.values())
 
 
 class ProviderLease(CamelModel):
@@ -454,6 +461,7 @@ class RunRecord(CamelModel):
     work: dict[ProviderId, ProviderWork] = Field(default_factory=dict, exclude=True)
     leases: dict[ProviderId, ProviderLease] = Field(default_factory=dict, exclude=True)
     finished_at: dict[ProviderId, UtcTime] = Field(default_factory=dict, exclude=True)
+    agent_steps: dict[ProviderId, int] = Field(default_factory=dict, exclude=True)
 
     def provider(self, provider: ProviderId) -> ProviderState:
         return next(p for p in self.providers if p.provider == provider)

@@ -37,6 +37,8 @@ def _work_fields(work: ProviderWork | None) -> dict[str, object]:
     if work is None:
         return {"attempts": 0, "agentRunIds": []}
     fields: dict[str, object] = {"attempts": work.attempt, "agentRunIds": list(work.agent_run_ids)}
+    if work.agent_steps:
+        fields["agentSteps"] = work.total_agent_steps
     if work.cancelled_agent_run_ids:
         fields["cancelledAgentRunIds"] = list(work.cancelled_agent_run_ids)
     return fields
@@ -71,7 +73,8 @@ def log_provider_outcome(
 
 def provider_summary(record: RunRecord, provider: ProviderId) -> dict[str, object]:
     """What became of one provider of an ended run: its outcome (or error code), attempts,
-    deliveries, agent run ids and time (where known: a provider never started has none)."""
+    deliveries, agent run ids, agent steps and time (where known: a provider never started has
+    none)."""
     state = record.provider(provider)
     if state.status == "quoted":
         outcome = "quoted"
@@ -83,6 +86,8 @@ def provider_summary(record: RunRecord, provider: ProviderId) -> dict[str, objec
     lease = record.leases.get(provider)
     fields: dict[str, object] = {"outcome": outcome, **_work_fields(work)}
     fields["deliveries"] = lease.deliveries if lease is not None else 0
+    if provider in record.agent_steps:
+        fields["agentSteps"] = record.agent_steps[provider]
     finished = record.finished_at.get(provider, record.ended_at)
     seconds = _seconds(work.first_started_at if work else None, finished)
     if seconds is not None:

@@ -320,13 +320,20 @@ class ProviderTask:
         )
         return True
 
+    def _agent_steps(self) -> int | None:
+        return self._work.total_agent_steps if self._work.agent_run_ids else None
+
     async def _finish(self, quote: Quote) -> None:
-        outcome = ProviderOutcome(status="quoted", quote=quote, finished_at=utc_now())
+        outcome = ProviderOutcome(
+            status="quoted", quote=quote, finished_at=utc_now(), agent_steps=self._agent_steps()
+        )
         await self._record(outcome, QuoteEvent(provider=self._message.provider, quote=quote))
 
     async def _fail(self, error: ProviderError) -> None:
         info = ErrorInfo(code=error.code, message=error.message)
-        outcome = ProviderOutcome(status="failed", error=info, finished_at=utc_now())
+        outcome = ProviderOutcome(
+            status="failed", error=info, finished_at=utc_now(), agent_steps=self._agent_steps()
+        )
         event = ProviderErrorEvent(
             provider=self._message.provider,
             code=error.code,
@@ -396,6 +403,15 @@ class ProviderTask:
         name = PROVIDER_NAMES[self._message.provider]
         await self._save(
             [ActivityEvent(provider=self._message.provider, message=f"{name} agent started")]
+        )
+
+    def agent_steps(self, steps: int) -> None:
+        # Kept in the work state: saved with its next write (hand-back, retry) and the outcome.
+        agent_run_id = self._work.agent_run_id
+        if agent_run_id is None or steps <= self._work.agent_steps.get(agent_run_id, 0):
+            return
+        self._work = self._work.model_copy(
+            update={"agent_steps": {**self._work.agent_steps, agent_run_id: steps}}
         )
 
     # --- storage ------------------------------------------------------------------------------

@@ -193,7 +193,19 @@ async def test_whole_runs_leave_no_personal_data_in_any_line_or_stored_byte(
     assert summary["outcome"] == "completed"
     assert summary["providers"]["progressive"]["outcome"] == "provider_auth"
     assert summary["providers"]["liberty_mutual"]["attempts"] >= 2
-    assert [o for o in objects if o.get("kind") == "run_summary" and o["runId"] == killed_run]
+    (killed_summary,) = [
+        o for o in objects if o.get("kind") == "run_summary" and o["runId"] == killed_run
+    ]
+    # The agent steps each provider cost, as TinyFish counts them, also across the killed workers.
+    steps_of = {r["run_id"]: r["steps"] for r in tinyfish.run_records()}
+    for line in (summary, killed_summary):
+        counted = 0
+        for provider, fields in line["providers"].items():
+            if fields["agentRunIds"]:
+                expected = sum(steps_of[a] for a in fields["agentRunIds"])
+                assert fields.get("agentSteps") == expected, (provider, fields)
+                counted += expected > 0
+        assert counted >= 3, line["providers"]
     leaked = [line for line in host.output_lines() if personal_data_in(line)]
     assert leaked == []
     stored = stored_kv_bytes() if host.store_kind == "kv" else stored_sqlite_bytes(db_path)

@@ -60,6 +60,7 @@ class Listener:
     def __init__(self, *, signal_after: int = 0) -> None:
         self.messages: list[str] = []
         self.agent_runs: list[str] = []
+        self.steps = 0
         self.signal_after = signal_after
         self.reached = asyncio.Event()
 
@@ -70,6 +71,9 @@ class Listener:
 
     async def agent_run_started(self, agent_run_id: str) -> None:
         self.agent_runs.append(agent_run_id)
+
+    def agent_steps(self, steps: int) -> None:
+        self.steps = max(self.steps, steps)
 
 
 STARTED_AT = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -259,6 +263,8 @@ async def test_a_resumed_attempt_ends_at_the_same_moment_with_the_same_quote() -
     assert after.agent_runs == []
     assert before.messages + after.messages == whole.messages
     assert again == uninterrupted
+    steps = len(simulated_timeline(request, "state_farm", delay_scale=1.0).steps)
+    assert whole.steps == after.steps == steps > 0  # the resumed call counts the earlier steps
 
 
 async def test_a_call_resumed_after_the_end_returns_at_once_with_the_same_quote() -> None:

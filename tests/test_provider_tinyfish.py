@@ -131,12 +131,16 @@ class Activity:
     def __init__(self) -> None:
         self.messages: list[str] = []
         self.agent_runs: list[str] = []
+        self.steps: list[int] = []
 
     async def activity(self, message: str) -> None:
         self.messages.append(message)
 
     async def agent_run_started(self, agent_run_id: str) -> None:
         self.agent_runs.append(agent_run_id)
+
+    def agent_steps(self, steps: int) -> None:
+        self.steps.append(steps)
 
 
 def new_attempt(seconds: float = 300, agent_run_id: str | None = None) -> AgentAttempt:
@@ -274,6 +278,7 @@ async def test_progress_purpose_becomes_activity(api: respx.MockRouter) -> None:
         ),
     )
     assert activity.messages == ["Navigating to https://www.geico.com", "Entering the ZIP code"]
+    assert activity.steps == [1, 2]  # each PROGRESS is a step TinyFish bills
 
 
 async def test_completed_result_becomes_a_tinyfish_quote(api: respx.MockRouter) -> None:
@@ -395,6 +400,21 @@ async def test_a_stream_lost_after_started_polls_that_run_and_starts_no_other(
     assert poll.calls.last.request.headers["x-api-key"] == API_KEY
     assert activity.agent_runs == ["run_123"]
     assert activity.messages == ["Entering vehicle details"]
+    assert activity.steps[0] == 1
+
+
+async def test_a_polled_run_reports_the_step_count_the_api_gives(api: respx.MockRouter) -> None:
+    running = run_object("RUNNING") | {"steps": [{"purpose": "a"}, {"purpose": "b"}]}
+    done = run_object("COMPLETED", GOOD_RESULT) | {"num_of_steps": 7}
+    api.get(f"{API_URL}/v1/runs/run_123").mock(
+        side_effect=[httpx.Response(200, json=running), httpx.Response(200, json=done)]
+    )
+    source, activity = fast_source(), Activity()
+    try:
+        await source.quote(REQUEST, "geico", new_attempt(agent_run_id="run_123"), activity)
+    finally:
+        await source.aclose()
+    assert activity.steps == [2, 7]  # the steps array while it runs, num_of_steps at its end
 
 
 async def test_a_stream_that_ends_before_started_is_transient_unavailable(

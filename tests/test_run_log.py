@@ -21,7 +21,12 @@ def test_a_provider_outcome_is_one_line_at_a_level_that_means_something(
     json_logs, outcome, level
 ) -> None:
     started = utc_now()
-    work = ProviderWork(attempt=2, first_started_at=started, agent_run_ids=["a1", "a2"])
+    work = ProviderWork(
+        attempt=2,
+        first_started_at=started,
+        agent_run_ids=["a1", "a2"],
+        agent_steps={"a1": 3, "a2": 11},
+    )
     with log_context(runId="r1", provider="geico"):
         log_provider_outcome("geico", outcome, work, finished_at=started + timedelta(seconds=12.5))
     (line,) = json_logs.matching(kind="provider_outcome")
@@ -30,6 +35,7 @@ def test_a_provider_outcome_is_one_line_at_a_level_that_means_something(
     assert line["outcome"] == outcome
     assert line["attempts"] == 2
     assert line["agentRunIds"] == ["a1", "a2"]
+    assert line["agentSteps"] == 14
     assert line["seconds"] == 12.5
 
 
@@ -54,12 +60,18 @@ def ended_record(status: str, error: ErrorInfo | None = None):  # type: ignore[n
                 ),
             ],
             "work": {
-                "geico": ProviderWork(attempt=1, first_started_at=started, agent_run_ids=["g1"]),
+                "geico": ProviderWork(
+                    attempt=1,
+                    first_started_at=started,
+                    agent_run_ids=["g1"],
+                    agent_steps={"g1": 9},  # as far as the last save saw: the outcome says 12
+                ),
                 "allstate": ProviderWork(
                     attempt=3,
                     first_started_at=started,
                     agent_run_ids=["s1", "s2", "s3"],
                     cancelled_agent_run_ids=["s1", "s2"],
+                    agent_steps={"s1": 4, "s2": 3, "s3": 6},
                 ),
             },
             "leases": {
@@ -70,6 +82,7 @@ def ended_record(status: str, error: ErrorInfo | None = None):  # type: ignore[n
                 "geico": started + timedelta(seconds=20),
                 "allstate": started + timedelta(seconds=30),
             },
+            "agent_steps": {"geico": 12, "allstate": 13},
         }
     )
     return record
@@ -91,6 +104,7 @@ def test_a_completed_runs_summary_says_what_became_of_each_provider(json_logs) -
             "outcome": "quoted",
             "attempts": 1,
             "agentRunIds": ["g1"],
+            "agentSteps": 12,
             "deliveries": 2,
             "seconds": 20.0,
         },
@@ -99,6 +113,7 @@ def test_a_completed_runs_summary_says_what_became_of_each_provider(json_logs) -
             "attempts": 3,
             "agentRunIds": ["s1", "s2", "s3"],
             "cancelledAgentRunIds": ["s1", "s2"],
+            "agentSteps": 13,
             "deliveries": 1,
             "seconds": 30.0,
         },

@@ -413,6 +413,26 @@ async def test_a_released_lease_lets_the_next_claim_in_at_once(store: Store) -> 
     assert resumed.deliveries == 2
 
 
+async def test_agent_steps_read_back_from_the_outcome_else_from_the_work_so_far(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    for provider, steps in (("geico", {"g1": 5}), ("allstate", {"a1": 2, "a2": 4})):
+        await claim(store, run_id, "w1", now=now, provider=provider)
+        work = ProviderWork(
+            attempt=1, agent_run_id="x", agent_run_ids=list(steps), agent_steps=steps
+        )
+        await store.save_provider_work(run_id, provider, "w1", work)
+    outcome, event = quoted("geico")
+    outcome = outcome.model_copy(update={"agent_steps": 9})  # the worker's count at the end
+    await store.record_outcome(run_id, "geico", outcome, event, total=5)
+    state = await store.get_run(run_id)
+    assert state is not None
+    # geico: its outcome's count; allstate, cut short: the steps its work state has so far.
+    assert state.record.agent_steps == {"geico": 9, "allstate": 6}
+
+
 async def test_the_same_owner_claiming_again_is_idempotent(store: Store) -> None:
     run_id = await new_run(store)
     now = utc_now()

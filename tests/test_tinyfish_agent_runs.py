@@ -42,6 +42,7 @@ class Listener:
     def __init__(self) -> None:
         self.messages: list[str] = []
         self.agent_runs: list[str] = []
+        self.steps = 0
         self.progressed = asyncio.Event()
 
     async def activity(self, message: str) -> None:
@@ -50,6 +51,9 @@ class Listener:
 
     async def agent_run_started(self, agent_run_id: str) -> None:
         self.agent_runs.append(agent_run_id)
+
+    def agent_steps(self, steps: int) -> None:
+        self.steps = max(self.steps, steps)
 
 
 def attempt(seconds: float = 120, agent_run_id: str | None = None) -> AgentAttempt:

@@ -21,7 +21,7 @@ from lib.providers.base import (
     ProviderError,
     ProviderUnavailable,
 )
-from lib.providers.simulated import SimulatedQuoteSource
+from lib.providers.simulated import SimulatedQuoteSource, simulated_timeline
 from lib.queue import MAX_DELIVERIES
 from lib.queue.messages import ProviderWorkMessage, RunDeadlineMessage
 from lib.store import Store
@@ -112,6 +112,9 @@ class RecordingSource:
             async def agent_run_started(self, agent_run_id: str) -> None:
                 await listener.agent_run_started(agent_run_id)
                 source.record_start(agent_run_id)  # once the store has it
+
+            def agent_steps(self, steps: int) -> None:
+                listener.agent_steps(steps)
 
         quote: Quote = await self.inner.quote(request, provider, attempt, Spy())
         return quote
@@ -225,6 +228,8 @@ async def test_work_longer_than_an_invocation_is_handed_back_and_resumed(store: 
     assert all(delay <= 5 for delay in delays)
     assert len(source.started) == 1  # every later delivery reattached to the same agent run
     assert {a.agent_run_id for _, a in source.attempts[1:]} == {source.started[0]}
+    steps = len(simulated_timeline(work.request, "geico", delay_scale=0.01).steps)
+    assert state.record.agent_steps == {"geico": steps}  # the outcome's, across the hand-offs
 
 
 async def test_a_dead_workers_provider_is_resumed_after_its_lease(store: Store) -> None:

@@ -50,6 +50,12 @@ class AttemptListener(Protocol):
         attempt reattaches to it instead of starting (and paying for) another."""
         ...
 
+    def agent_steps(self, steps: int) -> None:
+        """The attempt's agent run has taken `steps` steps so far, as far as this call can tell
+        (the steps it saw from the run's start, or the agent API's own count when it reads the
+        run back). Steps are what the agent API bills; the listener keeps the highest count."""
+        ...
+
 
 class ProviderError(Exception):
     """A provider failed to quote.

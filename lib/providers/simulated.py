@@ -205,12 +205,14 @@ class SimulatedQuoteSource:
         if not resumed:
             await listener.agent_run_started(simulated_agent_run_id(request, provider, began))
         called_at = self._clock()
-        for offset, message in timeline.steps:
+        for taken, (offset, message) in enumerate(timeline.steps, start=1):
             due = began + timedelta(seconds=offset)
             if resumed and due < called_at:
-                continue  # reported before the hand-off (or missed while nobody was working)
+                listener.agent_steps(taken)  # taken before the hand-off (or while nobody worked)
+                continue
             await self._wait_until(due, attempt, provider)
             await listener.activity(message)
+            listener.agent_steps(taken)
         ended_at = began + timedelta(seconds=timeline.ends_after)
         await self._wait_until(ended_at, attempt, provider)
         if _declines(request, provider, began.date()):

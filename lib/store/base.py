@@ -227,7 +227,23 @@ def assemble_record(
         work=work,
         leases=leases,
         finished_at={provider: outcome.finished_at for provider, outcome in outcomes.items()},
+        agent_steps=_agent_steps(outcomes, work),
     )
+
+
+def _agent_steps(
+    outcomes: dict[ProviderId, ProviderOutcome], work: dict[ProviderId, ProviderWork]
+) -> dict[ProviderId, int]:
+    """Each provider's agent steps: as its outcome recorded them, else as its work state has
+    them so far (a provider the run's deadline or failure cut short)."""
+    steps: dict[ProviderId, int] = {}
+    for provider in {*outcomes, *work}:
+        outcome, state = outcomes.get(provider), work.get(provider)
+        if outcome is not None and outcome.agent_steps is not None:
+            steps[provider] = outcome.agent_steps
+        elif state is not None and state.agent_steps:
+            steps[provider] = state.total_agent_steps
+    return steps
 
 
 class EventWatch(ABC):

@@ -15,6 +15,8 @@ by whichever invocation holds the attempt.
 - A new attempt begun more than 2 s ago may have started its run in a call that died between
   STARTED and storing the id: each goal carries the attempt's reference (a digest), and before
   starting, the source looks for a run with it (`GET /v1/runs?goal=…`) and takes that one.
+- Steps (what TinyFish bills) go to `listener.agent_steps`: each PROGRESS on the stream is one;
+  a run read back gives TinyFish's own count (`num_of_steps`, else the `steps` array's length).
 - At `attempt.deadline` the source cancels the agent run and raises ProviderTimeout.
 - Cancelling the awaiting coroutine (the worker's hand-off) closes the HTTP stream at once and
   leaves the agent run going, for the next call with the same attempt.
@@ -316,6 +318,7 @@ class TinyFishQuoteSource:
         elif kind == "PROGRESS":
             await run.relay(event.get("purpose"))
             run.progress_relayed += 1
+            run.listener.agent_steps(run.progress_relayed)  # counted from the run's start
         elif kind == "COMPLETE":
             result = event["result"] if "result" in event else event.get("resultJson")
             return self._finish(run, event.get("status"), result, event.get("error"))
@@ -343,11 +346,13 @@ class TinyFishQuoteSource:
                 if view is not None:
                     status = str(view.get("status") or "").upper()
                     if status in TERMINAL_STATUSES:
+                        self._report_steps(run, view)
                         return self._finish(run, status, view.get("result"), view.get("error"))
                     if status == "PENDING" and not said_pending:
                         said_pending = True
                         await run.listener.activity(PENDING_MESSAGE)
                     relayed = await self._relay_steps(run, view.get("steps"), relayed)
+                    self._report_steps(run, view)
                 else:
                     hint = retry_after_seconds(response.headers.get("retry-after"))
                     wait = max(wait, min(hint or 0.0, 60.0))
@@ -376,6 +381,16 @@ class TinyFishQuoteSource:
             logger.info("TinyFish agent run %s read back as no object", run.agent_run_id)
             return None
         return view
+
+    @staticmethod
+    def _report_steps(run: _AgentRun, view: dict[str, Any]) -> None:
+        """The run's step count as the API reads it back: `num_of_steps` where given (the SDK's
+        finished-run field), else the documented `steps` array's length."""
+        count, steps = view.get("num_of_steps"), view.get("steps")
+        if type(count) is int and count >= 0:
+            run.listener.agent_steps(count)
+        elif isinstance(steps, list):
+            run.listener.agent_steps(len(steps))
 
     async def _relay_steps(self, run: _AgentRun, steps: Any, relayed: int | None) -> int | None:
         if not isinstance(steps, list):
