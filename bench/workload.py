@@ -2,8 +2,8 @@
 path changes (which writer appends what, with which record, when).
 
 A run of five insurers, as the queue workers write it (lib/worker.py): `started` with the run
-(`create_run`), then five provider workers at once, each claiming its provider and storing its
-first attempt with a "Starting" activity (`claim_provider` + `save_provider_work`), storing its
+(`create_run`), then five provider workers at once, each claiming its provider (the claim stores
+its first attempt with a "Starting" activity in the same write: `claim_provider`), storing its
 agent run's id with an "agent started" activity (`save_provider_work`), appending its agent's
 activity (`append_events`), then its outcome, `quote` or `provider_error`, with the run's
 `progress` in the same write (`record_outcome`); the worker that records the last outcome reads
@@ -109,12 +109,18 @@ async def write(store: Store, run_id: str, w: Write) -> list[int]:
         if w.work == "claim":
             lease = timedelta(seconds=45)
             await store.claim_provider(
-                run_id, w.provider, owner, now=now, lease_until=now + lease, alive_since=now - lease
+                run_id,
+                w.provider,
+                owner,
+                now=now,
+                lease_until=now + lease,
+                alive_since=now - lease,
+                first_work=ProviderWork(attempt=1, attempt_started_at=now, first_started_at=now),
+                first_events=[w.event],
             )
-            work = ProviderWork(attempt=1, attempt_started_at=now, first_started_at=now)
         else:
             work = ProviderWork(attempt=1, agent_run_id="agent-1", agent_run_ids=["agent-1"])
-        await store.save_provider_work(run_id, w.provider, owner, work, [w.event])
+            await store.save_provider_work(run_id, w.provider, owner, work, [w.event])
         return []  # its id is not returned: these events are delivered, not timed
     if w.outcome is not None:
         assert w.provider is not None and isinstance(w.event, QuoteEvent | ProviderErrorEvent)

@@ -134,6 +134,12 @@ class ProviderTask:
         now = utc_now()
         if now >= message.deadline:
             return  # the run's deadline message ends it and cancels what is still going
+        # The provider's start (its first attempt and "Starting" line) rides on the claim that
+        # finds no work stored yet: one write, not two.
+        first_work = ProviderWork(attempt=1, attempt_started_at=now, first_started_at=now)
+        starting = ActivityEvent(
+            provider=message.provider, message=f"Starting {PROVIDER_NAMES[message.provider]} quote"
+        )
         try:
             claim = await self._store.claim_provider(
                 self.run_id,
@@ -142,6 +148,8 @@ class ProviderTask:
                 now=now,
                 lease_until=now + self._lease,
                 alive_since=now - self._lease,
+                first_work=first_work,
+                first_events=[starting],
             )
         except StoreUnavailable as error:
             raise HandBack(STORE_RETRY_SECONDS, f"storage unavailable: {error}") from None
@@ -155,7 +163,8 @@ class ProviderTask:
                 return  # another delivery is alive on it; it finishes the work
             wait = (claim.busy_until or now) - now
             raise HandBack(min(max(wait.total_seconds() + 1, 1), 60), "held by another worker")
-        self._work = claim.work or ProviderWork()
+        self._work = claim.work or first_work
+        self._last_write = asyncio.get_running_loop().time()  # the claim set the lease just now
         try:
             await self._work_on()
         except (RunFinalized, RunNotFound):
@@ -169,15 +178,6 @@ class ProviderTask:
 
     async def _work_on(self) -> None:
         message = self._message
-        name = PROVIDER_NAMES[message.provider]
-        if self._work.attempt == 0:
-            now = utc_now()
-            self._work = self._work.model_copy(
-                update={"attempt": 1, "attempt_started_at": now, "first_started_at": now}
-            )
-            await self._save(
-                [ActivityEvent(provider=message.provider, message=f"Starting {name} quote")]
-            )
         first_started = self._work.first_started_at or utc_now()
         provider_deadline = min(
             first_started + timedelta(seconds=self._settings.provider_timeout_seconds),

@@ -298,6 +298,18 @@ async def test_each_store_operation_bills_the_commands_its_design_promises(quiet
             "create_run": await meter.of(kv.create_run(record)),
             "claim_provider (claimed)": await meter.of(claim(kv, run_id, "w1", now=now)),
             "claim_provider (held)": await meter.of(claim(kv, run_id, "w2", now=now)),
+            "claim_provider (first, with the provider's start)": await meter.of(
+                kv.claim_provider(
+                    run_id,
+                    "allstate",
+                    "w1",
+                    now=now,
+                    lease_until=now + LEASE,
+                    alive_since=now - LEASE,
+                    first_work=ProviderWork(attempt=1, first_started_at=now),
+                    first_events=[ActivityEvent(provider="allstate", message="Starting")],
+                )
+            ),
             "append_events (1 activity)": await meter.of(
                 kv.append_events(run_id, [ActivityEvent(provider="geico", message="Step 1")])
             ),
@@ -339,6 +351,9 @@ async def test_each_store_operation_bills_the_commands_its_design_promises(quiet
     )
     assert costs["claim_provider (claimed)"] == Counter(evalsha=1, hmget=1, hset=1)
     assert costs["claim_provider (held)"] == Counter(evalsha=1, hmget=1)
+    assert costs["claim_provider (first, with the provider's start)"] == Counter(
+        evalsha=1, hmget=1, hset=1, rpushx=1
+    ), "the start's work state and event ride on the claim: one more command, not a save"
     assert costs["claim_provider (lease ended, holder checked)"] == Counter(
         evalsha=1, hmget=1, lrange=1, hset=1
     )

@@ -433,6 +433,39 @@ async def test_agent_steps_read_back_from_the_outcome_else_from_the_work_so_far(
     assert state.record.agent_steps == {"geico": 9, "allstate": 6}
 
 
+async def test_the_first_claim_stores_the_providers_start_once_with_the_lease(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    now = utc_now()
+    start = ProviderWork(attempt=1, attempt_started_at=now, first_started_at=now)
+
+    async def first_claim(owner: str, at: datetime) -> ProviderClaim:
+        return await store.claim_provider(
+            run_id,
+            "geico",
+            owner,
+            now=at,
+            lease_until=at + LEASE,
+            alive_since=at - LEASE,
+            first_work=start.model_copy(update={"attempt_started_at": at}),
+            first_events=[activity("Starting GEICO quote")],
+        )
+
+    claimed = await first_claim("w1", now)
+    again = await first_claim("w1", now + timedelta(seconds=1))  # a retried claim
+    assert claimed.result == again.result == "claimed"
+    assert claimed.work == again.work == start
+    await store.save_provider_work(run_id, "geico", "w1", start, lease_until=RELEASED)
+    resumed = await first_claim("w2", now + timedelta(seconds=2))  # the next delivery
+    assert resumed.work == start, "a later claim resumes the stored work, not a new start"
+    assert [e["message"] for e in await events_of(store, run_id) if e["type"] == "activity"] == [
+        "Starting GEICO quote"
+    ]
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.provider("geico").status == "running"
+
+
 async def test_the_same_owner_claiming_again_is_idempotent(store: Store) -> None:
     run_id = await new_run(store)
     now = utc_now()

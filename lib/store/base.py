@@ -334,10 +334,16 @@ class Store(ABC):
         now: datetime,
         lease_until: datetime,
         alive_since: datetime,
+        first_work: ProviderWork | None = None,
+        first_events: Sequence[RunEvent] = (),
     ) -> ProviderClaim:
         """Take the provider's lease for `owner` unless it is finished, the run has ended, or
         another owner is alive on it: its lease runs past `now`, or it wrote an event after
-        `alive_since`. Counts the delivery."""
+        `alive_since`. Counts the delivery.
+
+        A claim that finds no work state stored yet (the provider's start) stores `first_work`
+        and appends `first_events` with it, in the same atomic write, and answers with that
+        work; a repeated claim by the same owner finds the work there and appends nothing."""
 
     @abstractmethod
     async def renew_lease(

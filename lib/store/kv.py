@@ -121,7 +121,8 @@ end
 return redis.call('RPUSHX', KEYS[1], unpack(ARGV, 2)) - (#ARGV - 1)
 """
 
-# KEYS: hash, events; ARGV: provider, owner, now-ms, lease-until-ms, alive-since (RFC 3339)
+# KEYS: hash, events; ARGV: provider, owner, now-ms, lease-until-ms, alive-since (RFC 3339),
+# first work JSON ('' for none), items… (stored and appended with it when no work is stored yet)
 _CLAIM = """
 local p = ARGV[1]
 local v = redis.call('HMGET', KEYS[1], 'st', 'o:' .. p, 'l:' .. p, 's:' .. p)
@@ -150,8 +151,14 @@ if v[3] then
   end
 end
 deliveries = deliveries + 1
-redis.call('HSET', KEYS[1], 'l:' .. p, ARGV[2] .. '|' .. ARGV[4] .. '|' .. deliveries)
-return {'claimed', v[4] or '', tostring(deliveries)}
+local lease = ARGV[2] .. '|' .. ARGV[4] .. '|' .. deliveries
+if v[4] or ARGV[6] == '' then
+  redis.call('HSET', KEYS[1], 'l:' .. p, lease)
+  return {'claimed', v[4] or '', tostring(deliveries)}
+end
+redis.call('HSET', KEYS[1], 'l:' .. p, lease, 's:' .. p, ARGV[6])
+if #ARGV > 6 then redis.call('RPUSHX', KEYS[2], unpack(ARGV, 7)) end
+return {'claimed', ARGV[6], tostring(deliveries)}
 """
 
 # KEYS: hash, events; ARGV: provider, owner, work JSON ('' keeps it), lease-until-ms ('' keeps
@@ -490,10 +497,18 @@ class KVStore(Store):
         now: datetime,
         lease_until: datetime,
         alive_since: datetime,
+        first_work: ProviderWork | None = None,
+        first_events: Sequence[RunEvent] = (),
     ) -> ProviderClaim:
         hash_key, events_key, _ = _keys(run_id)
         # In the events' own format (ms, "Z"), so the script's string comparison is a time's.
         args = [provider, owner, _ms(now), _ms(lease_until), format_time(alive_since)]
+        if first_work is not None:
+            nonces = batch_nonces(len(first_events), None) if first_events else []
+            args.append(first_work.model_dump_json())
+            args += [stored_event_json(e, n) for e, n in zip(first_events, nonces, strict=True)]
+        else:
+            args.append("")
         reply = await self._script("claim", _CLAIM_SCRIPT, [hash_key, events_key], args)
         result = str(reply[0])
         if result == "claimed":

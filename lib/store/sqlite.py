@@ -362,10 +362,15 @@ class SQLiteStore(Store):
         now: datetime,
         lease_until: datetime,
         alive_since: datetime,
+        first_work: ProviderWork | None = None,
+        first_events: Sequence[RunEvent] = (),
     ) -> ProviderClaim:
+        nonces = batch_nonces(len(first_events), None) if first_events else []
+        items = [(stored_event_json(e, n), n, e) for e, n in zip(first_events, nonces, strict=True)]
+
         def claim(db: sqlite3.Connection) -> ProviderClaim:
             try:
-                status, _ = self._open_run(db, run_id)
+                status, count = self._open_run(db, run_id)
             except RunNotFound:
                 return ProviderClaim("missing")
             if status != "processing":
@@ -401,8 +406,16 @@ class SQLiteStore(Store):
                 " deliveries = excluded.deliveries",
                 (run_id, provider, owner, _epoch(lease_until), deliveries),
             )
-            work = ProviderWork.model_validate_json(work_json) if work_json else ProviderWork()
-            return ProviderClaim("claimed", work=work, deliveries=deliveries)
+            if work_json or first_work is None:
+                work = ProviderWork.model_validate_json(work_json) if work_json else ProviderWork()
+                return ProviderClaim("claimed", work=work, deliveries=deliveries)
+            db.execute(
+                "UPDATE providers SET work = ? WHERE run_id = ? AND provider = ?",
+                (first_work.model_dump_json(), run_id, provider),
+            )
+            if items:
+                self._insert_events(db, run_id, count, items)
+            return ProviderClaim("claimed", work=first_work, deliveries=deliveries)
 
         return await self._transaction(claim)
 
