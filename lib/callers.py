@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import ipaddress
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from starlette.requests import Request
 
@@ -34,8 +34,7 @@ class PaidDeploymentOpen(Exception):
     public: starting runs is refused until the operator decides."""
 
 
-@dataclass(frozen=True, slots=True)
-class Caller:
+class Caller(NamedTuple):
     """`address` is the client's address (an IPv6 client's /64); `key_id` a short hash of the API
     key used, or None; `token` the verified start token, or None."""
 

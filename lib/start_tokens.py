@@ -8,7 +8,7 @@ only read runs never pay for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from lib.terms import PROVIDER_IDS, ProviderId
 
@@ -23,8 +23,7 @@ class StartTokenRefused(Exception):
     """The Bearer credential is not a start token this deployment accepts (says why)."""
 
 
-@dataclass(frozen=True, slots=True)
-class StartToken:
+class StartToken(NamedTuple):
     jti: str
     expires_at: float
     subject: str | None = None

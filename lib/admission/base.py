@@ -20,8 +20,7 @@ import hashlib
 import hmac
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from lib.admission.errors import AdmissionRefused, DailyLimitReached, RateLimited, StartTokenUsed
 
@@ -35,8 +34,7 @@ TOKEN_MARGIN_SECONDS = 30
 Verdict = Literal["admit", "replay", "token_used", "rate", "caller_day", "total_day"]
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
+class Limits(NamedTuple):
     """0 turns a limit off."""
 
     per_minute: int
@@ -44,8 +42,7 @@ class Limits:
     per_day_total: int
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionRequest:
+class AdmissionRequest(NamedTuple):
     """`subject` is the caller's ceiling bucket (None: anonymous, only the total applies);
     `replay_tag` the caller-scoped Idempotency-Key hash ("" without a key), which lets a start
     token through again for an idempotent replay of the run it started."""
@@ -57,8 +54,7 @@ class AdmissionRequest:
     replay_tag: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionPass:
+class AdmissionPass(NamedTuple):
     """What an admission counted, so `release` can give it back. `replay`: the start token
     already started this very run (same Idempotency-Key); nothing was counted."""
 
@@ -67,8 +63,7 @@ class AdmissionPass:
     replay: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionKeys:
+class AdmissionKeys(NamedTuple):
     """The storage keys one admission reads and writes, and the timing it needs."""
 
     rate_current: str
@@ -84,8 +79,7 @@ class AdmissionKeys:
     seconds_to_midnight: int
 
 
-@dataclass(frozen=True, slots=True)
-class Counts:
+class Counts(NamedTuple):
     rate_current: int = 0
     rate_previous: int = 0
     caller_day: int = 0

@@ -18,10 +18,9 @@ import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Literal, NamedTuple, Self
 
 from lib.terms import TERMINAL_EVENT_TYPES, format_time
 
@@ -71,8 +70,7 @@ def batch_nonces(count: int, first: str | None = None) -> list[str]:
     return [first or new_nonce()] + [new_nonce() for _ in range(count - 1)]
 
 
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
+class StoredEvent(NamedTuple):
     id: int
     data: str
 
@@ -90,19 +88,17 @@ class StoredEvent:
         return value
 
 
-@dataclass(frozen=True, slots=True)
-class RunState:
+class RunState(NamedTuple):
     """A run as read in one round trip: its record, its last event id, whether it has ended,
     and the events after the reader's cursor when asked for."""
 
     record: RunRecord
     last_event_id: int
     finalized: bool
-    events: list[StoredEvent] = field(default_factory=list)
+    events: list[StoredEvent]
 
 
-@dataclass(frozen=True, slots=True)
-class IdempotencyClaim:
+class IdempotencyClaim(NamedTuple):
     """An Idempotency-Key, hashed, and a keyed hash of the normalised request body."""
 
     key_hash: str
@@ -116,8 +112,7 @@ class IdempotencyClaim:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class CreateOutcome:
+class CreateOutcome(NamedTuple):
     """`created` False: the idempotency key already maps to `run_id` (with `body_hash`)."""
 
     created: bool
@@ -137,8 +132,7 @@ def parse_idempotency_value(raw: str) -> tuple[str, str]:
 ClaimResult = Literal["claimed", "held", "finished", "ended", "missing"]
 
 
-@dataclass(frozen=True, slots=True)
-class ProviderClaim:
+class ProviderClaim(NamedTuple):
     """What claiming a provider found. `claimed`: this owner holds the lease now, `work` is where
     the provider got to and `deliveries` how many deliveries claimed it so far. `held`: another
     worker is alive on it until `busy_until`. `finished`: it has its outcome. `ended`: the run
@@ -150,8 +144,7 @@ class ProviderClaim:
     busy_until: datetime | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class OutcomeWritten:
+class OutcomeWritten(NamedTuple):
     """`first_id` None: the provider already had its outcome and nothing was written."""
 
     first_id: int | None
