@@ -4,6 +4,7 @@ the functions send (here in-process; tests/test_schemathesis.py fuzzes the runni
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,24 @@ async def test_document_is_served_as_json_with_the_apis_cors(api: httpx.AsyncCli
     assert response.content == (ROOT / "openapi.json").read_bytes()
     refused = await api.get("/api/openapi.json", headers={"Origin": "https://elsewhere.example"})
     assert "access-control-allow-origin" not in refused.headers
+
+
+async def test_a_bundle_without_the_document_answers_a_503_problem(
+    api: httpx.AsyncClient, tmp_path, monkeypatch
+) -> None:
+    served = await api.get("/api/openapi.json")  # an instance that read it keeps it
+    assert served.status_code == 200
+    module = sys.modules["fn_api_openapi_py"]  # as tests/functions.py loads the function
+    module._document.cache_clear()
+    monkeypatch.setattr(module, "DOCUMENT_PATH", tmp_path / "openapi.json")
+    try:
+        missing = await api.get("/api/openapi.json")
+    finally:
+        module._document.cache_clear()
+    assert missing.status_code == 503
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert missing.json()["type"].endswith("/openapi-unavailable")
+    conforms(missing.json(), "ProblemDetail")
 
 
 async def test_other_methods_on_the_document_are_a_405_problem(api: httpx.AsyncClient) -> None:

@@ -358,7 +358,10 @@ DESCRIBE: dict[str, Any] = {
         "200": {
             "description": "The API's OpenAPI 3.1 description.",
             "content": {"application/json": {"schema": {"type": "object"}}},
-        }
+        },
+        "503": _problem(
+            "`openapi-unavailable`: this deployment was built without its openapi.json."
+        ),
     },
 }
 
