@@ -522,6 +522,11 @@ class Streams:
     failures: Counter[str]
 
 
+# The run's `started` event is id 0 (create_run): the warm-up event every stream must have
+# received first is id 1, and the timed one id 2.
+WARM_UP_ID, TIMED_ID = 1, 2
+
+
 async def concurrent_streams(setup: Setup, target: int = 500) -> Streams:
     """A fresh instance of the stream function; `target` SSE clients on one run. Counted as held
     when a stream sent `retry:`, a first event, and then the live event appended once every
@@ -549,9 +554,9 @@ async def concurrent_streams(setup: Setup, target: int = 500) -> Streams:
                         opened[client].set()
                     if not sse.data:
                         continue
-                    if sse.id == "0":
+                    if sse.id == str(WARM_UP_ID):
                         warmed[client].set()
-                    elif sse.id == "1":
+                    elif sse.id == str(TIMED_ID):
                         live_at.append(time.time())
                         live[client].set()
                     if is_terminal_data(sse.data):
@@ -578,12 +583,12 @@ async def concurrent_streams(setup: Setup, target: int = 500) -> Streams:
             subscriptions = await setup.subscriptions_settle(1, within=20)
             # A stream answers `retry:` before it has subscribed and read its backlog: a first
             # event that every stream has received shows each is live, then the timed one.
-            await store.append_event(run_id, _writer_event(0, 0))
+            assert await store.append_event(run_id, _writer_event(0, 0)) == WARM_UP_ID
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(60):
                     await asyncio.gather(*(e.wait() for e in warmed))
             sent = time.time()
-            await store.append_event(run_id, _writer_event(0, 1))
+            assert await store.append_event(run_id, _writer_event(0, 1)) == TIMED_ID
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(20):
                     await asyncio.gather(*(e.wait() for e in live))
@@ -599,6 +604,9 @@ async def concurrent_streams(setup: Setup, target: int = 500) -> Streams:
     finally:
         await store.aclose()
         await asyncio.to_thread(host.stop)
+    latencies = [(t - sent) * 1000 for t in live_at]
+    if latencies and min(latencies) < 0:
+        raise AssertionError("a stream had the timed event before it was sent: wrong event timed")
     return Streams(
         target=target,
         opened=sum(e.is_set() for e in opened),
@@ -608,7 +616,7 @@ async def concurrent_streams(setup: Setup, target: int = 500) -> Streams:
         hwm_kib=memory["VmHWM"],
         fds=fds,
         subscriptions=subscriptions,
-        fanout_p99_ms=percentile([(t - sent) * 1000 for t in live_at], 0.99),
+        fanout_p99_ms=percentile(latencies, 0.99),
         failures=failures,
     )
 
