@@ -186,7 +186,7 @@ class FunctionContext:
             # Imported here: only the function that starts runs admits them.
             from lib.admission import open_admission
 
-            self._admission = open_admission(self.settings)
+            self._admission = open_admission(self.settings, self.store)
         return self._admission
 
     @property

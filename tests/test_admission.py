@@ -24,10 +24,15 @@ from lib.admission import (
     Limits,
     RateLimited,
     StartTokenUsed,
+    open_admission,
 )
 from lib.admission.base import DAY_SECONDS, RATE_WINDOW_SECONDS, admission_keys
 from lib.admission.kv import KVAdmission
 from lib.admission.sqlite import SQLiteAdmission
+from lib.config import settings_from_env
+from lib.store import open_store
+from lib.store.kv import KVStore, rest_client
+from tests.conftest import make_record
 from tests.upstash_rest import kv_redis_url
 
 AdmissionFactory = Callable[..., Admission]
@@ -47,7 +52,8 @@ async def closing(
         admission: Admission
         if store_kind == "kv":
             server = request.getfixturevalue("upstash_server")
-            admission = KVAdmission(server.url, server.token, limits=limits, secret=secret)
+            rest = rest_client(server.url, server.token)
+            admission = KVAdmission(rest, limits=limits, secret=secret, owned=True)
         else:
             path = str(tmp_path / "quotes.sqlite3")
             admission = SQLiteAdmission(path, limits=limits, secret=secret)
@@ -277,3 +283,22 @@ async def test_a_kv_admission_costs_one_request_and_few_billed_commands(
     # Admitted: EVALSHA, MGET, one SET per count (minute, caller's day, total day) and the token.
     # Refused: EVALSHA + MGET.
     assert [line.split()[0].upper() for line in ours] == expected, ours
+
+
+async def test_on_kv_admission_shares_the_run_stores_rest_client(upstash_server) -> None:
+    # One connection pool per instance: POST's admission and its run writes reuse connections
+    # (on Upstash each new one is a TLS handshake) and closing admission leaves the store's.
+    settings = settings_from_env(
+        {"KV_REST_API_URL": upstash_server.url, "KV_REST_API_TOKEN": upstash_server.token}
+    )
+    store = open_store(settings)
+    try:
+        admission = open_admission(settings, store)
+        assert isinstance(store, KVStore) and isinstance(admission, KVAdmission)
+        assert admission._redis is store.rest
+        await admission.admit(AdmissionRequest(address()), time.time())
+        await admission.aclose()
+        record = make_record()
+        assert (await store.create_run(record)).created  # the shared client is still open
+    finally:
+        await store.aclose()

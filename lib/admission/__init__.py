@@ -6,7 +6,8 @@ Not part of the run `Store`: it guards run creation and shares only the storage.
 - `SQLiteAdmission` (lib/admission/sqlite.py): the same decision in one transaction, on the
   embedded store's file.
 
-`open_admission(settings)` picks the one beside the configured store.
+`open_admission(settings, store)` picks the one beside the configured store; on KV it shares the
+store's REST client (one connection pool per instance).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lib.store.errors import StoreNotConfigured
 
 if TYPE_CHECKING:
     from lib.config import Settings
+    from lib.store import Store
 
 __all__ = [
     "Admission",
@@ -33,7 +35,7 @@ __all__ = [
 ]
 
 
-def open_admission(settings: Settings) -> Admission:
+def open_admission(settings: Settings, store: Store | None = None) -> Admission:
     limits = Limits(
         per_minute=settings.rate_limit_per_minute,
         per_day=settings.runs_per_day,
@@ -41,10 +43,12 @@ def open_admission(settings: Settings) -> Admission:
     )
     if settings.kv is not None:
         from lib.admission.kv import KVAdmission
+        from lib.store.kv import KVStore, rest_client
 
-        return KVAdmission(
-            settings.kv.url, settings.kv.token, limits=limits, secret=settings.secret
-        )
+        if isinstance(store, KVStore):
+            return KVAdmission(store.rest, limits=limits, secret=settings.secret)
+        rest = rest_client(settings.kv.url, settings.kv.token)
+        return KVAdmission(rest, limits=limits, secret=settings.secret, owned=True)
     if settings.on_vercel_deployment:
         raise StoreNotConfigured(
             "No KV store is linked to this deployment. Link a Vercel KV (Upstash Redis) store "

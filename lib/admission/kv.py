@@ -75,15 +75,12 @@ _RELEASE_SCRIPT = _Script(_RELEASE)
 class KVAdmission(Admission):
     name = "kv"
 
-    def __init__(
-        self, url: str, token: str, *, limits: Limits, secret: bytes, timeout: float = 5.0
-    ) -> None:
+    def __init__(self, rest: Redis, *, limits: Limits, secret: bytes, owned: bool = False) -> None:
+        """`rest`: the instance's Upstash REST client (lib.store.kv.rest_client), normally the
+        run store's; closed by `aclose` only when `owned`."""
         super().__init__(limits, secret)
-        self._redis = Redis(url, token, rest_encoding=None, rest_retries=0, allow_telemetry=False)
-        self._redis._http._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
-            limits=httpx.Limits(max_connections=50, max_keepalive_connections=10),
-        )
+        self._redis = rest
+        self._owned = owned
 
     async def _script(self, label: str, script: _Script, keys: list[str], args: list[str]) -> Any:
         """One script, sent once: counting is not idempotent, so a request whose fate is unknown
@@ -143,4 +140,5 @@ class KVAdmission(Admission):
         await self._script("admission release", _RELEASE_SCRIPT, keys, ["1" if token_key else "0"])
 
     async def aclose(self) -> None:
-        await self._redis.close()
+        if self._owned:
+            await self._redis.close()

@@ -300,6 +300,21 @@ class _FateUnknown(Exception):
     """A write's request failed in a way that leaves unknown whether the server applied it."""
 
 
+def rest_client(url: str, token: str, *, timeout: float = 5.0) -> Redis:
+    """The Upstash REST client of one instance, shared by its store and admission (one pool of
+    connections, so one TLS handshake per connection, not one per component).
+
+    The SDK's own retry would re-send a write whose reply was lost; the callers re-send only
+    what their scripts make idempotent, so it is off. The SDK's httpx client has no timeout at
+    all, and a hung request must not hang an invocation: it is replaced by one that has one."""
+    redis = Redis(url, token, rest_encoding=None, rest_retries=0, allow_telemetry=False)
+    redis._http._client = httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+    )
+    return redis
+
+
 class KVStore(Store):
     name = "kv"
 
@@ -318,16 +333,15 @@ class KVStore(Store):
         self.ttl_seconds = ttl_seconds
         self.silence_seconds = silence_seconds
         self._attempts = attempts
-        # The SDK's own retry would re-send a write whose reply was lost; ours re-sends only
-        # what the scripts make idempotent (by nonce, lease owner or set-once fields).
-        self._redis = Redis(url, token, rest_encoding=None, rest_retries=0, allow_telemetry=False)
-        # The SDK's client has no timeout at all; a hung request must not hang an invocation.
-        self._redis._http._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-        )
+        self._redis = rest_client(url, token, timeout=timeout)
         self._stream_client: httpx.AsyncClient | None = None
         self._notifications: asyncio.Task[bool] | None = None
+
+    @property
+    def rest(self) -> Redis:
+        """This store's REST client, for another component of the instance to share (the store
+        closes it)."""
+        return self._redis
 
     # --- plumbing ------------------------------------------------------------------------------
 
