@@ -121,8 +121,9 @@ def notes(runs: dict[DeliveryKey, Delivery], base: float, redis_note: str) -> li
         "commands (no REST request carries them) are left out. SUBSCRIBE counts 1 per "
         "subscription; messages pushed to a subscriber are not counted.",
         "Run: bench/workload.py, written as lib/worker.py writes it (started with create_run; five "
-        "provider workers at once: each claims its provider and saves its attempt and its agent "
-        "run's id, each with an activity (claim_provider, save_provider_work), agent activity "
+        "provider workers at once: each claims its provider, the claim storing its first "
+        "attempt with an activity (claim_provider), saves its agent run's id with an activity "
+        "(save_provider_work), agent activity "
         "with append_events, each outcome and the progress in one record_outcome; complete with "
         "get_run and finish_run), every stream's own reads and subscription included. "
         "Streams of one run on one instance share one subscription (and one read per "
