@@ -65,9 +65,18 @@ def wire_event(event_id: int, stored: str) -> str:
     return f'{{"id":{event_id},{stored[_NONCE_PREFIX:]}'
 
 
-def batch_nonces(count: int, first: str | None = None) -> list[str]:
-    """One nonce per event of an append; a retry looks for the first."""
-    return [first or new_nonce()] + [new_nonce() for _ in range(count - 1)]
+class StoredItem(NamedTuple):
+    json: str  # stored_event_json(event, nonce)
+    nonce: str
+    event: RunEvent
+
+
+def stored_items(events: Sequence[RunEvent], first_nonce: str | None = None) -> list[StoredItem]:
+    """One write's events in their stored form, each with its own nonce; the first nonce is
+    `first_nonce` when given (a retry of the write looks for it)."""
+    nonces = [first_nonce or new_nonce(), *(new_nonce() for _ in range(len(events) - 1))]
+    # strict=False: a write of no events still has its (unused) first nonce.
+    return [StoredItem(stored_event_json(e, n), n, e) for e, n in zip(events, nonces, strict=False)]
 
 
 class StoredEvent(NamedTuple):

@@ -58,13 +58,13 @@ from lib.store.base import (
     Store,
     StoredEvent,
     assemble_record,
-    batch_nonces,
     idempotency_value,
     new_nonce,
     parse_idempotency_value,
     progress_event_parts,
     started_event,
     stored_event_json,
+    stored_items,
     wire_event,
 )
 from lib.store.errors import LeaseLost, RunFinalized, RunNotFound, StoreUnavailable
@@ -476,8 +476,8 @@ class KVStore(Store):
         nonce: str | None = None,
         again: bool = False,
     ) -> int:
-        nonces = batch_nonces(len(events), nonce)
-        items = [stored_event_json(e, n) for e, n in zip(events, nonces, strict=True)]
+        batch = stored_items(events, nonce)
+        items = [item.json for item in batch]
         _, events_key, log_key = _keys(run_id)
         try:
             if again:
@@ -490,7 +490,7 @@ class KVStore(Store):
             # The first request's fate is unknown: this one finds it by its nonce, or appends.
             first = int(
                 await self._script(
-                    "append", _APPEND_AGAIN_SCRIPT, [events_key], [nonces[0], *items]
+                    "append", _APPEND_AGAIN_SCRIPT, [events_key], [batch[0].nonce, *items]
                 )
             )
         if first < 0:
@@ -518,9 +518,8 @@ class KVStore(Store):
         # In the events' own format (ms, "Z"), so the script's string comparison is a time's.
         args = [provider, owner, _ms(now), _ms(lease_until), format_time(alive_since)]
         if first_work is not None:
-            nonces = batch_nonces(len(first_events), None) if first_events else []
             args.append(first_work.model_dump_json())
-            args += [stored_event_json(e, n) for e, n in zip(first_events, nonces, strict=True)]
+            args += [item.json for item in stored_items(first_events)]
         else:
             args.append("")
         reply = await self._script("claim", _CLAIM_SCRIPT, [hash_key, events_key], args)
@@ -554,8 +553,7 @@ class KVStore(Store):
         nonce: str | None = None,
         again: bool = False,
     ) -> None:
-        nonces = batch_nonces(len(events), nonce) if events else []
-        items = [stored_event_json(e, n) for e, n in zip(events, nonces, strict=True)]
+        items = [item.json for item in stored_items(events, nonce)]
         until = _ms(lease_until) if lease_until is not None else ""
         await self._save_work(
             run_id, provider, owner, work.model_dump_json(), until, items, again=again

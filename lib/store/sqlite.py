@@ -39,13 +39,13 @@ from lib.store.base import (
     Store,
     StoredEvent,
     assemble_record,
-    batch_nonces,
     idempotency_value,
     new_nonce,
     parse_idempotency_value,
     progress_event_parts,
     started_event,
     stored_event_json,
+    stored_items,
     wire_event,
 )
 from lib.store.errors import LeaseLost, RunFinalized, RunNotFound, StoreUnavailable
@@ -338,12 +338,11 @@ class SQLiteStore(Store):
         again: bool = False,
     ) -> int:
         # Every append looks for its nonce first (one indexed lookup), so `again` changes nothing.
-        nonces = batch_nonces(len(events), nonce)
-        items = [(stored_event_json(e, n), n, e) for e, n in zip(events, nonces, strict=True)]
+        items = stored_items(events, nonce)
 
         def append(db: sqlite3.Connection) -> int:
             prior = db.execute(
-                "SELECT id FROM events WHERE run_id = ? AND nonce = ?", (run_id, nonces[0])
+                "SELECT id FROM events WHERE run_id = ? AND nonce = ?", (run_id, items[0].nonce)
             ).fetchone()
             if prior:
                 return int(prior[0])
@@ -365,8 +364,7 @@ class SQLiteStore(Store):
         first_work: ProviderWork | None = None,
         first_events: Sequence[RunEvent] = (),
     ) -> ProviderClaim:
-        nonces = batch_nonces(len(first_events), None) if first_events else []
-        items = [(stored_event_json(e, n), n, e) for e, n in zip(first_events, nonces, strict=True)]
+        items = stored_items(first_events)
 
         def claim(db: sqlite3.Connection) -> ProviderClaim:
             try:
@@ -455,15 +453,14 @@ class SQLiteStore(Store):
         nonce: str | None = None,
         again: bool = False,
     ) -> None:
-        nonces = batch_nonces(len(events), nonce) if events else []
-        items = [(stored_event_json(e, n), n, e) for e, n in zip(events, nonces, strict=True)]
+        items = stored_items(events, nonce)
 
         def save(db: sqlite3.Connection) -> None:
             count = self._require_lease(db, run_id, provider, owner)
             if (
                 items
                 and db.execute(
-                    "SELECT 1 FROM events WHERE run_id = ? AND nonce = ?", (run_id, nonces[0])
+                    "SELECT 1 FROM events WHERE run_id = ? AND nonce = ?", (run_id, items[0].nonce)
                 ).fetchone()
             ):
                 items.clear()  # a retry of a save that landed: its events are there
