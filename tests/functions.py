@@ -14,8 +14,8 @@ from starlette.types import Receive, Scope, Send
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTION_FILES = {
-    "quotes": "api/quotes.py",
-    "run": "api/quotes/[runId].py",
+    "quotes": "api/quotes/index.py",
+    "run": "api/quotes/[runId]/index.py",
     "stream": "api/quotes/[runId]/stream.py",
     "work": "api/work.py",
     "openapi": "api/openapi.py",

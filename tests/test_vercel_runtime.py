@@ -327,7 +327,7 @@ def test_post_ends_its_invocation_with_the_202_and_leaves_the_work_to_the_queue(
     db_path = workdir / "quotes.sqlite3"
     queued_before = len(queue_env.state.messages)
     with host_function(
-        "api/quotes.py",
+        "api/quotes/index.py",
         workdir,
         VERCEL_QUEUE_BASE_URL=queue_env.base_url,
         VERCEL_QUEUE_TOKEN="vc-dev-token",
@@ -371,7 +371,7 @@ def test_post_ends_its_invocation_with_the_202_and_leaves_the_work_to_the_queue(
 
 def test_production_without_kv_refuses_with_a_503(workdir: Path) -> None:
     db_path = workdir / "quotes.sqlite3"
-    with host_function("api/quotes.py", workdir, VERCEL_ENV="production") as fn:
+    with host_function("api/quotes/index.py", workdir, VERCEL_ENV="production") as fn:
         invocation_id, headers = internal_headers(datetime.now(UTC) + timedelta(seconds=300))
         with httpx.Client(base_url=fn.url, timeout=10) as client:
             response = client.post("/api/quotes", json=REQUEST, headers=headers)
