@@ -81,6 +81,10 @@ class ProviderError(Exception):
         self.retry_after = retry_after
         self.agent_run_id = agent_run_id
         self.agent_run_finished = False
+        # The attempt's agent run may exist though its id was never learnt (the create call died
+        # before STARTED and the lookup by reference did not settle it): the next try must be the
+        # same attempt (same reference, looked up again before any create), never a new one.
+        self.same_attempt = False
 
     @property
     def agent_run_may_be_going(self) -> bool:
@@ -113,6 +117,11 @@ class ProviderUnavailable(ProviderError):
     code = "provider_unavailable"
     retryable = True
     transient = True
+
+
+class ProviderBusy(ProviderUnavailable):
+    """No room for an agent run now (the agent API's 429, or the deployment's agent budget is
+    full): wait `retry_after` seconds and try again. Waiting costs time, not an attempt."""
 
 
 class ProviderRequestRejected(ProviderUnavailable):
