@@ -6,6 +6,10 @@
 //    ?lastEventId= of the last event applied. Events are applied exactly once, in id order.
 // 3. The run id goes into this page's URL (?run=…): opening it replays the run's stream from its
 //    first event into fresh state, so a reload resumes the run and a link shows its result.
+//    Such a run was asked for earlier or by someone else: the form folds away, and the run's
+//    snapshot says what it priced (`priced`, nothing personal).
+// 4. Stop: POST's cancelToken is kept in this tab's sessionStorage only, so a shared link cannot
+//    stop a run; DELETE with it ends the run `cancelled`, keeping the quotes that came.
 //
 // ?api=https://other.host makes the page call that origin instead of its own (the API has CORS).
 
@@ -828,9 +832,14 @@ function render() {
 
 function renderPriced(current) {
   const priced = current.priced;
-  $("run-priced").hidden = !priced;
+  const box = $("run-priced");
+  if (priced && box.hidden) box.open = window.matchMedia("(min-width: 960px)").matches; // a line on a phone
+  box.hidden = !priced;
   if (!priced) return;
   const { vehicle } = priced;
+  $("priced-summary").textContent =
+    `VIN ending ${priced.vinEnding} · ZIP ${priced.zip} · ${COVERAGE_NAMES[priced.coverage] ?? priced.coverage} coverage · ` +
+    `${priced.providers.length} insurer${priced.providers.length === 1 ? "" : "s"}`;
   $("priced-car").textContent =
     `VIN ending ${priced.vinEnding}, ${USE_WORDS[vehicle.use] ?? vehicle.use}, ` +
     `${vehicle.annualMileage.toLocaleString("en-US")} miles a year, ${OWNERSHIP_WORDS[vehicle.ownership] ?? vehicle.ownership}`;

@@ -472,13 +472,13 @@ def test_a_link_to_an_unknown_run_says_so(page: Page, host: RunningDevHost) -> N
     # The address is clean again (a reload starts afresh), and a new comparison is one key away.
     assert urlsplit(page.url).query == ""
     assert page.locator("#form-problem").evaluate("(box) => box === document.activeElement")
+    assert axe_violations(page) == []
+    screenshot(page, "unknown-run-1280.png")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.textContent") == "Start a new comparison"
     page.keyboard.press("Enter")
     assert page.evaluate("document.activeElement.id") == "vin"
     assert page.locator("#quote-form").is_visible()
-    assert axe_violations(page) == []
-    screenshot(page, "unknown-run-1280.png")
 
 
 API_KEY = "page-test-key"
@@ -693,6 +693,11 @@ def test_a_link_shows_what_its_run_priced_and_folds_the_form_away(
 
     priced = snapshot(host, run_id)["priced"]
     assert priced["vinEnding"] == "967639"
+    # One line on a phone, the whole of it a tap away.
+    expect(page.locator("#run-priced summary")).to_have_text(
+        "What was priced: VIN ending 967639 · ZIP 94107 · Full coverage · 5 insurers"
+    )
+    page.locator("#run-priced summary").click()
     expect(page.locator("#priced-car")).to_have_text(
         "VIN ending 967639, used for business, 15,000 miles a year, financed"
     )
