@@ -946,6 +946,7 @@ def test_stop_keeps_the_quotes_that_came_and_says_the_rest_were_stopped(
     stop = page.get_by_role("button", name="Stop asking insurers")
     assert stop.is_visible()
     assert axe_violations(page) == []
+    page.screenshot(path=str(ARTIFACTS / "running-with-stop-1280.png"))
     # By keyboard: Stop is reached with Tab from the run's heading.
     page.locator("#run-heading").focus()
     for _ in range(5):
