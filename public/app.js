@@ -570,6 +570,7 @@ function follow(current) {
     if (TERMINAL_EVENTS.has(event.type)) {
       current.finished = true;
       source.close();
+      sessionStorage.removeItem(CANCEL_TOKEN_STORAGE(current.id)); // nothing left to stop
     }
     render();
   };
@@ -825,6 +826,7 @@ function render() {
   const ranking = $("ranking");
   ranking.replaceChildren(...quotes.map((quote, index) => rankingItem(current, quote, index)));
   $("ranking-empty").hidden = quotes.length > 0;
+  $("ranking-note").hidden = quotes.length === 0;
   $("ranking-empty").textContent = state === "processing" ? "No quotes yet." : "No insurer offered a quote.";
   renderUnquoted(current);
   $("simulated-banner").hidden = !quotes.some((quote) => quote.source === "simulated");
