@@ -284,6 +284,27 @@ class QuoteRequest(CamelModel):
         return [p for p in configured if p in self.providers]
 
 
+class PricedRequest(CamelModel):
+    """What a run priced, without the driver: shown beside the run so a shared or reloaded run
+    says what it is for. Never the full VIN, the driver's name or birth date."""
+
+    vin_ending: str = Field(description="The VIN's last six characters (its serial number).")
+    zip: str
+    vehicle: Vehicle
+    coverage: Coverage
+    providers: list[ProviderId] = Field(description="The insurers asked, in the run's order.")
+
+    @classmethod
+    def of(cls, request: QuoteRequest, providers: list[ProviderId]) -> PricedRequest:
+        return cls(
+            vin_ending=request.vin[-6:],
+            zip=request.zip,
+            vehicle=request.vehicle,
+            coverage=request.coverage,
+            providers=providers,
+        )
+
+
 # --- quotes and provider state -----------------------------------------------------------------
 
 
@@ -398,6 +419,7 @@ class RunMeta(CamelModel):
     deadline: UtcTime
     coverage: Coverage
     providers: list[ProviderId]
+    priced: PricedRequest | None = None  # None for runs stored before it was recorded
 
 
 class RunEnd(CamelModel):
@@ -458,6 +480,7 @@ class RunRecord(CamelModel):
     providers: list[ProviderState]
     error: ErrorInfo | None = None
     ended_at: UtcTime | None = None
+    priced: PricedRequest | None = None
     work: dict[ProviderId, ProviderWork] = Field(default_factory=dict, exclude=True)
     leases: dict[ProviderId, ProviderLease] = Field(default_factory=dict, exclude=True)
     finished_at: dict[ProviderId, UtcTime] = Field(default_factory=dict, exclude=True)
@@ -474,6 +497,7 @@ class RunRecord(CamelModel):
             deadline=self.deadline,
             coverage=self.coverage,
             providers=[p.provider for p in self.providers],
+            priced=self.priced,
         )
 
     @property
@@ -518,6 +542,9 @@ class RunSnapshot(CamelModel):
     quotes: list[Quote]
     last_event_id: int
     stream_url: str
+    priced: PricedRequest | None = Field(
+        default=None, description="What the run priced, without the driver's personal data."
+    )
     error: ErrorInfo | None = None
     events: list[dict[str, Any]] | None = None
 

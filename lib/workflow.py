@@ -17,6 +17,7 @@ from lib.models import (
     CompleteEvent,
     ErrorEvent,
     ErrorInfo,
+    PricedRequest,
     ProviderId,
     ProviderState,
     QuoteRequest,
@@ -48,6 +49,7 @@ def new_run_record(
         deadline=deadline,
         coverage=request.coverage,
         providers=[ProviderState(provider=p) for p in providers],
+        priced=PricedRequest.of(request, providers),
     )
 
 

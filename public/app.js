@@ -6,6 +6,10 @@
 //    ?lastEventId= of the last event applied. Events are applied exactly once, in id order.
 // 3. The run id goes into this page's URL (?run=…): opening it replays the run's stream from its
 //    first event into fresh state, so a reload resumes the run and a link shows its result.
+//    Such a run was asked for earlier or by someone else: the form folds away, and the run's
+//    snapshot says what it priced (`priced`, nothing personal).
+// 4. Stop: POST's cancelToken is kept in this tab's sessionStorage only, so a shared link cannot
+//    stop a run; DELETE with it ends the run `cancelled`, keeping the quotes that came.
 //
 // ?api=https://other.host makes the page call that origin instead of its own (the API has CORS).
 
@@ -30,15 +34,44 @@ const PROVIDER_PROBLEMS = {
   internal: () => "Something went wrong on our side before this insurer answered.",
 };
 
+// Where each insurer's own online quote starts: the page its web agent opens
+// (lib/providers/tinyfish/goal.py, INSURER_START_URLS; tests/test_page.py keeps the two equal).
+const INSURER_QUOTE_PAGES = {
+  geico: "https://www.geico.com/auto-insurance/",
+  progressive: "https://www.progressive.com/auto/",
+  state_farm: "https://www.statefarm.com/insurance/auto",
+  allstate: "https://www.allstate.com/auto-insurance",
+  liberty_mutual: "https://www.libertymutual.com/auto-insurance",
+};
+
+// What each coverage level asks the insurers for (goal.py's COVERAGE_INSTRUCTIONS, in words).
+const COVERAGE_WORDS = {
+  minimum: "Minimum: your state's required liability only; no cover for damage to your own car",
+  standard: "Standard: liability 100/300/100, plus collision and comprehensive cover for your own car",
+  full: "Full: liability 250/500/250, uninsured motorist cover, plus collision and comprehensive",
+};
+const COVERAGE_NAMES = { minimum: "Minimum", standard: "Standard", full: "Full" };
+const USE_WORDS = { commute: "used for commuting", pleasure: "used for pleasure", business: "used for business" };
+const OWNERSHIP_WORDS = { owned: "owned outright", financed: "financed", leased: "leased" };
+
 const RUN_PROBLEMS = {
   worker_lost: "The run stopped unexpectedly and nothing could resume it. Start it again.",
   deadline_exceeded: "The run ran out of time; insurers that had not answered are marked below.",
   internal: "Something went wrong on our side. Start the run again.",
 };
 
-const STATUS_LABELS = { pending: "Waiting", running: "Working", quoted: "Quoted", failed: "No quote" };
-const TERMINAL_EVENTS = new Set(["complete", "error"]);
+const STATUS_LABELS = {
+  pending: "Waiting",
+  running: "Working",
+  quoted: "Quoted",
+  failed: "No quote",
+  declined: "Declined",
+  cancelled: "Stopped",
+};
+const TERMINAL_EVENTS = new Set(["complete", "error", "cancelled"]);
 const API_KEY_STORAGE = "quotes:apiKey";
+// The run's cancel token, for this tab only: a shared ?run= link never carries it.
+const CANCEL_TOKEN_STORAGE = (runId) => `quotes:cancelToken:${runId}`;
 const MAX_REOPEN_PAUSE_SECONDS = 30;
 
 const TITLE = document.title;
@@ -93,6 +126,72 @@ function readRequest() {
   };
 }
 
+// Every field is required: an empty one is named here, before anything is sent (the API would
+// take an absent mileage as 12,000 without a word).
+const EMPTY_FIELD_MESSAGES = {
+  vin: "Enter the car's VIN: 17 letters and digits, on the registration or the driver's door frame.",
+  "vehicle.annualMileage": "Enter how many miles the car is driven a year, such as 12,000.",
+  "driver.firstName": "Enter the driver's first name.",
+  "driver.lastName": "Enter the driver's last name.",
+  "driver.dateOfBirth": "Enter the driver's date of birth: month, day and year.",
+  zip: "Enter the 5-digit ZIP code where the car is kept, such as 94107.",
+  coverage: "Choose a coverage level.",
+  providers: "Choose at least one insurer to ask.",
+};
+
+function emptyFields(request) {
+  const empty = {
+    vin: !request.vin,
+    "vehicle.annualMileage": request.vehicle.annualMileage === null,
+    "driver.firstName": !request.driver.firstName,
+    "driver.lastName": !request.driver.lastName,
+    // A date input reads "" while its month, day or year is missing or impossible.
+    "driver.dateOfBirth": !request.driver.dateOfBirth,
+    zip: !request.zip,
+    coverage: !request.coverage,
+    providers: request.providers.length === 0,
+  };
+  return Object.keys(empty)
+    .filter((field) => empty[field])
+    .map((field) => ({ field, message: EMPTY_FIELD_MESSAGES[field] }));
+}
+
+// The API's messages (API.md) in a person's words, with what to do.
+function plainFieldMessage(field, message) {
+  const text = String(message);
+  if (field === "vin") {
+    if (/check digit/.test(text)) {
+      return "This VIN's check digit doesn't match: check the 9th character, then the others, against your registration.";
+    }
+    const length = /must be 17 characters, got (\d+)/.exec(text);
+    if (length) return `A VIN has 17 letters and digits; this one has ${length[1]}. Check it against your registration.`;
+    if (/I, O or Q/.test(text)) return "A VIN never uses the letters I, O or Q: they are the digits 1 and 0.";
+    return "A VIN has only letters and digits: check it against your registration.";
+  }
+  if (field === "zip") return "Enter a 5-digit ZIP code, such as 94107 (or ZIP+4, such as 94107-1234).";
+  if (field === "driver.firstName" || field === "driver.lastName") {
+    const which = field === "driver.firstName" ? "first" : "last";
+    if (/1 to 64/.test(text)) return `Enter the driver's ${which} name, at most 64 characters.`;
+    return `Use only letters, spaces, apostrophes, hyphens and periods in the ${which} name.`;
+  }
+  if (field === "driver.dateOfBirth") {
+    if (/16 to 100/.test(text)) return "The driver must be 16 to 100 years old today: check the year of birth.";
+    return "Enter the driver's date of birth: month, day and year.";
+  }
+  if (field === "vehicle.annualMileage") {
+    return "Enter the miles driven a year as a whole number from 0 to 150,000, such as 12,000.";
+  }
+  if (field === "coverage") return "Choose a coverage level.";
+  if (field === "vehicle.use" || field === "vehicle.ownership") return "Choose one of the options.";
+  if (field === "providers") return "Choose at least one insurer to ask.";
+  if (/^providers\.\d+$/.test(field)) {
+    if (/listed twice/.test(text)) return "This insurer was chosen twice; reload the page and choose again.";
+    if (/not allowed/.test(text)) return "Your access does not include this insurer: untick it and try again.";
+    return "This insurer is not offered here right now: untick it and try again.";
+  }
+  return text;
+}
+
 function idempotencyKey() {
   const bytes = crypto.getRandomValues(new Uint8Array(16));
   return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
@@ -102,6 +201,11 @@ async function startRun(event) {
   event.preventDefault();
   clearProblems();
   const request = readRequest();
+  const empty = emptyFields(request);
+  if (empty.length) {
+    showFieldErrors(empty, request, { plain: true });
+    return;
+  }
   const body = JSON.stringify(request);
   // The same request retried after a lost response is the same run: reuse its Idempotency-Key.
   const key = lastAttempt?.body === body ? lastAttempt.key : idempotencyKey();
@@ -109,6 +213,9 @@ async function startRun(event) {
   const apiKey = $("apiKey").value.trim();
   if (apiKey) headers.Authorization = `Bearer ${apiKey}`;
 
+  // The old result goes at once: nothing on screen may pass for the new run's.
+  leaveRun();
+  showStarting();
   const button = $("submit");
   button.disabled = true;
   button.textContent = "Starting…";
@@ -118,16 +225,19 @@ async function startRun(event) {
       response = await fetch(apiUrl("/api/quotes"), { method: "POST", headers, body });
     } catch {
       lastAttempt = { body, key };
+      hideRun();
       showFormProblem(`Could not reach the quote service at ${api}. Check your connection and try again.`);
       return;
     }
     lastAttempt = null;
     if (response.status === 202 || response.status === 200) {
       const started = await response.json();
+      if (started.cancelToken) sessionStorage.setItem(CANCEL_TOKEN_STORAGE(started.runId), started.cancelToken);
       history.pushState({ run: started.runId }, "", pageUrl(started.runId));
-      showRun(newRun(started.runId, started.statusUrl, started.streamUrl));
+      showRun(newRun(started.runId, started.statusUrl, started.streamUrl), { mine: true });
       announce("Run started: asking the insurers.");
     } else {
+      hideRun();
       await showProblem(response, request);
     }
   } finally {
@@ -149,7 +259,7 @@ async function showProblem(response, request) {
   switch (response.status) {
     case 401:
       $("api-access").open = true;
-      showFieldErrors([{ field: "apiKey", message: $("apiKey").value ? "This key was refused." : "Enter your API key." }], request);
+      showFieldErrors([{ field: "apiKey", message: $("apiKey").value ? "This key was refused." : "Enter your API key." }], request, { plain: true });
       showFormProblem(
         "This service needs an API key to start a run. Enter it under “API access” and press Compare quotes again.",
       );
@@ -180,22 +290,25 @@ function retryAfterText(header) {
   return `in ${rounded} second${rounded === 1 ? "" : "s"} (at ${at})`;
 }
 
-function showFieldErrors(errors, request) {
+function showFieldErrors(errors, request, { plain = false } = {}) {
   const summary = document.createElement("ul");
   for (const { field, message } of errors) {
-    const { container, target, label, shared } = locateField(String(field), request);
+    const words = plain ? message : plainFieldMessage(String(field), message);
+    const { container, target, label, shared, group } = locateField(String(field), request);
     if (container) {
       const slot = container.querySelector(".field-error");
       slot.hidden = false;
       // One slot serves all the insurers' boxes: say which one each message is about.
-      slot.append(...(slot.childNodes.length ? [document.createElement("br")] : []), shared ? `${label}: ${message}` : message);
-      (target ?? container).setAttribute("aria-invalid", "true");
-      container.classList.add("has-error");
+      slot.append(...(slot.childNodes.length ? [document.createElement("br")] : []), shared ? `${label}: ${words}` : words);
+      // A problem with the whole group (no insurer chosen) marks the group, not one box.
+      if (!group) (target ?? container).setAttribute("aria-invalid", "true");
+      if (shared) target?.closest(".choice")?.classList.add("has-error");
+      else container.classList.add("has-error");
     }
     const item = document.createElement("li");
     const link = document.createElement(target?.id ? "a" : "span");
     if (target?.id) link.href = `#${target.id}`;
-    link.textContent = `${label}: ${message}`;
+    link.textContent = `${label}: ${words}`;
     item.append(link);
     summary.append(item);
   }
@@ -203,6 +316,17 @@ function showFieldErrors(errors, request) {
   box.replaceChildren(Object.assign(document.createElement("p"), { textContent: "Please check these details:" }), summary);
   box.hidden = false;
   box.focus();
+}
+
+// A summary link moves focus to its field, scrolled into the middle, with its focus ring showing.
+function followProblemLink(event) {
+  const link = event.target.closest("a[href^='#']");
+  if (!link) return;
+  const target = document.getElementById(decodeURIComponent(link.hash.slice(1)));
+  if (!target) return;
+  event.preventDefault();
+  target.scrollIntoView({ block: "center" });
+  target.focus({ preventScroll: true });
 }
 
 // Where an API field name ("vin", "driver.dateOfBirth", "providers.2") lives on this form.
@@ -220,7 +344,7 @@ function locateField(field, request) {
     if (container) {
       const target = container.querySelector("input, select");
       const label = container.querySelector("label, legend").textContent.trim();
-      return { container, target, label };
+      return { container, target, label, group: container.tagName === "FIELDSET" };
     }
   }
   return { container: null, target: null, label: field || "Request" };
@@ -236,14 +360,31 @@ function clearProblems() {
   $("form-problem").hidden = true;
 }
 
-function showFormProblem(text) {
+function showFormProblem(text, action) {
   showNotice($("form-problem"), text);
+  if (action) $("form-problem").append(action);
   $("form-problem").focus();
 }
 
 function showNotice(box, text) {
   box.replaceChildren(Object.assign(document.createElement("p"), { textContent: text }));
   box.hidden = false;
+}
+
+// A run shown from a link or a reload was asked for by someone else, or earlier: the form folds
+// away, so its sample (or leftover) details never pass for what that run priced.
+function foldForm(folded) {
+  $("quote-form").hidden = folded;
+  $("form-hint").hidden = folded;
+  $("form-folded").hidden = !folded;
+  $("form-heading").textContent = folded ? "New comparison" : "Your details";
+}
+
+function startNewComparison() {
+  history.pushState({}, "", pageUrl(null));
+  route();
+  clearProblems();
+  $("vin").focus();
 }
 
 // ---------------------------------------------------------------------------------- the run
@@ -261,26 +402,83 @@ function newRun(id, statusUrl, streamUrl) {
     total: 0,
     progress: { completed: 0, total: 0, percent: 0 },
     cards: new Map(), // provider id → {provider, status, activity: [], quote, error, element}
-    ranking: null, // the complete event's quotes, cheapest first
+    ranking: null, // the terminal event's quotes, cheapest first
     best: null,
     failure: null, // {code, message} of a failed run
+    cancelled: false, // ended by Stop (DELETE): its unfinished insurers were stopped
+    priced: null, // the snapshot's `priced`: what the run asked for, nothing personal
   };
 }
 
-function showRun(next) {
-  stopFollowing();
-  run = next;
-  $("run").hidden = false;
-  $("run-id").textContent = run.id;
-  $("run-link").href = pageUrl(run.id);
+function resetRunView() {
   $("cards").replaceChildren();
   $("ranking").replaceChildren();
+  $("unquoted").replaceChildren();
+  $("unquoted-box").hidden = true;
+  $("run-priced").hidden = true;
+  $("stop").hidden = true;
+  $("stop").disabled = false;
+  $("stop-status").textContent = "";
+  $("copy-status").textContent = "";
   for (const id of ["simulated-banner", "connection-notice", "run-problem"]) $(id).hidden = true;
+}
+
+// Between pressing Compare and the run's answer: an empty run, so no old result stays on show.
+function showStarting() {
+  resetRunView();
+  $("run").hidden = false;
+  $("run").dataset.state = "starting";
+  $("run-status").textContent = "Starting your comparison…";
+  $("run-progress").value = 0;
+  $("progress-text").textContent = "";
+  $("ranking-empty").hidden = false;
+  $("ranking-empty").textContent = "No quotes yet.";
+  $("run-link").value = "";
+  $("run-id").textContent = "";
+  document.title = TITLE;
+}
+
+function hideRun() {
+  $("run").hidden = true;
+  delete $("run").dataset.state;
+}
+
+function leaveRun() {
+  stopFollowing();
+  run = null;
+}
+
+function showRun(next, { mine = false } = {}) {
+  stopFollowing();
+  run = next;
+  resetRunView();
+  foldForm(!mine);
+  $("run").hidden = false;
+  $("run-id").textContent = run.id;
+  $("run-link").value = shareUrl(run.id);
   render();
   follow(run);
-  // On a phone the run is below the form: bring its heading to the top, and focus there.
-  $("run-heading").scrollIntoView({ block: "start" });
-  $("run-heading").focus({ preventScroll: true });
+  loadPriced(run);
+  // On a phone the run sits above the form: bring its heading into view. On a wide screen it
+  // is already in view beside the form, and the page stays where it is.
+  const heading = $("run-heading");
+  const top = heading.getBoundingClientRect().top;
+  if (top < 0 || top > window.innerHeight * 0.5) {
+    // With the title too when both fit: the page's top, else the heading at the top.
+    const fromTop = top + window.scrollY;
+    if (fromTop < window.innerHeight * 0.5) window.scrollTo({ top: 0 });
+    else heading.scrollIntoView({ block: "start" });
+  }
+  heading.focus({ preventScroll: true });
+}
+
+// The link to share: this page's address with ?run= (and ?api= if given), nothing else.
+function shareUrl(runId) {
+  const url = new URL(location.pathname, location.origin);
+  const given = new URLSearchParams(location.search).get("api");
+  if (given) url.searchParams.set("api", given);
+  url.searchParams.set("run", runId);
+  return url.href;
 }
 
 function stopFollowing() {
@@ -290,16 +488,32 @@ function stopFollowing() {
   run.finished = true;
 }
 
+async function loadPriced(current, known) {
+  let snapshot = known;
+  if (!snapshot) {
+    try {
+      const response = await fetch(apiUrl(current.statusUrl), { cache: "no-store" });
+      if (!response.ok) return;
+      snapshot = await response.json();
+    } catch {
+      return; // the stream's own retries say what there is to say about the connection
+    }
+  }
+  if (current !== run || !snapshot.priced) return;
+  current.priced = snapshot.priced;
+  render();
+}
+
 async function resumeRun(runId) {
   const statusUrl = `/api/quotes/${encodeURIComponent(runId)}`;
   let snapshot = null;
+  leaveRun();
+  showStarting();
+  $("run-status").textContent = "Loading these results…";
   try {
     const response = await fetch(apiUrl(statusUrl), { cache: "no-store" });
     if (response.status === 404) {
-      stopFollowing();
-      run = null;
-      $("run").hidden = true;
-      showFormProblem(`Run ${runId} was not found: runs are kept for a limited time after their last update (two hours unless configured otherwise). Start a new one below.`);
+      showUnknownRun(runId);
       return;
     }
     if (response.ok) snapshot = await response.json();
@@ -307,7 +521,28 @@ async function resumeRun(runId) {
     // unreachable for now: follow the stream anyway, it reopens until the service answers
   }
   // Replay the stream from its first event into fresh state: nothing shown twice, nothing missed.
-  showRun(newRun(runId, statusUrl, snapshot?.streamUrl ?? `${statusUrl}/stream`));
+  const resumed = newRun(runId, statusUrl, snapshot?.streamUrl ?? `${statusUrl}/stream`);
+  showRun(resumed);
+  if (snapshot) loadPriced(resumed, snapshot);
+}
+
+// An unknown or expired run: say so, clean the address, and offer a new comparison.
+function showUnknownRun(runId) {
+  leaveRun();
+  hideRun();
+  foldForm(false);
+  history.replaceState({}, "", pageUrl(null));
+  document.title = TITLE;
+  const start = element("button", "button-secondary", "Start a new comparison");
+  start.type = "button";
+  start.addEventListener("click", () => {
+    $("form-problem").hidden = true;
+    $("vin").focus();
+  });
+  showFormProblem(
+    `Run ${runId} was not found: results are kept for two hours after a run's last update, so it may have expired, or the link may be incomplete. Start a new comparison below; the form is filled in with a sample driver and car.`,
+    start,
+  );
 }
 
 function follow(current) {
@@ -335,6 +570,7 @@ function follow(current) {
     if (TERMINAL_EVENTS.has(event.type)) {
       current.finished = true;
       source.close();
+      sessionStorage.removeItem(CANCEL_TOKEN_STORAGE(current.id)); // nothing left to stop
     }
     render();
   };
@@ -351,7 +587,7 @@ async function afterRefusedStream(current) {
     const response = await fetch(apiUrl(current.statusUrl), { cache: "no-store" });
     if (response.status === 404) {
       current.finished = true;
-      showNotice($("run-problem"), "This run has expired or never existed: runs are kept for a limited time (two hours unless configured otherwise).");
+      showNotice($("run-problem"), "These results have expired: runs are kept for two hours after their last update. Start a new comparison.");
       return;
     }
     const snapshot = response.ok ? await response.json() : null;
@@ -369,6 +605,81 @@ async function afterRefusedStream(current) {
   showNotice($("connection-notice"), `Live updates were interrupted. Reconnecting in ${pause} seconds…`);
   current.reopenTimer = setTimeout(() => follow(current), pause * 1000);
 }
+
+// ---------------------------------------------------------------------------------- stop
+
+async function stopRun() {
+  const current = run;
+  const token = current && sessionStorage.getItem(CANCEL_TOKEN_STORAGE(current.id));
+  if (!current || !token || !isGoing(current)) return;
+  const button = $("stop");
+  button.disabled = true;
+  button.textContent = "Stopping…";
+  const said = (text) => {
+    $("stop-status").textContent = text;
+  };
+  try {
+    const response = await fetch(apiUrl(current.statusUrl), {
+      method: "DELETE",
+      headers: { Authorization: `Bearer ${token}` },
+    });
+    if (current !== run) return;
+    if (response.ok) {
+      sessionStorage.removeItem(CANCEL_TOKEN_STORAGE(current.id));
+      applyCancelledSnapshot(current, await response.json());
+      render();
+      said("Stopped. The quotes that had arrived are kept; the insurers still working were stopped.");
+      $("run-heading").focus();
+      return;
+    }
+    if (response.status === 409) {
+      sessionStorage.removeItem(CANCEL_TOKEN_STORAGE(current.id));
+      said("This run had already finished; nothing was stopped.");
+    } else if (response.status === 401) {
+      sessionStorage.removeItem(CANCEL_TOKEN_STORAGE(current.id));
+      said("This tab can no longer stop this run. It will finish on its own.");
+    } else if (response.status === 404) {
+      said("These results have expired; there is nothing left to stop.");
+    } else if (response.status === 405) {
+      said("This service cannot stop a run yet. It will finish on its own.");
+    } else {
+      said(`Could not stop the run (HTTP ${response.status}). Try again.`);
+    }
+  } catch {
+    said("Could not reach the quote service to stop the run. Check your connection and try again.");
+  } finally {
+    button.disabled = false;
+    button.textContent = "Stop asking insurers";
+    render();
+  }
+}
+
+// The DELETE's answer is the run's snapshot: show it at once, before the stream's `cancelled`.
+function applyCancelledSnapshot(current, snapshot) {
+  if (!snapshot || snapshot.status !== "cancelled") return;
+  for (const state of snapshot.providers ?? []) {
+    const entry = card(current, state.provider);
+    if (state.quote) {
+      entry.status = "quoted";
+      entry.quote = state.quote;
+    } else if (state.status === "failed" && state.error) {
+      entry.status = "failed";
+      entry.error = { ...state.error, retryable: entry.error?.retryable ?? false };
+    } else if (state.status === "cancelled") {
+      entry.status = "cancelled";
+    }
+  }
+  current.ranking = snapshot.quotes ?? [];
+  current.best = current.ranking[0]?.provider ?? null;
+  current.cancelled = true;
+  current.progress = { ...current.progress, ...(snapshot.progress ?? {}) };
+}
+
+function isGoing(current) {
+  return !current.ranking && !current.failure && !current.cancelled;
+}
+
+// ---------------------------------------------------------------------------------- events
 
 function card(current, provider) {
   let entry = current.cards.get(provider);
@@ -416,6 +727,18 @@ function apply(current, event) {
       current.progress = { ...current.progress, completed: current.progress.total, percent: 100 };
       announce(completionSummary(current));
       break;
+    case "cancelled": {
+      const already = current.cancelled;
+      current.ranking = event.quotes;
+      current.best = event.best;
+      current.cancelled = true;
+      for (const provider of event.stopped ?? []) {
+        const entry = card(current, provider);
+        if (!entry.quote) entry.status = "cancelled";
+      }
+      if (!already) announce(completionSummary(current));
+      break;
+    }
     case "error":
       current.failure = { code: event.code, message: event.message };
       for (const entry of current.cards.values()) {
@@ -443,9 +766,12 @@ function rankedQuotes(current) {
 
 function completionSummary(current) {
   const quotes = rankedQuotes(current);
-  const failed = [...current.cards.values()].filter((entry) => entry.status === "failed").length;
-  const parts = [`Finished: ${quotes.length} quote${quotes.length === 1 ? "" : "s"}`];
+  const entries = [...current.cards.values()];
+  const failed = entries.filter((entry) => entry.status === "failed").length;
+  const stopped = entries.filter((entry) => entry.status === "cancelled").length;
+  const parts = [`${current.cancelled ? "Stopped" : "Finished"}: ${quotes.length} quote${quotes.length === 1 ? "" : "s"}`];
   if (failed) parts.push(`${failed} insurer${failed === 1 ? "" : "s"} could not quote`);
+  if (stopped) parts.push(`${stopped} insurer${stopped === 1 ? " was" : "s were"} stopped before answering`);
   let text = parts.join(", ") + ".";
   if (current.best) {
     const best = quotes.find((quote) => quote.provider === current.best);
@@ -456,10 +782,18 @@ function completionSummary(current) {
 
 // ---------------------------------------------------------------------------------- rendering
 
+function runState(current) {
+  if (current.failure) return "failed";
+  if (current.cancelled) return "cancelled";
+  if (current.ranking) return "completed";
+  return "processing";
+}
+
 function render() {
   if (!run) return;
   const current = run;
   const { completed, total, percent } = current.progress;
+  const state = runState(current);
   $("run-progress").value = percent;
   $("progress-text").textContent = total ? `${completed} of ${total} (${percent}%)` : "";
   $("run-status").textContent = current.failure
@@ -469,11 +803,15 @@ function render() {
       : current.lastId === null
         ? "Connecting…"
         : `Asking ${total} insurer${total === 1 ? "" : "s"}…`;
-  $("run").dataset.state = current.failure ? "failed" : current.ranking ? "completed" : "processing";
+  $("run").dataset.state = state;
   $("run").dataset.lastEventId = current.lastId ?? "";
+  // Stop only where this tab started the run (a shared link has no token) and while it is going.
+  $("stop").hidden = state !== "processing" || !sessionStorage.getItem(CANCEL_TOKEN_STORAGE(current.id));
   // For a person waiting in another tab.
-  const state = current.failure ? "stopped" : current.ranking ? "done" : total ? `${completed} of ${total}` : "";
-  document.title = `${state ? `(${state}) ` : ""}${TITLE}`;
+  const shortState = { failed: "stopped", cancelled: "stopped", completed: "done" }[state] ?? (total ? `${completed} of ${total}` : "");
+  document.title = `${shortState ? `(${shortState}) ` : ""}${TITLE}`;
+
+  renderPriced(current);
 
   const cards = $("cards");
   for (const entry of current.cards.values()) {
@@ -488,8 +826,49 @@ function render() {
   const ranking = $("ranking");
   ranking.replaceChildren(...quotes.map((quote, index) => rankingItem(current, quote, index)));
   $("ranking-empty").hidden = quotes.length > 0;
-  $("ranking-empty").textContent = current.ranking || current.failure ? "No insurer offered a quote." : "No quotes yet.";
+  $("ranking-note").hidden = quotes.length === 0;
+  $("ranking-empty").textContent = state === "processing" ? "No quotes yet." : "No insurer offered a quote.";
+  renderUnquoted(current);
   $("simulated-banner").hidden = !quotes.some((quote) => quote.source === "simulated");
+}
+
+function renderPriced(current) {
+  const priced = current.priced;
+  const box = $("run-priced");
+  if (priced && box.hidden) box.open = window.matchMedia("(min-width: 960px)").matches; // a line on a phone
+  box.hidden = !priced;
+  if (!priced) return;
+  const { vehicle } = priced;
+  $("priced-summary").textContent =
+    `VIN ending ${priced.vinEnding} · ZIP ${priced.zip} · ${COVERAGE_NAMES[priced.coverage] ?? priced.coverage} coverage · ` +
+    `${priced.providers.length} insurer${priced.providers.length === 1 ? "" : "s"}`;
+  $("priced-car").textContent =
+    `VIN ending ${priced.vinEnding}, ${USE_WORDS[vehicle.use] ?? vehicle.use}, ` +
+    `${vehicle.annualMileage.toLocaleString("en-US")} miles a year, ${OWNERSHIP_WORDS[vehicle.ownership] ?? vehicle.ownership}`;
+  $("priced-zip").textContent = priced.zip;
+  $("priced-coverage").textContent = COVERAGE_WORDS[priced.coverage] ?? priced.coverage;
+  $("priced-providers").textContent = priced.providers.map((p) => PROVIDER_NAMES[p] ?? p).join(", ");
+}
+
+// Under the ranking: every insurer that gave no quote, and why, so none silently vanishes.
+function renderUnquoted(current) {
+  const missing = [...current.cards.values()].filter((entry) => entry.status === "failed" || entry.status === "cancelled");
+  $("unquoted-box").hidden = missing.length === 0;
+  $("unquoted").replaceChildren(
+    ...missing.map((entry) => {
+      const item = element("li");
+      item.dataset.provider = entry.provider;
+      item.textContent = outcomeText(entry);
+      return item;
+    }),
+  );
+}
+
+function outcomeText(entry) {
+  const name = PROVIDER_NAMES[entry.provider] ?? entry.provider;
+  if (entry.status === "cancelled") return `${name} was stopped before it answered.`;
+  if (entry.error) return plainProblem(entry.error.code, name);
+  return "";
 }
 
 function cardElement(entry) {
@@ -508,22 +887,41 @@ function cardElement(entry) {
   return item;
 }
 
+function shownStatus(entry) {
+  if (entry.status === "failed" && entry.error?.code === "provider_declined") return "declined";
+  return entry.status;
+}
+
 function renderCard(current, entry) {
   const item = entry.element;
   const name = PROVIDER_NAMES[entry.provider] ?? entry.provider;
   item.dataset.status = entry.status;
-  item.querySelector(".card-status").textContent = STATUS_LABELS[entry.status] ?? entry.status;
+  item.querySelector(".card-status").textContent = STATUS_LABELS[shownStatus(entry)] ?? entry.status;
+  // While an insurer is being asked, its agent's latest step; once it has answered, its outcome.
+  const working = entry.status === "pending" || entry.status === "running";
+  const activity = item.querySelector(".card-activity");
   const latest = entry.activity.at(-1);
-  item.querySelector(".card-activity").textContent = latest ? latest.message : "Not started yet.";
+  activity.hidden = !working;
+  activity.textContent = working ? (latest ? latest.message : "Waiting to start.") : "";
 
   const result = item.querySelector(".card-result");
   if (entry.quote) {
-    result.replaceChildren(price(entry.quote, entry.provider === current.best && !!current.ranking));
+    result.replaceChildren(
+      price(entry.quote, entry.provider === current.best && current.ranking !== null, { full: true }),
+      insurerLink(entry.provider, entry.quote.source === "simulated" ? `Get a real quote from ${name}` : `Continue with ${name}`),
+    );
+  } else if (entry.status === "cancelled") {
+    result.replaceChildren(
+      element("p", "card-error", `Stopped before ${name} answered.`),
+      insurerLink(entry.provider, `Get a quote from ${name}`),
+    );
   } else if (entry.error) {
     const text = element("p", "card-error", plainProblem(entry.error.code, name));
-    const more = entry.error.retryable ? " Asking again later may work." : "";
-    const detail = element("p", "hint", `${entry.error.message}${more}`);
-    result.replaceChildren(text, detail);
+    const more = entry.error.retryable ? "Asking again later may work." : "";
+    const parts = [text];
+    if (more) parts.push(element("p", "hint", more));
+    parts.push(insurerLink(entry.provider, `Try ${name}'s own quote page`));
+    result.replaceChildren(...parts);
   } else {
     result.replaceChildren();
   }
@@ -534,7 +932,18 @@ function renderCard(current, entry) {
     line.dataset.eventId = id;
     log.append(line);
   }
-  item.querySelector(".card-log summary").textContent = `Activity (${entry.activity.length})`;
+  item.querySelector(".card-log summary").textContent = `What the agent did (${entry.activity.length} steps)`;
+}
+
+function insurerLink(provider, text) {
+  const href = INSURER_QUOTE_PAGES[provider];
+  if (!href) return document.createTextNode("");
+  const link = element("a", "insurer-link", text);
+  link.href = href;
+  link.target = "_blank";
+  link.rel = "noopener";
+  link.append(element("span", "visually-hidden", " (opens the insurer's site in a new tab; you enter your details there again)"));
+  return element("p", "insurer", undefined, [link]);
 }
 
 function rankingItem(current, quote, index) {
@@ -549,19 +958,42 @@ function rankingItem(current, quote, index) {
   return item;
 }
 
-function price(quote, best) {
+// A price: monthly and yearly, what it covers, and where it came from; simulated on every figure.
+function price(quote, best, { full = false } = {}) {
+  const simulated = quote.source === "simulated";
+  const figure = (amount) => {
+    const strong = element("strong", "", money(amount, quote.currency));
+    return simulated ? [strong, element("span", "sim-tag", "simulated")] : [strong];
+  };
   const box = element("div", "price");
   const monthly = element("p", "price-monthly");
-  monthly.append(element("strong", "", money(quote.monthlyPremium, quote.currency)), " a month");
-  const details = element(
-    "p",
-    "price-details",
-    `${money(quote.annualPremium, quote.currency)} a year · ${quote.coverage} coverage · ` +
-      `${quote.deductible ? `${money(quote.deductible, quote.currency, { whole: true })} deductible` : "no deductible"}`,
-  );
-  box.append(monthly, details, sourceBadge(quote));
+  monthly.append(...figure(quote.monthlyPremium), " a month");
+  const yearly = element("p", "price-yearly");
+  yearly.append(...figure(quote.annualPremium), " a year");
+  const deductible = quote.deductible
+    ? `${money(quote.deductible, quote.currency, { whole: true })} deductible`
+    : "no deductible";
+  const covers = element("p", "price-details", `${COVERAGE_NAMES[quote.coverage] ?? quote.coverage} coverage · ${deductible}`);
+  box.append(monthly, yearly, covers);
+  if (full) {
+    box.append(element("p", "price-covers", COVERAGE_WORDS[quote.coverage] ?? ""));
+    const when = element("p", "price-when");
+    const time = element("time", "", quotedAt(quote.quotedAt));
+    time.dateTime = quote.quotedAt;
+    when.append("Quoted ", time);
+    box.append(when);
+  }
+  box.append(sourceBadge(quote));
   if (best) box.prepend(element("span", "badge badge-best", "Best price"));
   return box;
+}
+
+function quotedAt(iso) {
+  const at = new Date(iso);
+  if (Number.isNaN(at.getTime())) return iso;
+  const sameDay = at.toDateString() === new Date().toDateString();
+  const time = at.toLocaleTimeString([], { hour: "numeric", minute: "2-digit" });
+  return sameDay ? `today at ${time}` : `${at.toLocaleDateString([], { month: "short", day: "numeric" })} at ${time}`;
 }
 
 function sourceBadge(quote) {
@@ -576,10 +1008,11 @@ function money(amount, currency = "USD", { whole = false } = {}) {
   return new Intl.NumberFormat("en-US", { style: "currency", currency, ...digits }).format(amount);
 }
 
-function element(tag, className, text) {
+function element(tag, className, text, children) {
   const node = document.createElement(tag);
   if (className) node.className = className;
   if (text !== undefined) node.textContent = text;
+  if (children) node.append(...children);
   return node;
 }
 
@@ -604,6 +1037,24 @@ function burstSummary(current) {
   return `${completed} of ${total} insurers have answered.`;
 }
 
+// ---------------------------------------------------------------------------------- sharing
+
+async function copyLink() {
+  const input = $("run-link");
+  const said = (text) => {
+    $("copy-status").textContent = text;
+  };
+  try {
+    await navigator.clipboard.writeText(input.value);
+    said("Link copied. Paste it anywhere to come back to these results.");
+  } catch {
+    // No clipboard permission (an embedded page, an old browser): leave the link selected.
+    input.focus();
+    input.select();
+    said("Couldn't copy by itself: the link is selected, copy it with your keyboard or menu.");
+  }
+}
+
 // ---------------------------------------------------------------------------------- start
 
 function route() {
@@ -611,10 +1062,12 @@ function route() {
   if (runId && run?.id !== runId) {
     resumeRun(runId);
   } else if (!runId && run) {
-    stopFollowing();
-    run = null;
-    $("run").hidden = true;
+    leaveRun();
+    hideRun();
+    foldForm(false);
     document.title = TITLE;
+  } else if (!runId) {
+    foldForm(false);
   }
 }
 
@@ -628,6 +1081,10 @@ function init() {
     else sessionStorage.removeItem(API_KEY_STORAGE);
   });
   $("quote-form").addEventListener("submit", startRun);
+  $("form-problem").addEventListener("click", followProblemLink);
+  $("stop").addEventListener("click", stopRun);
+  $("copy-link").addEventListener("click", copyLink);
+  $("new-comparison").addEventListener("click", startNewComparison);
   window.addEventListener("popstate", route);
   route();
 }

@@ -149,6 +149,8 @@ def shown_cards(page: Page) -> dict[str, dict[str, Any]]:
                 (card) => [card.dataset.provider, {
                   status: card.dataset.status,
                   latest: card.querySelector('.card-activity').textContent,
+                  latestShown: !card.querySelector('.card-activity').hidden,
+                  statusLabel: card.querySelector('.card-status').textContent,
                   log: [...card.querySelectorAll('.card-log li')].map(
                     (li) => [Number(li.dataset.eventId), li.textContent]),
                   sources: [...card.querySelectorAll('.source')].map((s) => s.textContent),
@@ -170,7 +172,8 @@ def assert_cards_match_the_stored_run(page: Page, host: RunningDevHost, run_id: 
             if e["type"] == "activity" and e["provider"] == provider
         ]
         assert card["log"] == expected, f"{provider}: shown {card['log']}, stored {expected}"
-        assert card["latest"] == expected[-1][1]
+        # A finished card shows its outcome, not its agent's last step.
+        assert not card["latestShown"] and expected[-1][1] not in card["statusLabel"]
         assert card["status"] == state[provider]
 
 
@@ -331,12 +334,16 @@ def test_each_problem_field_is_shown_at_its_own_input(page: Page, host: RunningD
     page.locator("#provider-state_farm").evaluate("(box) => { box.value = 'acme'; }")
     page.get_by_role("button", name="Compare quotes").click()
 
-    expect(page.locator("#annualMileage-error")).to_contain_text("integer")
+    expect(page.locator("#annualMileage-error")).to_have_text(
+        "Enter the miles driven a year as a whole number from 0 to 150,000, such as 12,000."
+    )
     assert page.locator("#annualMileage").get_attribute("aria-invalid") == "true"
     assert page.locator("#zip-error").is_visible()
     providers_error = page.locator("#providers-error").inner_text()
     # `providers.2`, the third insurer sent: named by its box's label.
-    assert providers_error.startswith("State Farm: unknown provider 'acme'")
+    assert providers_error == (
+        "State Farm: This insurer is not offered here right now: untick it and try again."
+    )
     assert page.locator("#provider-state_farm").get_attribute("aria-invalid") == "true"
     assert page.locator("#provider-geico").get_attribute("aria-invalid") is None
     assert page.locator("#vin-error").is_hidden()
@@ -442,11 +449,15 @@ def test_a_link_to_a_finished_run_shows_its_result(page: Page, host: RunningDevH
     assert_ranked_result(page, host, run_id)
     allstate = page.locator(".card[data-provider=allstate]")
     assert allstate.get_attribute("data-status") == "failed"
-    assert allstate.locator(".card-status").inner_text() == "No quote"
+    assert allstate.locator(".card-status").inner_text() == "Declined"
     assert allstate.locator(".card-error").inner_text() == (
         "Allstate does not offer a quote for this driver or car."
     )
     assert page.locator("#ranking [data-provider=allstate]").count() == 0
+    # Listed under the ranking with the reason, so it does not silently vanish.
+    assert page.locator("#unquoted li").all_inner_texts() == [
+        "Allstate does not offer a quote for this driver or car."
+    ]
     assert "1 insurer could not quote" in page.locator("#run-status").inner_text()
     assert axe_violations(page) == []
     screenshot(page, "finished-with-a-decline-1280.png")
@@ -456,7 +467,18 @@ def test_a_link_to_a_finished_run_shows_its_result(page: Page, host: RunningDevH
 def test_a_link_to_an_unknown_run_says_so(page: Page, host: RunningDevHost) -> None:
     page.goto(f"{host.url}/?run=AAAAAAAAAAAAAAAAAAAAAA")
     expect(page.locator("#form-problem")).to_contain_text("was not found")
+    assert "may have expired" in page.locator("#form-problem").inner_text()
     assert page.locator("#run").is_hidden()
+    # The address is clean again (a reload starts afresh), and a new comparison is one key away.
+    assert urlsplit(page.url).query == ""
+    assert page.locator("#form-problem").evaluate("(box) => box === document.activeElement")
+    assert axe_violations(page) == []
+    screenshot(page, "unknown-run-1280.png")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Start a new comparison"
+    page.keyboard.press("Enter")
+    assert page.evaluate("document.activeElement.id") == "vin"
+    assert page.locator("#quote-form").is_visible()
 
 
 API_KEY = "page-test-key"
@@ -608,3 +630,364 @@ def test_a_failed_run_says_so_and_marks_the_insurers_it_left(
     assert page.locator("#simulated-banner").is_hidden()
     expect(page.locator("#announcer")).to_contain_text("The run stopped.")
     assert axe_violations(page) == []
+
+
+# --- issue 21: the page as a person comparing car insurance uses it ----------------------------
+
+
+def finished_early_run(host: RunningDevHost) -> str:
+    """The young business driver's run, started with the host (Allstate declines it)."""
+    run_id: str = host.early_run_id  # type: ignore[attr-defined]
+    deadline = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while snapshot(host, run_id)["status"] == "processing":
+        assert time.monotonic() < deadline, "the run did not finish"
+        time.sleep(0.2)
+    return run_id
+
+
+def test_each_quote_says_what_it_covers_when_it_was_quoted_and_where_to_go_on(
+    page: Page, host: RunningDevHost
+) -> None:
+    from lib.providers.tinyfish.goal import INSURER_START_URLS
+
+    run_id = finished_early_run(host)
+    page.goto(f"{host.url}/?run={run_id}")
+    wait_finished(page)
+    quotes = {q["provider"]: q for q in snapshot(host, run_id)["quotes"]}
+    assert quotes, "the run quoted"
+    for provider, quote in quotes.items():
+        card = page.locator(f".card[data-provider={provider}]")
+        shown = card.locator(".price").inner_text()
+        assert f"${quote['monthlyPremium']:,.2f}" in shown and "a month" in shown
+        assert f"${quote['annualPremium']:,.2f}" in shown and "a year" in shown
+        assert "$500 deductible" in shown  # full coverage's deductible
+        assert card.locator(".price-covers").inner_text().startswith("Full: liability 250/500/250")
+        assert card.locator(".price-when time").get_attribute("datetime") == quote["quotedAt"]
+        assert card.locator(".price-when").inner_text().startswith("Quoted today at ")
+        # On to the insurer's own quote page, the one its agent opens, in a new tab.
+        link = card.locator("a.insurer-link")
+        assert link.get_attribute("href") == INSURER_START_URLS[provider]
+        assert link.get_attribute("target") == "_blank"
+        assert link.get_attribute("rel") == "noopener"
+        assert "new tab" in link.inner_text()
+    # The declined insurer can still be tried on its own site.
+    declined = page.locator(".card[data-provider=allstate] a.insurer-link")
+    assert declined.get_attribute("href") == INSURER_START_URLS["allstate"]
+    # Simulated: every figure says so, in the ranking and on each card.
+    figures = page.locator(".price-monthly strong, .price-yearly strong")
+    assert figures.count() == 4 * len(quotes)
+    assert page.locator(".price-monthly .sim-tag, .price-yearly .sim-tag").count() == (
+        figures.count()
+    )
+    assert axe_violations(page) == []
+    page.locator(".card[data-provider=geico]").screenshot(path=str(ARTIFACTS / "quote-card.png"))
+
+
+def test_a_link_shows_what_its_run_priced_and_folds_the_form_away(
+    page: Page, host: RunningDevHost
+) -> None:
+    run_id = finished_early_run(host)
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.goto(f"{host.url}/?run={run_id}")
+    wait_finished(page)
+
+    priced = snapshot(host, run_id)["priced"]
+    assert priced["vinEnding"] == "967639"
+    # One line on a phone, the whole of it a tap away.
+    expect(page.locator("#run-priced summary")).to_have_text(
+        "What was priced: VIN ending 967639 · ZIP 94107 · Full coverage · 5 insurers"
+    )
+    page.locator("#run-priced summary").click()
+    expect(page.locator("#priced-car")).to_have_text(
+        "VIN ending 967639, used for business, 15,000 miles a year, financed"
+    )
+    assert page.locator("#priced-zip").inner_text() == "94107"
+    assert page.locator("#priced-coverage").inner_text().startswith("Full: ")
+    assert page.locator("#priced-providers").inner_text() == (
+        "GEICO, Progressive, State Farm, Allstate, Liberty Mutual"
+    )
+    # Above the results, and the sample driver is not on show beside someone else's run.
+    assert (
+        page.locator("#run-priced").bounding_box()["y"]
+        < (  # type: ignore[index]
+            page.locator("#ranking").bounding_box()["y"]  # type: ignore[index]
+        )
+    )
+    assert page.locator("#quote-form").is_hidden()
+    assert "Ana" not in page.locator("body").inner_text()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    assert axe_violations(page) == []
+    screenshot(page, "shared-run-375.png")
+
+    page.get_by_role("button", name="Start a new comparison").click()
+    assert urlsplit(page.url).query == ""
+    assert page.locator("#run").is_hidden()
+    assert page.locator("#quote-form").is_visible()
+    assert page.evaluate("document.activeElement.id") == "vin"
+
+
+def focus_ring_of(page: Page) -> str:
+    return str(
+        page.evaluate(
+            "() => { const s = getComputedStyle(document.activeElement);"
+            " return `${s.outlineStyle} ${s.outlineWidth}`; }"
+        )
+    )
+
+
+def test_empty_fields_say_so_in_plain_words_and_the_summary_leads_to_each(
+    page: Page, host: RunningDevHost
+) -> None:
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    page.goto(f"{host.url}/")
+    page.get_by_label("Miles a year").fill("")
+    page.get_by_label("First name").fill("  ")
+    for provider in PROVIDERS:
+        page.locator(f"#provider-{provider}").uncheck()
+    page.get_by_role("button", name="Compare quotes").click()
+
+    expect(page.locator("#annualMileage-error")).to_have_text(
+        "Enter how many miles the car is driven a year, such as 12,000."
+    )
+    assert page.locator("#firstName-error").inner_text() == "Enter the driver's first name."
+    assert page.locator("#providers-error").inner_text() == "Choose at least one insurer to ask."
+    assert posts == [], "nothing is sent while a required field is empty"
+    # "No insurer chosen" marks the group, not one box.
+    assert "has-error" in (
+        page.locator("fieldset[data-field=providers]").get_attribute("class") or ""
+    )
+    assert page.locator("input[name=providers][aria-invalid]").count() == 0
+    # The row with an error keeps its inputs level.
+    first = page.locator("#firstName").bounding_box()
+    last = page.locator("#lastName").bounding_box()
+    assert first and last and abs(first["y"] - last["y"]) < 1
+    assert axe_violations(page) == []
+    screenshot(page, "form-empty-fields-1280.png")
+
+    # By keyboard: each summary link moves focus to its field, which shows a focus ring.
+    summary = page.locator("#form-problem")
+    assert summary.evaluate("(box) => box === document.activeElement")
+    targets = summary.locator("a").evaluate_all("(all) => all.map((a) => a.hash.slice(1))")
+    assert targets == ["annualMileage", "firstName", "provider-geico"]
+    for index, target in enumerate(targets):
+        summary.focus()
+        for _ in range(index + 1):
+            page.keyboard.press("Tab")
+        page.keyboard.press("Enter")
+        assert page.evaluate("document.activeElement.id") == target
+        assert focus_ring_of(page) == "solid 3px", target
+    # And by mouse too: the checkbox shows focus, not only an error outline.
+    summary.locator("a[href='#provider-geico']").click()
+    assert page.evaluate("document.activeElement.id") == "provider-geico"
+    assert focus_ring_of(page) == "solid 3px"
+    page.set_viewport_size({"width": 375, "height": 800})
+    assert axe_violations(page) == []
+    screenshot(page, "form-empty-fields-375.png")
+
+
+def test_api_errors_are_in_plain_words_in_the_fields_format(
+    page: Page, host: RunningDevHost
+) -> None:
+    page.goto(f"{host.url}/")
+    page.get_by_label("VIN (vehicle identification number)").fill("2C3CDZAG2GH96763")
+    today = datetime.now(UTC).date()
+    page.get_by_label("Date of birth").fill(today.replace(year=today.year - 10).isoformat())
+    page.get_by_role("button", name="Compare quotes").click()
+    expect(page.locator("#vin-error")).to_have_text(
+        "A VIN has 17 letters and digits; this one has 16. Check it against your registration."
+    )
+    assert page.locator("#dateOfBirth-error").inner_text() == (
+        "The driver must be 16 to 100 years old today: check the year of birth."
+    )
+    assert "ISO" not in page.locator("#form-problem").inner_text()
+
+
+def hold_the_next_start(page: Page) -> None:
+    """The page's next POST waits 1.5 s before it goes: the moment between press and answer."""
+    page.evaluate(
+        """() => { const send = window.fetch;
+          window.fetch = (url, init) => init && init.method === 'POST'
+            ? new Promise((go) => setTimeout(() => go(send(url, init)), 1500))
+            : send(url, init); }"""
+    )
+
+
+def test_starting_a_run_clears_the_old_result_at_once(page: Page, host: RunningDevHost) -> None:
+    page.goto(f"{host.url}/")
+    page.get_by_role("button", name="Compare quotes").click()
+    wait_finished(page)
+    first = run_id_of(page)
+
+    hold_the_next_start(page)
+    page.get_by_role("button", name="Compare quotes").click()
+    expect(page.locator("#run-status")).to_have_text("Starting your comparison…")
+    assert page.locator("#run").get_attribute("data-state") == "starting"
+    assert page.locator("#cards .card, #ranking li, #unquoted li").count() == 0
+    assert page.locator("#run-priced").is_hidden()
+    assert axe_violations(page) == []
+    screenshot(page, "starting-1280.png")
+    wait_finished(page)
+    assert run_id_of(page) != first
+
+
+def test_on_a_phone_the_started_run_comes_into_view_and_nothing_is_cut(
+    page: Page, host: RunningDevHost
+) -> None:
+    page.set_viewport_size({"width": 375, "height": 800})
+    page.goto(f"{host.url}/")
+    ownership = page.locator("#ownership")
+    assert ownership.evaluate("(s) => s.scrollWidth <= s.clientWidth")
+    box = ownership.bounding_box()
+    assert box and box["width"] > 250, "the Ownership select has the row to itself"
+    page.locator("#submit").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#cards .card")
+    heading = page.locator("#run-heading").bounding_box()
+    assert heading and 0 <= heading["y"] < 400, heading  # in the top half of the screen
+    assert page.locator("#run").evaluate(
+        "(run) => run.compareDocumentPosition(document.getElementById('quote-form'))"
+        " & Node.DOCUMENT_POSITION_FOLLOWING"
+    ), "the results come before the form"
+    assert axe_violations(page) == []
+    page.screenshot(path=str(ARTIFACTS / "started-375.png"))
+    wait_finished(page)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    assert axe_violations(page) == []
+    screenshot(page, "finished-375-full.png")
+
+
+def test_on_a_desktop_starting_a_run_keeps_the_page_where_it_is(
+    page: Page, host: RunningDevHost
+) -> None:
+    page.goto(f"{host.url}/")
+    # Started by Enter in a field in view: the run appears beside the form, nothing moves.
+    page.get_by_label("Last name").press("Enter")
+    page.wait_for_selector("#cards .card")
+    assert page.evaluate("window.scrollY") == 0, "no jump"
+    wait_finished(page)
+    # Started from the button further down: the page goes up to show the title and the run.
+    start = page.get_by_role("button", name="Compare quotes")
+    start.scroll_into_view_if_needed()
+    assert page.evaluate("window.scrollY") > 0
+    start.click()
+    page.wait_for_selector("#run[data-state=processing] #cards .card")
+    assert page.evaluate("window.scrollY") == 0, "the title stays in view"
+    heading = page.locator("#run-heading").bounding_box()
+    assert heading and 0 <= heading["y"] < 900, "the run's heading is in view beside the form"
+    assert page.evaluate("document.activeElement.id") == "run-heading"
+    wait_finished(page)
+
+
+def test_the_link_is_copied_with_a_confirmation(browser: Browser, host: RunningDevHost) -> None:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=host.url)
+    page = context.new_page()
+    try:
+        page.goto(f"{host.url}/")
+        page.get_by_role("button", name="Compare quotes").click()
+        wait_finished(page)
+        run_id = run_id_of(page)
+        page.locator("#copy-link").focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#copy-status")).to_contain_text("Link copied.")
+        copied = page.evaluate("navigator.clipboard.readText()")
+        assert copied == f"{host.url}/?run={run_id}"
+        assert page.locator("#copy-status").get_attribute("role") == "status"
+        assert axe_violations(page) == []
+        page.locator(".share").screenshot(path=str(ARTIFACTS / "copy-link.png"))
+    finally:
+        context.close()
+
+
+def test_a_shared_link_offers_no_stop(page: Page, host: RunningDevHost) -> None:
+    started = httpx.post(f"{host.url}/api/quotes", json=REQUEST_WITH_TWO_INSURERS, timeout=10)
+    assert started.status_code == 202, started.text
+    page.goto(f"{host.url}/?run={started.json()['runId']}")
+    page.wait_for_selector("#cards .card")
+    assert page.locator("#stop").is_hidden(), "only the tab that started a run holds its token"
+    wait_finished(page)
+
+
+@pytest.fixture(scope="module")
+def slow_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDevHost]:
+    """Runs slow enough (about 30 s) to be stopped half way by a person."""
+    env = {
+        "QUOTES_DB_PATH": str(tmp_path_factory.mktemp("slow") / "quotes.sqlite3"),
+        "KV_REST_API_URL": "",
+        "KV_REST_API_TOKEN": "",
+        "TINYFISH_API_KEY": "",
+        "SIMULATED_DELAY_SCALE": "3",
+        "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
+        "QUOTE_RUNS_PER_DAY": "0",
+    }
+    with start_devhost_process(ROOT, instances=1, env=env) as running:
+        yield running
+
+
+def test_stop_keeps_the_quotes_that_came_and_says_the_rest_were_stopped(
+    page: Page, host: RunningDevHost, request: pytest.FixtureRequest
+) -> None:
+    probe = httpx.post(f"{host.url}/api/quotes", json=REQUEST_WITH_TWO_INSURERS, timeout=10)
+    refused = httpx.delete(f"{host.url}/api/quotes/{probe.json()['runId']}", timeout=10)
+    if refused.status_code == 405:
+        pytest.skip(
+            "DELETE /api/quotes/{runId} answered 405: the cancel backend (issue 19, branch "
+            "`cancel`) is not merged into this branch yet; this test runs once it is"
+        )
+    assert refused.status_code == 401, "a DELETE without the run's cancel token is refused"
+    slow = request.getfixturevalue("slow_host")
+
+    page.goto(f"{slow.url}/")
+    page.get_by_role("button", name="Compare quotes").click()
+    page.wait_for_selector("#cards .card[data-status=quoted]", timeout=RUN_TIMEOUT_MS)
+    run_id = run_id_of(page)
+    assert page.evaluate(f"sessionStorage.getItem('quotes:cancelToken:{run_id}')")
+    stop = page.get_by_role("button", name="Stop asking insurers")
+    assert stop.is_visible()
+    assert axe_violations(page) == []
+    page.screenshot(path=str(ARTIFACTS / "running-with-stop-1280.png"))
+    # By keyboard: Stop is reached with Tab from the run's heading.
+    page.locator("#run-heading").focus()
+    for _ in range(5):
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "stop":
+            break
+    assert page.evaluate("document.activeElement.id") == "stop"
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#run[data-state=cancelled]")
+
+    stored = snapshot(slow, run_id)
+    assert stored["status"] == "cancelled"
+    ranking = page.locator("#ranking > li")
+    ranked = [ranking.nth(i).get_attribute("data-provider") for i in range(ranking.count())]
+    assert ranked == [q["provider"] for q in stored["quotes"]] and ranked
+    stopped = [p["provider"] for p in stored["providers"] if p["status"] == "cancelled"]
+    assert stopped, "some insurers were still working"
+    for provider in stopped:
+        card = page.locator(f".card[data-provider={provider}]")
+        assert card.get_attribute("data-status") == "cancelled"
+        assert card.locator(".card-status").inner_text() == "Stopped"
+    assert page.locator("#unquoted li").all_inner_texts() == [
+        f"{name} was stopped before it answered." for name in (PROVIDER_NAME[p] for p in stopped)
+    ]
+    status = page.locator("#run-status").inner_text()
+    assert status.startswith(f"Stopped: {len(ranked)} quote")
+    assert "stopped before answering" in status
+    assert stop.is_hidden()
+    expect(page.locator("#stop-status")).to_contain_text("Stopped.")
+    assert page.title() == "(stopped) Compare car insurance quotes live"
+    assert axe_violations(page) == []
+    screenshot(page, "stopped-1280.png")
+    page.set_viewport_size({"width": 375, "height": 800})
+    assert axe_violations(page) == []
+    screenshot(page, "stopped-375.png")
+
+
+PROVIDER_NAME = {
+    "geico": "GEICO",
+    "progressive": "Progressive",
+    "state_farm": "State Farm",
+    "allstate": "Allstate",
+    "liberty_mutual": "Liberty Mutual",
+}

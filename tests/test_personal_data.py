@@ -244,6 +244,9 @@ def assert_nothing_personal(json_logs, run_ids: list[str], stored: bytes) -> Non
         assert run_id.encode() in stored
     assert [line for line in lines if personal_data_in(line)] == []
     assert [v for v in PERSONAL if v.encode() in stored] == []
+    # What a run priced is kept for its page, with the VIN cut to its last six characters.
+    assert REQUEST["vin"][-6:].encode() in stored
+    assert REQUEST["vin"].encode() not in stored
 
 
 async def _traceback_logged(json_logs, text: str, within: float = 30) -> dict[str, Any]:

@@ -135,6 +135,33 @@ async def test_post_accepts_a_run_and_the_run_completes_with_quotes_cheapest_fir
     assert snapshot["streamUrl"] == f"/api/quotes/{run_id}/stream"
 
 
+async def test_the_snapshot_says_what_the_run_priced_without_the_driver(api) -> None:
+    body = {
+        **VALID,
+        "vin": "2c3cdzag2gh967639",
+        "zip": "10001-1234",
+        "vehicle": {"annualMileage": 8000, "use": "pleasure", "ownership": "leased"},
+        "coverage": "full",
+        "providers": ["progressive", "geico"],
+    }
+    run_id = (await api.post("/api/quotes", json=body)).json()["runId"]
+    snapshot = (await api.get(f"/api/quotes/{run_id}")).json()
+    assert snapshot["priced"] == {
+        "vinEnding": "967639",
+        "zip": "10001-1234",
+        "vehicle": {"annualMileage": 8000, "use": "pleasure", "ownership": "leased"},
+        "coverage": "full",
+        "providers": ["geico", "progressive"],  # the run's order, as its providers list
+    }
+    text = json.dumps(snapshot)
+    assert "2C3CDZAG2GH967639" not in text.upper()
+    assert "Ana" not in text and "Lee" not in text and "1990-04-12" not in text
+
+    defaults = (await api.post("/api/quotes", json={**VALID, "vehicle": None})).json()["runId"]
+    priced = (await api.get(f"/api/quotes/{defaults}")).json()["priced"]
+    assert priced["vehicle"] == {"annualMileage": 12000, "use": "commute", "ownership": "owned"}
+
+
 async def test_run_events_follow_the_contract_from_started_to_complete(api) -> None:
     run_id = await finished_run(api, {**VALID, "providers": None})
     events = (await api.get(f"/api/quotes/{run_id}?since=-1&limit=1000")).json()["events"]
@@ -165,6 +192,7 @@ async def test_personal_data_is_not_in_responses_or_storage(api, store_kind, tmp
         for wal in tmp_path.glob("quotes.sqlite3-wal"):
             stored += wal.read_bytes()
         assert b"1990-04-12" not in stored and b'"Ana"' not in stored
+        assert b"2C3CDZAG2GH967639" not in stored and b"967639" in stored
 
 
 async def test_other_methods_are_405_with_allow(api) -> None:

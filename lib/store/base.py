@@ -226,6 +226,7 @@ def assemble_record(
         providers=providers,
         error=end.error if end is not None else None,
         ended_at=end.ended_at if end is not None else None,
+        priced=meta.priced,
         work=work,
         leases=leases,
         finished_at={provider: outcome.finished_at for provider, outcome in outcomes.items()},

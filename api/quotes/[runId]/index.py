@@ -59,6 +59,7 @@ def snapshot(state: RunState, ttl_seconds: int, *, with_events: bool) -> RunSnap
         quotes=record.quotes,
         last_event_id=state.last_event_id,
         stream_url=f"/api/quotes/{record.run_id}/stream",
+        priced=record.priced,
         error=record.error,
         events=[e.as_dict() for e in state.events] if with_events else None,
     )
