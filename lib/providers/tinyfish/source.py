@@ -36,7 +36,7 @@ import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any, Literal
 
 import httpx
@@ -95,9 +95,9 @@ LOOK_FOR_EARLIER_RUN_AFTER_SECONDS = 2.0
 
 def attempt_reference(request: QuoteRequest, provider: ProviderId, attempt: AgentAttempt) -> str:
     """A stable mark for one attempt, put in its goal (a digest: no personal data)."""
-    seed = "\x1f".join(
-        [request.vin, request.zip, provider, str(attempt.number), attempt.started_at.isoformat()]
-    )
+    # Milliseconds in UTC: the same instant reads back the same from either store.
+    started = attempt.started_at.astimezone(UTC).isoformat(timespec="milliseconds")
+    seed = "\x1f".join([request.vin, request.zip, provider, str(attempt.number), started])
     return "qr-" + hashlib.sha256(seed.encode()).hexdigest()[:24]
 
 
