@@ -119,9 +119,15 @@ def split_bytes(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
+RUNS_URL = f"{API_URL}/v1/runs"
+NO_RUNS = {"data": [], "pagination": {"total": 0, "has_more": False, "next_cursor": None}}
+
+
 @pytest.fixture
 def api() -> Iterator[respx.MockRouter]:
     with respx.mock(assert_all_called=False) as router:
+        # The lookup by reference: TinyFish lists no run of the attempt unless a test says so.
+        router.get(RUNS_URL).mock(return_value=httpx.Response(200, json=NO_RUNS))
         yield router
 
 
@@ -624,7 +630,9 @@ async def test_403_to_output_schema_retries_once_without_it_and_remembers(
     assert (first.provider, second.provider) == ("geico", "allstate")
 
 
-async def test_403_naming_agent_config_drops_only_the_caps(api: respx.MockRouter) -> None:
+async def test_403_naming_max_steps_drops_it_and_keeps_the_duration_cap(
+    api: respx.MockRouter,
+) -> None:
     refused = {"error": {"code": "FORBIDDEN", "message": "agent_config.max_steps is not enabled"}}
     route = api.post(ENDPOINT).mock(
         side_effect=[httpx.Response(403, json=refused), sse_response(run_events())]
@@ -635,25 +643,27 @@ async def test_403_naming_agent_config_drops_only_the_caps(api: respx.MockRouter
     finally:
         await source.aclose()
     bodies = [json.loads(call.request.content) for call in route.calls]
-    assert [("output_schema" in b, "agent_config" in b) for b in bodies] == [
-        (True, True),
-        (True, False),
+    assert [("output_schema" in b, b["agent_config"].get("max_steps")) for b in bodies] == [
+        (True, 40),
+        (True, None),
     ]
+    assert all(b["agent_config"]["max_duration_seconds"] >= 299 for b in bodies)
 
 
 async def test_403_with_nothing_left_to_drop_is_provider_auth(api: respx.MockRouter) -> None:
-    route = api.post(ENDPOINT).mock(side_effect=[api_error(403, "FORBIDDEN")] * 3)
-    source = fast_source()
+    route = api.post(ENDPOINT).mock(side_effect=[api_error(403, "FORBIDDEN")] * 4)
+    source = fast_source(max_steps=40)
     try:
         with pytest.raises(ProviderAuth):
             await source.quote(REQUEST, "geico", new_attempt(), Activity())
     finally:
         await source.aclose()
     bodies = [json.loads(call.request.content) for call in route.calls]
-    assert [sorted(set(b) & {"output_schema", "agent_config"}) for b in bodies] == [
-        ["agent_config", "output_schema"],
-        ["agent_config"],
-        [],
+    # Each gated field goes on its own; the duration cap is never dropped.
+    assert [("output_schema" in b, sorted(b["agent_config"])) for b in bodies] == [
+        (True, ["max_duration_seconds", "max_steps"]),
+        (False, ["max_duration_seconds", "max_steps"]),
+        (False, ["max_duration_seconds"]),
     ]
 
 

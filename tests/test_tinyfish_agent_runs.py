@@ -238,19 +238,38 @@ async def test_the_run_ends_by_its_own_duration_cap_as_a_timeout() -> None:
 
 
 async def test_the_deadline_cancels_the_agent_run_and_the_server_sees_it() -> None:
-    # An account without agent_config: no cap on TinyFish's side, so our deadline ends the run.
+    # A second in TinyFish's queue (not counted by its duration cap): our deadline comes first.
     with FakeTinyFishServer(
-        api_key=API_KEY, default_scenario="quote,duration=60", delay_scale=0, agent_config=False
+        api_key=API_KEY, default_scenario="quote,duration=60,pending=1", delay_scale=0
     ) as fake:
         source = source_for(fake, min_agent_seconds=1)
+        try:
+            with pytest.raises(ProviderTimeout) as caught:
+                await source.quote(REQUEST, "geico", attempt(seconds=2.5), Listener())
+        finally:
+            await source.aclose()
+        [run] = fake.run_records()
+    assert (run["status"], run["cancel_calls"], run["cancelled"]) == ("CANCELLED", 1, True)
+    assert run["agent_config"] == {"max_duration_seconds": 2}
+    assert caught.value.agent_run_id == run["run_id"]
+    assert caught.value.agent_run_finished
+
+
+async def test_a_run_still_queued_at_the_deadline_is_found_by_reference_and_cancelled() -> None:
+    """Its STARTED never came, so its id is unknown: the deadline still leaves no run going."""
+    with FakeTinyFishServer(
+        api_key=API_KEY, default_scenario="quote,pending=30", delay_scale=0
+    ) as fake:
+        source = source_for(fake, min_agent_seconds=1, started_patience=30)
         try:
             with pytest.raises(ProviderTimeout) as caught:
                 await source.quote(REQUEST, "geico", attempt(seconds=1.5), Listener())
         finally:
             await source.aclose()
         [run] = fake.run_records()
-    assert (run["status"], run["cancel_calls"], run["cancelled"]) == ("CANCELLED", 1, True)
-    assert caught.value.agent_run_id == run["run_id"]
+    assert (run["status"], run["cancel_calls"]) == ("CANCELLED", 1)
+    assert fake.list_calls == 1
+    assert caught.value.agent_run_id is None
     assert caught.value.agent_run_finished
 
 
@@ -279,7 +298,7 @@ async def test_cancel_is_idempotent_on_the_server(fake: FakeTinyFishServer) -> N
 
 async def test_the_403_fallback_drops_what_the_account_lacks() -> None:
     with FakeTinyFishServer(
-        api_key=API_KEY, structured_output=False, agent_config=False, delay_scale=0
+        api_key=API_KEY, structured_output=False, beta_agent_config=False, delay_scale=0
     ) as fake:
         source = source_for(fake, max_steps=50)
         try:
@@ -287,10 +306,14 @@ async def test_the_403_fallback_drops_what_the_account_lacks() -> None:
             second = await source.quote(REQUEST, "allstate", attempt(), Listener())
         finally:
             await source.aclose()
-        shapes = [("output_schema" in body, "agent_config" in body) for body in fake.requests]
+        shapes = [
+            ("output_schema" in body, "max_steps" in body["agent_config"]) for body in fake.requests
+        ]
         runs = fake.run_records()
-    # The server names the field it refuses: each is dropped once, then never sent again.
+    # The server names the field it refuses: each is dropped once, then never sent again...
     assert shapes == [(True, True), (False, True), (False, False), (False, False)]
+    # ...and the duration cap, which TinyFish does not gate, stays on every request.
+    assert all(body["agent_config"]["max_duration_seconds"] >= 119 for body in fake.requests)
     assert len(runs) == 2
     assert (first.provider, second.provider) == ("geico", "allstate")
 
