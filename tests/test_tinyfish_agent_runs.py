@@ -19,6 +19,7 @@ from lib.providers.base import (
     AgentAttempt,
     ProviderAgentFailed,
     ProviderAuth,
+    ProviderBusy,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
@@ -397,3 +398,109 @@ async def test_a_fresh_attempt_does_not_look_for_earlier_runs(fake: FakeTinyFish
     finally:
         await source.aclose()
     assert fake.list_calls == 0
+
+
+# --- a run request whose fate is unknown, against the server -------------------------------------
+
+
+async def test_a_connection_dropped_before_started_adopts_the_run_it_created() -> None:
+    with FakeTinyFishServer(api_key=API_KEY, drop_before_started=True, delay_scale=0.01) as fake:
+        source, listener = source_for(fake), Listener()
+        try:
+            quote = await source.quote(REQUEST, "geico", attempt(), listener)
+        finally:
+            await source.aclose()
+        [run] = fake.run_records()
+    assert fake.dropped_connections == 1
+    assert quote.provider == "geico"
+    assert listener.agent_runs == [run["run_id"]]
+    assert run["status"] == "COMPLETED"
+    assert len(fake.requests) == 1
+    assert fake.list_calls == 1
+    assert len(listener.messages) == 7  # every step of the adopted run relayed
+
+
+async def test_a_run_queued_past_the_patience_is_followed_by_id_and_shown_waiting() -> None:
+    scenarios = {"geico": "quote,duration=1.5", "allstate": "quote,duration=0.2"}
+    with FakeTinyFishServer(
+        api_key=API_KEY, scenarios=scenarios, concurrency=1, delay_scale=0.01
+    ) as fake:
+        source = source_for(fake, started_patience=0.3)
+        first, second = Listener(), Listener()
+        try:
+            running = asyncio.create_task(source.quote(REQUEST, "geico", attempt(), first))
+            await first.progressed.wait()
+            queued = await source.quote(REQUEST, "allstate", attempt(), second)
+            await running
+        finally:
+            await source.aclose()
+        runs = {run["insurer"]: run for run in fake.run_records()}
+    assert queued.provider == "allstate"
+    assert second.messages[0] == "Waiting for TinyFish to start the web agent (queued)"
+    assert second.agent_runs == [runs["allstate"]["run_id"]]
+    assert {run["status"] for run in runs.values()} == {"COMPLETED"}
+    assert len(fake.requests) == 2
+    assert runs["allstate"]["get_calls"] >= 2
+
+
+async def test_a_busy_account_is_provider_busy_and_creates_nothing() -> None:
+    with FakeTinyFishServer(api_key=API_KEY, busy_first=1, busy_retry_after=3) as fake:
+        source = source_for(fake)
+        try:
+            with pytest.raises(ProviderBusy) as caught:
+                await source.quote(REQUEST, "geico", attempt(), Listener())
+        finally:
+            await source.aclose()
+        assert fake.run_records() == []
+    assert caught.value.retry_after == 3
+    assert fake.list_calls == 0
+
+
+async def test_the_server_lists_runs_the_way_tinyfish_documents() -> None:
+    with FakeTinyFishServer(api_key=API_KEY, delay_scale=0) as fake:
+        source = source_for(fake)
+        try:
+            await source.quote(REQUEST, "geico", attempt(), Listener())
+        finally:
+            await source.aclose()
+        [run] = fake.run_records()
+        reference = run["body"]["goal"].split()[1]
+        headers = {"X-API-Key": API_KEY}
+        async with httpx.AsyncClient(base_url=fake.url, headers=headers) as client:
+            by_goal = (await client.get("/v1/runs", params={"goal": reference.upper()})).json()
+            done = await client.get("/v1/runs", params={"status": "COMPLETED", "limit": 100})
+            running = await client.get("/v1/runs", params={"status": "RUNNING", "limit": 1})
+            later = await client.get("/v1/runs", params={"created_after": "2999-01-01T00:00:00Z"})
+            too_many = await client.get("/v1/runs", params={"limit": 101})
+            none = await client.get("/v1/runs", params={"limit": 0})
+            cancel = await client.post(f"/v1/runs/{run['run_id']}/cancel")
+    assert reference.startswith("qr-")
+    assert [r["run_id"] for r in by_goal["data"]] == [run["run_id"]]
+    assert by_goal["pagination"] == {"total": 1, "has_more": False, "next_cursor": None}
+    assert len(done.json()["data"]) == 1
+    assert running.json()["data"] == [] and later.json()["data"] == []
+    assert (too_many.status_code, none.status_code) == (400, 400)
+    assert cancel.status_code == 200
+    assert (cancel.json()["status"], cancel.json()["message"]) == (
+        "COMPLETED",
+        "Run already finished",
+    )
+
+
+async def test_the_server_gates_max_steps_and_mode_but_not_the_duration_cap() -> None:
+    with FakeTinyFishServer(api_key=API_KEY, beta_agent_config=False, delay_scale=0) as fake:
+        source = source_for(fake)
+        body = source.run_body(REQUEST, "geico", max_duration_seconds=60)
+        await source.aclose()
+        async with httpx.AsyncClient(base_url=fake.url, headers={"X-API-Key": API_KEY}) as client:
+            answers = [
+                await client.post("/v1/automation/run-async", json=body | {"agent_config": caps})
+                for caps in (
+                    {"max_duration_seconds": 60, "max_steps": 20},
+                    {"max_duration_seconds": 60, "mode": "strict"},
+                    {"max_duration_seconds": 60},
+                )
+            ]
+    assert [a.status_code for a in answers] == [403, 403, 200]
+    assert "max_steps" in answers[0].json()["error"]["message"]
+    assert "mode" in answers[1].json()["error"]["message"]
