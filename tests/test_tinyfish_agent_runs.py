@@ -24,7 +24,7 @@ from lib.providers.base import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from lib.providers.tinyfish import TinyFishQuoteSource
+from lib.providers.tinyfish import INSURER_START_URLS, TinyFishQuoteSource
 from tests.fake_tinyfish import FakeTinyFishServer
 
 API_KEY = "tf-agent-runs-key"
@@ -504,3 +504,66 @@ async def test_the_server_gates_max_steps_and_mode_but_not_the_duration_cap() ->
     assert [a.status_code for a in answers] == [403, 403, 200]
     assert "max_steps" in answers[0].json()["error"]["message"]
     assert "mode" in answers[1].json()["error"]["message"]
+
+
+# --- end to end on the `make dev` host: a busy account that drops first connections ------------
+
+
+@pytest.mark.e2e
+async def test_runs_on_a_busy_account_that_drops_connections_buy_each_insurer_once(
+    tmp_path,
+) -> None:
+    """Three runs of five insurers at once against an account capped at four agents (the rest
+    wait PENDING, STARTED sent only when they start), every quote's first connection cut after
+    its run was created: each insurer of each run is bought exactly once, no agent run is left
+    going, and every run request carries its duration cap."""
+    from tests.test_e2e import ROOT, assert_gap_free, read_run_reconnecting, start_run
+    from tools.devhost import start_devhost_process
+
+    zips = ("94107", "10001", "60601")
+    with FakeTinyFishServer(
+        default_scenario="quote,duration=2", concurrency=4, drop_before_started=True
+    ) as tinyfish:
+        env = {
+            "QUOTES_DB_PATH": str(tmp_path / "quotes.sqlite3"),
+            "KV_REST_API_URL": "",
+            "KV_REST_API_TOKEN": "",
+            "TINYFISH_API_KEY": tinyfish.api_key,
+            "TINYFISH_API_URL": tinyfish.url,
+            "TINYFISH_MAX_STEPS": "40",
+            "RUN_LEASE_SECONDS": "3",
+            "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
+            "QUOTE_RUNS_PER_DAY": "0",
+        }
+        with start_devhost_process(ROOT, instances=2, env=env) as host:
+            async with httpx.AsyncClient(base_url=host.url, timeout=30) as client:
+                run_ids = [(await start_run(client, zip=zip_code))[0] for zip_code in zips]
+                runs = await asyncio.gather(
+                    *(read_run_reconnecting(client, run_id) for run_id in run_ids)
+                )
+        ledger = tinyfish.run_records()
+        requests = list(tinyfish.requests)
+    for events in runs:
+        assert_gap_free(events)
+        assert events[-1]["type"] == "complete"
+        assert len(events[-1]["quotes"]) == 5, events[-1]
+    bought: dict[tuple[str, str], int] = {}
+    for agent_run in ledger:
+        [zip_code] = [z for z in zips if f'"garaging_zip_code": "{z}"' in agent_run["body"]["goal"]]
+        key = (agent_run["insurer"], zip_code)
+        bought[key] = bought.get(key, 0) + 1
+    # Every insurer of every run bought exactly once, though each first connection was cut...
+    assert bought == {(insurer, z): 1 for insurer in INSURER_START_URLS for z in zips}
+    assert tinyfish.dropped_connections == 15
+    # ...no agent run is left going (and billing)...
+    assert {r["status"] for r in ledger} <= {"COMPLETED", "FAILED", "CANCELLED"}
+    # ...and every run request carried its caps.
+    assert all(r["agent_config"]["max_duration_seconds"] >= 1 for r in requests)
+    assert all(r["agent_config"]["max_steps"] == 40 for r in requests)
+    waited = [
+        e
+        for events in runs
+        for e in events
+        if e["type"] == "activity" and e["message"].startswith("Waiting for TinyFish")
+    ]
+    assert waited, "runs past the account's cap should show as waiting"
