@@ -567,3 +567,39 @@ async def test_runs_on_a_busy_account_that_drops_connections_buy_each_insurer_on
         if e["type"] == "activity" and e["message"].startswith("Waiting for TinyFish")
     ]
     assert waited, "runs past the account's cap should show as waiting"
+
+
+async def test_a_call_handed_off_while_its_run_waits_queued_is_resumed_by_reference() -> None:
+    """The worker gives up the call before STARTED (its invocation ends); the next delivery has
+    no id, only the same attempt: it adopts the queued run instead of buying another."""
+    scenarios = {"geico": "quote,duration=1.5", "allstate": "quote,duration=0.2"}
+    with FakeTinyFishServer(
+        api_key=API_KEY, scenarios=scenarios, concurrency=1, delay_scale=0.01
+    ) as fake:
+        source = source_for(fake, started_patience=60)
+        blocker, first, resumed = Listener(), Listener(), Listener()
+        this_attempt = begun_a_while_ago()
+        try:
+            running = asyncio.create_task(source.quote(REQUEST, "geico", attempt(), blocker))
+            await blocker.progressed.wait()
+            handed_off = asyncio.create_task(source.quote(REQUEST, "allstate", this_attempt, first))
+            await first_run_created(fake, "allstate")
+            handed_off.cancel()
+            await asyncio.gather(handed_off, return_exceptions=True)
+            assert first.agent_runs == []  # STARTED never came: no id was stored
+            quote = await source.quote(REQUEST, "allstate", this_attempt, resumed)
+            await running
+        finally:
+            await source.aclose()
+    [run] = runs_for(fake, "allstate")
+    assert quote.provider == "allstate"
+    assert resumed.agent_runs == [run["run_id"]]
+    assert run["status"] == "COMPLETED"
+    assert sum(1 for body in fake.requests if "allstate" in body["url"]) == 1
+
+
+async def first_run_created(fake: FakeTinyFishServer, insurer: str) -> None:
+    """Waits until the server holds a run for `insurer` (it keeps no event to wait on)."""
+    async with asyncio.timeout(10):
+        while not runs_for(fake, insurer):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)

@@ -281,11 +281,12 @@ class TinyFishQuoteSource:
                     async with self._client.run_events(body) as events:
                         opened = True
                         async for event in events:
+                            if event.get("type") == "STARTED":
+                                # Before the id is stored: the store write is not to be cut.
+                                patience.reschedule(None)
                             quote = await self._on_event(run, event)
                             if quote is not None:
                                 return quote
-                            if run.agent_run_id is not None:
-                                patience.reschedule(None)
             except RunRefused as refused:
                 response = refused.response
                 if self._drop_gated_field(response, body):
@@ -504,6 +505,7 @@ class TinyFishQuoteSource:
                 if view is not None:
                     status = str(view.get("status") or "").upper()
                     if status in TERMINAL_STATUSES:
+                        await self._relay_steps(run, view.get("steps"), relayed)
                         self._report_steps(run, view)
                         return self._finish(run, status, view.get("result"), view.get("error"))
                     if status == "PENDING" and not said_pending:
