@@ -1403,3 +1403,24 @@ async def test_a_403_to_output_schema_alone_keeps_every_cap(api: respx.MockRoute
     assert [sorted(b["agent_config"]) for b in bodies] == [
         ["max_duration_seconds", "max_steps"]
     ] * 2
+
+
+async def test_a_resumed_attempt_past_its_deadline_cancels_the_run_it_never_saw(
+    api: respx.MockRouter,
+) -> None:
+    now = utc_now()
+    late = AgentAttempt(number=1, started_at=now - timedelta(seconds=200), deadline=now)
+    start = api.post(ENDPOINT).mock(side_effect=AssertionError("a run bought past the deadline"))
+    api.get(RUNS_URL).mock(return_value=listed(attempt_run(late, "PENDING")))
+    cancel = api.post(CANCEL_URL).mock(
+        return_value=httpx.Response(200, json={"run_id": "run_123", "status": "CANCELLED"})
+    )
+    source = fast_source()
+    try:
+        with pytest.raises(ProviderTimeout) as caught:
+            await source.quote(REQUEST, "geico", late, Activity())
+    finally:
+        await source.aclose()
+    assert not start.called
+    assert cancel.call_count == 1
+    assert caught.value.agent_run_finished

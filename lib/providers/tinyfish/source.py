@@ -224,8 +224,12 @@ class TinyFishQuoteSource:
         listener: AttemptListener,
     ) -> Quote:
         run = _AgentRun(request, provider, listener, attempt.agent_run_id)
+        # A resumed attempt with no id may have a run an earlier call asked for.
+        run.asked_for_run = run.agent_run_id is None and self._begun_earlier(attempt)
         try:
-            async with asyncio.timeout(max(attempt.remaining_seconds(), 0.0)) as budget:
+            if attempt.remaining_seconds() <= 0:
+                raise await self._out_of_time(run, attempt)
+            async with asyncio.timeout(attempt.remaining_seconds()) as budget:
                 if run.agent_run_id is None:
                     quote = await self._start(run, attempt)
                     if quote is not None:
@@ -235,36 +239,40 @@ class TinyFishQuoteSource:
         except TimeoutError:
             if not budget.expired():
                 raise
-            error = ProviderTimeout(
-                f"{run.insurer} gave no quote before the attempt's deadline",
-                agent_run_id=run.agent_run_id,
-            )
-            if run.agent_run_id is not None:
-                error.agent_run_finished = await self._cancel_run(run.agent_run_id)
-            else:
-                error.agent_run_finished = await self._cancel_unseen_runs(run, attempt)
-            raise error from None
+            raise await self._out_of_time(run, attempt) from None
         except ProviderError as error:
             if error.agent_run_id is None:
                 error.agent_run_id = run.agent_run_id
             raise
+
+    async def _out_of_time(self, run: _AgentRun, attempt: AgentAttempt) -> ProviderTimeout:
+        """The attempt's deadline passed: its agent run (known or not) is cancelled."""
+        error = ProviderTimeout(
+            f"{run.insurer} gave no quote before the attempt's deadline",
+            agent_run_id=run.agent_run_id,
+        )
+        if run.agent_run_id is not None:
+            error.agent_run_finished = await self._cancel_run(run.agent_run_id)
+        else:
+            error.agent_run_finished = await self._cancel_unseen_runs(run, attempt)
+        return error
 
     async def _start(self, run: _AgentRun, attempt: AgentAttempt) -> Quote | None:
         """Starts the attempt's agent run (or adopts the one an earlier call started) and follows
         its stream: the quote at COMPLETE, or None when the run is to be polled by id."""
         reference = attempt_reference(run.request, run.provider, attempt)
         since = (attempt.started_at - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
-        if self._begun_earlier(attempt):
-            # A call that died (or was handed off) before the id was stored may have started it.
-            run.asked_for_run = True
-            if await self._adopt_by_reference(run, reference, since, relayed=None):
-                logger.warning(
-                    "attempt %d for %s had started agent run %s without storing it; reattaching",
-                    attempt.number,
-                    run.provider,
-                    run.agent_run_id,
-                )
-                return None
+        # A call that died (or was handed off) before the id was stored may have started it.
+        if run.asked_for_run and await self._adopt_by_reference(
+            run, reference, since, relayed=None
+        ):
+            logger.warning(
+                "attempt %d for %s had started agent run %s without storing it; reattaching",
+                attempt.number,
+                run.provider,
+                run.agent_run_id,
+            )
+            return None
         seconds = min(attempt.whole_seconds_left(), MAX_AGENT_SECONDS)
         if seconds < self._min_agent_seconds:
             raise ProviderTimeout(
@@ -354,7 +362,7 @@ class TinyFishQuoteSource:
     def _begun_earlier(attempt: AgentAttempt) -> bool:
         """An attempt resumed rather than begun by this call (it may have a run already)."""
         begun = (utc_now() - attempt.started_at).total_seconds()
-        return attempt.remaining_seconds() >= 0 and begun >= LOOK_FOR_EARLIER_RUN_AFTER_SECONDS
+        return begun >= LOOK_FOR_EARLIER_RUN_AFTER_SECONDS
 
     async def _adopt_by_reference(
         self,
