@@ -15,8 +15,10 @@ by whichever invocation holds the attempt.
   relayed; a queued one shows as activity), any other run of the attempt cancelled; a new run is
   asked for only in a later call, and only when the lookup said there is none. A lookup that
   cannot be answered raises a transient ProviderUnavailable with `same_attempt` set: the caller
-  must retry the same attempt (same reference), never start a new one. A request never sent
-  (connection refused) and a refusal (4xx, 429) created nothing and need no lookup.
+  must retry the same attempt — the same `number` and `started_at` (the reference is their
+  digest), no id — never a new one; that call looks the run up again before asking for one.
+  A request never sent (connection refused) and a refusal (4xx, 429) created nothing and need
+  no lookup.
 - 429 to the run request: ProviderBusy with TinyFish's Retry-After (no run was created).
 - Reattach (`attempt.agent_run_id` set, after a hand-off or a dead worker): GET /v1/runs/{id}
   with backoff (1 s growing to 5 s) until COMPLETED, FAILED or CANCELLED. PENDING (waiting in
