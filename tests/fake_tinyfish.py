@@ -7,7 +7,8 @@ Endpoints (field names as in the official `tinyfish` SDK 0.11 and TinyFish's API
                                     PROGRESS…, HEARTBEAT, COMPLETE)
     POST /v1/automation/run-async   start a run; answer {"run_id", "error": null} at once
     GET  /v1/runs                   runs, newest first; ?goal= (case-insensitive part of the goal),
-                                    ?created_after=, ?limit= ({"data": [...], "pagination"})
+                                    ?created_after=, ?status=, ?limit= 1–100 (400 outside)
+                                    ({"data": [...], "pagination"})
     GET  /v1/runs/{id}              the run: status PENDING|RUNNING|COMPLETED|FAILED|CANCELLED,
                                     result, error {code, message, category, retry_after}, steps
     POST /v1/runs/{id}/cancel       idempotent: {"run_id", "status", "cancelled_at", "message"}
@@ -15,14 +16,23 @@ Endpoints (field names as in the official `tinyfish` SDK 0.11 and TinyFish's API
 
 Every /v1 call checks `X-API-Key`. A run request is validated the way TinyFish documents (url and
 goal required; output_schema limited to the structured-output keyword allowlist; agent_config's
-max_steps 1–500 and max_duration_seconds ≥ 1) and may be refused with 403 when the fake is told
-the account lacks `output_schema` (structured_output=False) or `agent_config` (agent_config=False).
+max_steps 1–500 and max_duration_seconds ≥ 1) and refused with 403 for a beta-gated field the
+account lacks, each on its own: `output_schema` (structured_output=False), `agent_config.max_steps`
+or `agent_config.mode` (beta_agent_config=False); `max_duration_seconds` is never gated.
+`busy_first=N` answers the first N run requests 429 with Retry-After (`busy_retry_after`).
 
 An agent run is a task on the server's event loop, started by the run request and independent of
 any connection: a client that disconnects or dies does not stop it; it goes on and finishes on
-its own clock, and GET reads it back. It honours the caps it was given: past
-`agent_config.max_duration_seconds` or after `max_steps` steps it ends FAILED (AGENT_FAILURE,
-code MAX_DURATION_EXCEEDED / MAX_STEPS_EXCEEDED — the fake's guess at TinyFish's wording).
+its own clock, and GET reads it back. Above the account's concurrency cap (`concurrency`) a new
+run waits PENDING in the queue, and its STARTED event is sent only when it leaves the queue (the
+stream says nothing meanwhile). It honours the caps it was given: past
+`agent_config.max_duration_seconds` (counted from its start) or after `max_steps` steps it ends
+FAILED (AGENT_FAILURE, code MAX_DURATION_EXCEEDED / MAX_STEPS_EXCEEDED — the fake's guess at
+TinyFish's wording).
+
+`drop_before_started=True` cuts the first run-sse connection of each quote (the same insurer and
+goal, an attempt reference `qr-…` aside) right after its run was created, before STARTED: the run
+goes on, billed, whatever the client does next.
 
 Scripting, per insurer (recognised from the body's `url`, as in INSURER_START_URLS): a scenario,
 optionally a duration (seconds the agent works, not scaled; default: realistic pauses times
@@ -44,9 +54,10 @@ optionally a duration (seconds the agent works, not scaled; default: realistic p
                             scenarios={"geico": "declined", "allstate": "quote,duration=30"}) as tf:
         ... TINYFISH_API_URL=tf.url, TINYFISH_API_KEY="k"
         tf.requests        # the run requests' JSON bodies, in order
-        tf.run_records()   # what GET /_fake/runs answers: one dict per run started
+        tf.run_records()   # the ledger (GET /_fake/runs): one dict per run created, with its
+                           # request body, final status and steps
 
-    python -m tests.fake_tinyfish --port 0 --delay-scale 0.1 \\
+    python -m tests.fake_tinyfish --port 0 --delay-scale 0.1 --concurrency 4 \\
         --scenario geico=declined --scenario allstate=quote,duration=30,pending=2
     # prints "READY http://127.0.0.1:<port>" once listening
 
@@ -59,6 +70,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import re
 import socket
 import sys
 import threading
@@ -145,6 +157,9 @@ FAILURES: dict[str, dict[str, Any]] = {
     },
 }
 STREAM_CUT_AFTER = 4  # PROGRESS events before "truncated"/"drop" end the stream
+RUN_STATUSES = frozenset({"PENDING", "RUNNING", *TERMINAL})
+# An attempt reference as the adapter writes it (lib.providers.tinyfish.source.attempt_reference).
+_REFERENCE = re.compile(r"qr-[0-9a-f]+")
 
 
 class _CutConnection(Exception):
@@ -294,6 +309,7 @@ class FakeAgentRun:
             "stream_clients": self.stream_clients,
             "steps": len(self.steps),
             "agent_config": self.body.get("agent_config"),
+            "body": self.body,
         }
 
 
@@ -308,14 +324,25 @@ class FakeTinyFish:
         default_scenario: str = "quote",
         delay_scale: float = 1.0,
         structured_output: bool = True,
-        agent_config: bool = True,
+        beta_agent_config: bool = True,
+        concurrency: int | None = None,
+        drop_before_started: bool = False,
+        busy_first: int = 0,
+        busy_retry_after: int = 1,
     ) -> None:
         self.api_key = api_key
         self.scripts = {insurer: Script.parse(spec) for insurer, spec in (scenarios or {}).items()}
         self.default_script = Script.parse(default_scenario)
         self.delay_scale = delay_scale
         self.structured_output = structured_output
-        self.agent_config = agent_config
+        self.beta_agent_config = beta_agent_config
+        self.concurrency = concurrency
+        self.drop_before_started = drop_before_started
+        self.busy_first = busy_first
+        self.busy_retry_after = busy_retry_after
+        self._slots: asyncio.Semaphore | None = None
+        self._quotes_connected: set[tuple[str, str]] = set()
+        self.dropped_connections = 0
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.runs: dict[str, FakeAgentRun] = {}
@@ -373,11 +400,20 @@ class FakeTinyFish:
             if problems:
                 return _error(400, "INVALID_INPUT", "; ".join(problems))
         if "agent_config" in body:
-            if not self.agent_config:
-                return _error(403, "FORBIDDEN", "agent_config is not enabled for this account")
             problems = _agent_config_problems(body["agent_config"])
             if problems:
                 return _error(400, "INVALID_INPUT", "; ".join(problems))
+            gated = [k for k in ("max_steps", "mode") if k in body["agent_config"]]
+            if gated and not self.beta_agent_config:
+                return _error(403, "FORBIDDEN", f"agent_config.{gated[0]} requires beta access")
+        if self.busy_first > 0:
+            self.busy_first -= 1
+            return _error(
+                429,
+                "RATE_LIMIT_EXCEEDED",
+                "Too many concurrent requests",
+                **{"Retry-After": str(self.busy_retry_after)},
+            )
         insurer = self.insurer_for(url)
         script = self.scripts.get(insurer or "", self.default_script)
         if script.scenario == "http_500":
@@ -389,7 +425,6 @@ class FakeTinyFish:
         run = FakeAgentRun(run_id=str(uuid.uuid4()), insurer=insurer, script=script, body=body)
         with self._lock:
             self.runs[run.run_id] = run
-        run.emit({"type": "STARTED", "run_id": run.run_id, "timestamp": _iso(run.created_at)})
         run.task = asyncio.get_running_loop().create_task(self._play(run))
         return run
 
@@ -397,8 +432,11 @@ class FakeTinyFish:
         started = await self._start(request)
         if isinstance(started, Response):
             return started
+        quote = (str(started.body["url"]), _REFERENCE.sub("", str(started.body["goal"])))
+        cut = self.drop_before_started and quote not in self._quotes_connected
+        self._quotes_connected.add(quote)
         return StreamingResponse(
-            self._stream(started),
+            self._stream(started, cut_before_started=cut),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
@@ -416,16 +454,23 @@ class FakeTinyFish:
         self.list_calls += 1
         goal = request.query_params.get("goal", "").lower()
         after = request.query_params.get("created_after")
+        status = request.query_params.get("status")
         try:
             since = datetime.fromisoformat(after.replace("Z", "+00:00")) if after else None
             limit = int(request.query_params.get("limit", "20"))
         except ValueError:
             return _error(400, "INVALID_INPUT", "created_after or limit is malformed")
+        if not 1 <= limit <= 100:
+            return _error(400, "INVALID_INPUT", "limit must be from 1 to 100")
+        if status is not None and status not in RUN_STATUSES:
+            return _error(400, "INVALID_INPUT", f"status must be one of {sorted(RUN_STATUSES)}")
         matching = [
             run.as_run()
             for run in reversed(list(self.runs.values()))
-            if goal in str(run.body.get("goal", "")).lower()
+            # TinyFish searches a goal's first 500 characters.
+            if goal in str(run.body.get("goal", ""))[:500].lower()
             and (since is None or run.created_at > since)
+            and (status is None or run.status == status)
         ]
         return JSONResponse(
             {
@@ -486,7 +531,17 @@ class FakeTinyFish:
         caps = run.body.get("agent_config") or {}
         max_seconds, max_steps = caps.get("max_duration_seconds"), caps.get("max_steps")
         await self._pause(run.script.pending)
+        if self.concurrency is None:
+            await self._run(run, max_seconds, max_steps)
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
+        async with self._slots:  # past the account's cap, the run waits PENDING
+            await self._run(run, max_seconds, max_steps)
+
+    async def _run(self, run: FakeAgentRun, max_seconds: Any, max_steps: Any) -> None:
         run.status, run.started_at = "RUNNING", _now()
+        run.emit({"type": "STARTED", "run_id": run.run_id, "timestamp": _iso(run.started_at)})
         try:
             async with asyncio.timeout(max_seconds):
                 await self._work(run, max_steps)
@@ -558,9 +613,15 @@ class FakeTinyFish:
             result = {"status": "success", **result}
         run.finish("COMPLETED", result=result)
 
-    async def _stream(self, run: FakeAgentRun) -> AsyncIterator[bytes]:
+    async def _stream(
+        self, run: FakeAgentRun, *, cut_before_started: bool = False
+    ) -> AsyncIterator[bytes]:
         """One client's view of the run's events; leaving early leaves the run going."""
         run.stream_clients += 1
+        if cut_before_started:
+            self.dropped_connections += 1
+            yield b": connected\n\n"
+            raise _CutConnection
         sent, progress = 0, 0
         while True:
             waiting = run.changed
@@ -657,7 +718,11 @@ def main(argv: list[str] | None = None) -> None:
         f"SCENARIO one of {', '.join(SCENARIOS)}; repeatable",
     )
     parser.add_argument("--no-structured-output", action="store_true")
-    parser.add_argument("--no-agent-config", action="store_true")
+    parser.add_argument(
+        "--no-beta-agent-config", action="store_true", help="403 for agent_config.max_steps/mode"
+    )
+    parser.add_argument("--concurrency", type=int, default=None, help="the account's agent cap")
+    parser.add_argument("--drop-before-started", action="store_true")
     args = parser.parse_args(argv)
     try:
         fake = FakeTinyFish(
@@ -666,7 +731,9 @@ def main(argv: list[str] | None = None) -> None:
             default_scenario=args.default_scenario,
             delay_scale=args.delay_scale,
             structured_output=not args.no_structured_output,
-            agent_config=not args.no_agent_config,
+            beta_agent_config=not args.no_beta_agent_config,
+            concurrency=args.concurrency,
+            drop_before_started=args.drop_before_started,
         )
     except ValueError as exc:
         parser.error(str(exc))

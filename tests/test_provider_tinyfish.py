@@ -22,6 +22,7 @@ from lib.providers.base import (
     ProviderAuth,
     ProviderBadOutput,
     ProviderBlocked,
+    ProviderBusy,
     ProviderDeclined,
     ProviderError,
     ProviderRequestRejected,
@@ -34,6 +35,7 @@ from lib.providers.tinyfish import (
     QUOTE_OUTPUT_SCHEMA,
     TinyFishQuoteSource,
 )
+from lib.providers.tinyfish.source import attempt_reference
 from tests.fake_tinyfish import SCHEMA_KEYWORDS, FakeTinyFishServer
 
 API_URL = "https://tinyfish.test"
@@ -119,9 +121,15 @@ def split_bytes(data: bytes, size: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
+RUNS_URL = f"{API_URL}/v1/runs"
+NO_RUNS = {"data": [], "pagination": {"total": 0, "has_more": False, "next_cursor": None}}
+
+
 @pytest.fixture
 def api() -> Iterator[respx.MockRouter]:
     with respx.mock(assert_all_called=False) as router:
+        # The lookup by reference: TinyFish lists no run of the attempt unless a test says so.
+        router.get(RUNS_URL, name="lookup").mock(return_value=httpx.Response(200, json=NO_RUNS))
         yield router
 
 
@@ -624,7 +632,9 @@ async def test_403_to_output_schema_retries_once_without_it_and_remembers(
     assert (first.provider, second.provider) == ("geico", "allstate")
 
 
-async def test_403_naming_agent_config_drops_only_the_caps(api: respx.MockRouter) -> None:
+async def test_403_naming_max_steps_drops_it_and_keeps_the_duration_cap(
+    api: respx.MockRouter,
+) -> None:
     refused = {"error": {"code": "FORBIDDEN", "message": "agent_config.max_steps is not enabled"}}
     route = api.post(ENDPOINT).mock(
         side_effect=[httpx.Response(403, json=refused), sse_response(run_events())]
@@ -635,25 +645,27 @@ async def test_403_naming_agent_config_drops_only_the_caps(api: respx.MockRouter
     finally:
         await source.aclose()
     bodies = [json.loads(call.request.content) for call in route.calls]
-    assert [("output_schema" in b, "agent_config" in b) for b in bodies] == [
-        (True, True),
-        (True, False),
+    assert [("output_schema" in b, b["agent_config"].get("max_steps")) for b in bodies] == [
+        (True, 40),
+        (True, None),
     ]
+    assert all(b["agent_config"]["max_duration_seconds"] >= 299 for b in bodies)
 
 
 async def test_403_with_nothing_left_to_drop_is_provider_auth(api: respx.MockRouter) -> None:
-    route = api.post(ENDPOINT).mock(side_effect=[api_error(403, "FORBIDDEN")] * 3)
-    source = fast_source()
+    route = api.post(ENDPOINT).mock(side_effect=[api_error(403, "FORBIDDEN")] * 4)
+    source = fast_source(max_steps=40)
     try:
         with pytest.raises(ProviderAuth):
             await source.quote(REQUEST, "geico", new_attempt(), Activity())
     finally:
         await source.aclose()
     bodies = [json.loads(call.request.content) for call in route.calls]
-    assert [sorted(set(b) & {"output_schema", "agent_config"}) for b in bodies] == [
-        ["agent_config", "output_schema"],
-        ["agent_config"],
-        [],
+    # Each gated field goes on its own; the duration cap is never dropped.
+    assert [("output_schema" in b, sorted(b["agent_config"])) for b in bodies] == [
+        (True, ["max_duration_seconds", "max_steps"]),
+        (False, ["max_duration_seconds", "max_steps"]),
+        (False, ["max_duration_seconds"]),
     ]
 
 
@@ -1157,3 +1169,258 @@ async def test_cancelling_the_call_closes_the_stream_and_leaves_the_agent_run_go
     assert listener.agent_runs == ["run_123"]
     assert not cancel.called
     assert activity.messages == []
+
+
+# --- a run request whose fate is unknown: settled by the attempt's reference ----------------------
+
+
+def listed(*runs: dict[str, Any]) -> httpx.Response:
+    """GET /v1/runs' answer: {data, pagination}, as the SDK's RunListResponse."""
+    pagination = {"total": len(runs), "has_more": False, "next_cursor": None}
+    return httpx.Response(200, json={"data": list(runs), "pagination": pagination})
+
+
+def attempt_run(
+    attempt: AgentAttempt, status: str, run_id: str = "run_123", **extra: Any
+) -> dict[str, Any]:
+    """A run TinyFish lists whose goal opens with `attempt`'s reference."""
+    reference = attempt_reference(REQUEST, "geico", attempt)
+    goal = f"(Reference {reference}: for our records only, not part of the task.)\nGet a quote"
+    return run_object(status, **extra) | {"run_id": run_id, "goal": goal}
+
+
+UNKNOWN_FATES = [
+    pytest.param(sse_response([b": keep-alive\n\n"]), id="stream closed before STARTED"),
+    pytest.param(
+        sse_response([b": keep-alive\n\n"], httpx.RemoteProtocolError("peer closed")),
+        id="connection dropped before STARTED",
+    ),
+    pytest.param(
+        sse_response([], httpx.ReadTimeout("timed out")), id="read timeout before STARTED"
+    ),
+    pytest.param(httpx.ReadError("reset after the request was sent"), id="read error"),
+    pytest.param(httpx.Response(502, text="bad gateway"), id="502"),
+    pytest.param(httpx.Response(504, text="gateway timeout"), id="504"),
+]
+
+
+@pytest.mark.parametrize("broken", UNKNOWN_FATES)
+async def test_a_run_created_before_the_call_failed_is_adopted_never_bought_twice(
+    api: respx.MockRouter, broken: httpx.Response | Exception
+) -> None:
+    attempt = new_attempt()
+    start = api.post(ENDPOINT).mock(side_effect=[broken, AssertionError("second run")])
+    lookup = api.get(RUNS_URL).mock(return_value=listed(attempt_run(attempt, "RUNNING")))
+    poll = api.get(RUN_URL).mock(
+        side_effect=[
+            got("RUNNING", steps=[{"purpose": "Typing"}]),
+            got("COMPLETED", GOOD_RESULT, num_of_steps=6),
+        ]
+    )
+    source, activity = fast_source(), Activity()
+    try:
+        quote = await source.quote(REQUEST, "geico", attempt, activity)
+    finally:
+        await source.aclose()
+    assert quote.monthly_premium == 142.5
+    assert start.call_count == 1
+    assert activity.agent_runs == ["run_123"]
+    assert activity.messages == ["Typing"]  # the adopted run's steps are relayed
+    assert activity.steps[-1] == 6
+    assert poll.call_count == 2
+    params = lookup.calls.last.request.url.params
+    assert params["goal"] == attempt_reference(REQUEST, "geico", attempt)
+    assert params["created_after"] < attempt.started_at.isoformat()
+
+
+@pytest.mark.parametrize("broken", UNKNOWN_FATES)
+async def test_a_lookup_that_finds_nothing_fails_the_attempt_transiently(
+    api: respx.MockRouter, broken: httpx.Response | Exception
+) -> None:
+    start = api.post(ENDPOINT).mock(side_effect=[broken])
+    lookup = api.routes["lookup"]
+    error = await failure(api, broken)
+    assert isinstance(error, ProviderUnavailable)
+    assert error.transient and not error.same_attempt
+    assert error.agent_run_id is None
+    assert lookup.called
+    assert start.call_count <= 1
+
+
+async def test_an_answer_that_opened_is_looked_up_again_before_it_is_believed_empty(
+    api: respx.MockRouter,
+) -> None:
+    attempt = new_attempt()
+    api.post(ENDPOINT).mock(side_effect=[sse_response([b": keep-alive\n\n"])])
+    lookup = api.get(RUNS_URL).mock(side_effect=[listed(), listed(attempt_run(attempt, "PENDING"))])
+    api.get(RUN_URL).mock(side_effect=[got("PENDING"), got("COMPLETED", GOOD_RESULT)])
+    source, activity = fast_source(), Activity()
+    try:
+        await source.quote(REQUEST, "geico", attempt, activity)
+    finally:
+        await source.aclose()
+    assert lookup.call_count == 2
+    assert activity.agent_runs == ["run_123"]
+    assert activity.messages == ["Waiting for TinyFish to start the web agent (queued)"]
+
+
+@pytest.mark.parametrize(
+    "answers",
+    [
+        pytest.param([httpx.Response(503)] * 3, id="503"),
+        pytest.param([httpx.ConnectError("refused")] * 3, id="unreachable"),
+        pytest.param([httpx.Response(200, json={"nope": 1})] * 3, id="no data"),
+    ],
+)
+async def test_a_lookup_that_cannot_settle_asks_for_the_same_attempt_again(
+    api: respx.MockRouter, answers: list[httpx.Response | Exception]
+) -> None:
+    attempt = new_attempt()
+    start = api.post(ENDPOINT).mock(
+        side_effect=[httpx.Response(500), AssertionError("a second run while the first may exist")]
+    )
+    api.get(RUNS_URL).mock(side_effect=answers)
+    source = fast_source()
+    try:
+        with pytest.raises(ProviderUnavailable) as caught:
+            await source.quote(REQUEST, "geico", attempt, Activity())
+    finally:
+        await source.aclose()
+    assert caught.value.same_attempt
+    assert caught.value.transient
+    assert caught.value.agent_run_id is None
+    assert start.call_count == 1
+
+
+async def test_the_same_attempt_resumed_looks_up_before_it_creates(api: respx.MockRouter) -> None:
+    now = utc_now()
+    resumed = AgentAttempt(
+        number=2, started_at=now - timedelta(seconds=30), deadline=now + timedelta(seconds=300)
+    )
+    start = api.post(ENDPOINT).mock(side_effect=AssertionError("a second agent run"))
+    api.get(RUNS_URL).mock(
+        side_effect=[httpx.Response(503), listed(attempt_run(resumed, "COMPLETED"))]
+    )
+    api.get(RUN_URL).mock(side_effect=[got("COMPLETED", GOOD_RESULT)])
+    source, activity = fast_source(), Activity()
+    try:
+        quote = await source.quote(REQUEST, "geico", resumed, activity)
+    finally:
+        await source.aclose()
+    assert quote.provider == "geico"
+    assert not start.called
+    assert activity.agent_runs == ["run_123"]
+
+
+async def test_a_resumed_attempt_whose_lookup_cannot_settle_creates_nothing(
+    api: respx.MockRouter,
+) -> None:
+    now = utc_now()
+    resumed = AgentAttempt(
+        number=1, started_at=now - timedelta(seconds=30), deadline=now + timedelta(seconds=300)
+    )
+    start = api.post(ENDPOINT).mock(side_effect=AssertionError("a run bought blind"))
+    api.get(RUNS_URL).mock(side_effect=[httpx.Response(502)] * 3)
+    source = fast_source()
+    try:
+        with pytest.raises(ProviderUnavailable) as caught:
+            await source.quote(REQUEST, "geico", resumed, Activity())
+    finally:
+        await source.aclose()
+    assert caught.value.same_attempt
+    assert not start.called
+
+
+async def test_of_two_runs_of_one_attempt_the_finished_one_is_adopted_the_other_cancelled(
+    api: respx.MockRouter,
+) -> None:
+    attempt = new_attempt()
+    api.post(ENDPOINT).mock(side_effect=[httpx.Response(503)])
+    api.get(RUNS_URL).mock(
+        return_value=listed(
+            attempt_run(attempt, "RUNNING", run_id="run_later"),
+            attempt_run(attempt, "COMPLETED"),
+            run_object("RUNNING") | {"run_id": "someone_elses", "goal": "another reference"},
+        )
+    )
+    api.get(RUN_URL).mock(side_effect=[got("COMPLETED", GOOD_RESULT)])
+    cancel = api.post(f"{API_URL}/v1/runs/run_later/cancel").mock(
+        return_value=httpx.Response(200, json={"run_id": "run_later", "status": "CANCELLED"})
+    )
+    strangers = api.post(f"{API_URL}/v1/runs/someone_elses/cancel")
+    source, activity = fast_source(), Activity()
+    try:
+        await source.quote(REQUEST, "geico", attempt, activity)
+    finally:
+        await source.aclose()
+    assert activity.agent_runs == ["run_123"]
+    assert cancel.call_count == 1
+    assert not strangers.called
+
+
+async def test_a_request_that_never_left_needs_no_lookup(api: respx.MockRouter) -> None:
+    lookup = api.routes["lookup"]
+    error = await failure(api, httpx.ConnectError("connection refused"))
+    assert error.transient and not error.same_attempt
+    assert not lookup.called
+
+
+@pytest.mark.parametrize(
+    ("answer", "wait"),
+    [
+        pytest.param(api_error(429, "RATE_LIMIT_EXCEEDED", **{"Retry-After": "2.2"}), 3, id="hdr"),
+        pytest.param(
+            httpx.Response(429, json={"error": {"code": "BUSY", "message": "x", "retry_after": 7}}),
+            7,
+            id="body",
+        ),
+        pytest.param(api_error(429, "RATE_LIMIT_EXCEEDED"), 5, id="unsaid"),
+    ],
+)
+async def test_a_429_is_provider_busy_with_whole_seconds_and_no_lookup(
+    api: respx.MockRouter, answer: httpx.Response, wait: int
+) -> None:
+    lookup = api.routes["lookup"]
+    error = await failure(api, answer)
+    assert isinstance(error, ProviderBusy)
+    assert error.retry_after == wait
+    assert error.transient and not error.same_attempt
+    assert not lookup.called
+
+
+async def test_a_403_to_output_schema_alone_keeps_every_cap(api: respx.MockRouter) -> None:
+    refused = {"error": {"code": "FORBIDDEN", "message": "output_schema requires beta access"}}
+    route = api.post(ENDPOINT).mock(
+        side_effect=[httpx.Response(403, json=refused), sse_response(run_events())]
+    )
+    source = fast_source(max_steps=40)
+    try:
+        await source.quote(REQUEST, "geico", new_attempt(), Activity())
+    finally:
+        await source.aclose()
+    bodies = [json.loads(call.request.content) for call in route.calls]
+    assert ["output_schema" in b for b in bodies] == [True, False]
+    assert [sorted(b["agent_config"]) for b in bodies] == [
+        ["max_duration_seconds", "max_steps"]
+    ] * 2
+
+
+async def test_a_resumed_attempt_past_its_deadline_cancels_the_run_it_never_saw(
+    api: respx.MockRouter,
+) -> None:
+    now = utc_now()
+    late = AgentAttempt(number=1, started_at=now - timedelta(seconds=200), deadline=now)
+    start = api.post(ENDPOINT).mock(side_effect=AssertionError("a run bought past the deadline"))
+    api.get(RUNS_URL).mock(return_value=listed(attempt_run(late, "PENDING")))
+    cancel = api.post(CANCEL_URL).mock(
+        return_value=httpx.Response(200, json={"run_id": "run_123", "status": "CANCELLED"})
+    )
+    source = fast_source()
+    try:
+        with pytest.raises(ProviderTimeout) as caught:
+            await source.quote(REQUEST, "geico", late, Activity())
+    finally:
+        await source.aclose()
+    assert not start.called
+    assert cancel.call_count == 1
+    assert caught.value.agent_run_finished

@@ -19,11 +19,12 @@ from lib.providers.base import (
     AgentAttempt,
     ProviderAgentFailed,
     ProviderAuth,
+    ProviderBusy,
     ProviderError,
     ProviderTimeout,
     ProviderUnavailable,
 )
-from lib.providers.tinyfish import TinyFishQuoteSource
+from lib.providers.tinyfish import INSURER_START_URLS, TinyFishQuoteSource
 from tests.fake_tinyfish import FakeTinyFishServer
 
 API_KEY = "tf-agent-runs-key"
@@ -238,19 +239,38 @@ async def test_the_run_ends_by_its_own_duration_cap_as_a_timeout() -> None:
 
 
 async def test_the_deadline_cancels_the_agent_run_and_the_server_sees_it() -> None:
-    # An account without agent_config: no cap on TinyFish's side, so our deadline ends the run.
+    # A second in TinyFish's queue (not counted by its duration cap): our deadline comes first.
     with FakeTinyFishServer(
-        api_key=API_KEY, default_scenario="quote,duration=60", delay_scale=0, agent_config=False
+        api_key=API_KEY, default_scenario="quote,duration=60,pending=1", delay_scale=0
     ) as fake:
         source = source_for(fake, min_agent_seconds=1)
+        try:
+            with pytest.raises(ProviderTimeout) as caught:
+                await source.quote(REQUEST, "geico", attempt(seconds=2.5), Listener())
+        finally:
+            await source.aclose()
+        [run] = fake.run_records()
+    assert (run["status"], run["cancel_calls"], run["cancelled"]) == ("CANCELLED", 1, True)
+    assert run["agent_config"] == {"max_duration_seconds": 2}
+    assert caught.value.agent_run_id == run["run_id"]
+    assert caught.value.agent_run_finished
+
+
+async def test_a_run_still_queued_at_the_deadline_is_found_by_reference_and_cancelled() -> None:
+    """Its STARTED never came, so its id is unknown: the deadline still leaves no run going."""
+    with FakeTinyFishServer(
+        api_key=API_KEY, default_scenario="quote,pending=30", delay_scale=0
+    ) as fake:
+        source = source_for(fake, min_agent_seconds=1, started_patience=30)
         try:
             with pytest.raises(ProviderTimeout) as caught:
                 await source.quote(REQUEST, "geico", attempt(seconds=1.5), Listener())
         finally:
             await source.aclose()
         [run] = fake.run_records()
-    assert (run["status"], run["cancel_calls"], run["cancelled"]) == ("CANCELLED", 1, True)
-    assert caught.value.agent_run_id == run["run_id"]
+    assert (run["status"], run["cancel_calls"]) == ("CANCELLED", 1)
+    assert fake.list_calls == 1
+    assert caught.value.agent_run_id is None
     assert caught.value.agent_run_finished
 
 
@@ -279,7 +299,7 @@ async def test_cancel_is_idempotent_on_the_server(fake: FakeTinyFishServer) -> N
 
 async def test_the_403_fallback_drops_what_the_account_lacks() -> None:
     with FakeTinyFishServer(
-        api_key=API_KEY, structured_output=False, agent_config=False, delay_scale=0
+        api_key=API_KEY, structured_output=False, beta_agent_config=False, delay_scale=0
     ) as fake:
         source = source_for(fake, max_steps=50)
         try:
@@ -287,10 +307,14 @@ async def test_the_403_fallback_drops_what_the_account_lacks() -> None:
             second = await source.quote(REQUEST, "allstate", attempt(), Listener())
         finally:
             await source.aclose()
-        shapes = [("output_schema" in body, "agent_config" in body) for body in fake.requests]
+        shapes = [
+            ("output_schema" in body, "max_steps" in body["agent_config"]) for body in fake.requests
+        ]
         runs = fake.run_records()
-    # The server names the field it refuses: each is dropped once, then never sent again.
+    # The server names the field it refuses: each is dropped once, then never sent again...
     assert shapes == [(True, True), (False, True), (False, False), (False, False)]
+    # ...and the duration cap, which TinyFish does not gate, stays on every request.
+    assert all(body["agent_config"]["max_duration_seconds"] >= 119 for body in fake.requests)
     assert len(runs) == 2
     assert (first.provider, second.provider) == ("geico", "allstate")
 
@@ -374,3 +398,208 @@ async def test_a_fresh_attempt_does_not_look_for_earlier_runs(fake: FakeTinyFish
     finally:
         await source.aclose()
     assert fake.list_calls == 0
+
+
+# --- a run request whose fate is unknown, against the server -------------------------------------
+
+
+async def test_a_connection_dropped_before_started_adopts_the_run_it_created() -> None:
+    with FakeTinyFishServer(api_key=API_KEY, drop_before_started=True, delay_scale=0.01) as fake:
+        source, listener = source_for(fake), Listener()
+        try:
+            quote = await source.quote(REQUEST, "geico", attempt(), listener)
+        finally:
+            await source.aclose()
+        [run] = fake.run_records()
+    assert fake.dropped_connections == 1
+    assert quote.provider == "geico"
+    assert listener.agent_runs == [run["run_id"]]
+    assert run["status"] == "COMPLETED"
+    assert len(fake.requests) == 1
+    assert fake.list_calls == 1
+    assert len(listener.messages) == 7  # every step of the adopted run relayed
+
+
+async def test_a_run_queued_past_the_patience_is_followed_by_id_and_shown_waiting() -> None:
+    scenarios = {"geico": "quote,duration=1.5", "allstate": "quote,duration=0.2"}
+    with FakeTinyFishServer(
+        api_key=API_KEY, scenarios=scenarios, concurrency=1, delay_scale=0.01
+    ) as fake:
+        source = source_for(fake, started_patience=0.3)
+        first, second = Listener(), Listener()
+        try:
+            running = asyncio.create_task(source.quote(REQUEST, "geico", attempt(), first))
+            await first.progressed.wait()
+            queued = await source.quote(REQUEST, "allstate", attempt(), second)
+            await running
+        finally:
+            await source.aclose()
+        runs = {run["insurer"]: run for run in fake.run_records()}
+    assert queued.provider == "allstate"
+    assert second.messages[0] == "Waiting for TinyFish to start the web agent (queued)"
+    assert second.agent_runs == [runs["allstate"]["run_id"]]
+    assert {run["status"] for run in runs.values()} == {"COMPLETED"}
+    assert len(fake.requests) == 2
+    assert runs["allstate"]["get_calls"] >= 2
+
+
+async def test_a_busy_account_is_provider_busy_and_creates_nothing() -> None:
+    with FakeTinyFishServer(api_key=API_KEY, busy_first=1, busy_retry_after=3) as fake:
+        source = source_for(fake)
+        try:
+            with pytest.raises(ProviderBusy) as caught:
+                await source.quote(REQUEST, "geico", attempt(), Listener())
+        finally:
+            await source.aclose()
+        assert fake.run_records() == []
+    assert caught.value.retry_after == 3
+    assert fake.list_calls == 0
+
+
+async def test_the_server_lists_runs_the_way_tinyfish_documents() -> None:
+    with FakeTinyFishServer(api_key=API_KEY, delay_scale=0) as fake:
+        source = source_for(fake)
+        try:
+            await source.quote(REQUEST, "geico", attempt(), Listener())
+        finally:
+            await source.aclose()
+        [run] = fake.run_records()
+        reference = run["body"]["goal"].split()[1]
+        headers = {"X-API-Key": API_KEY}
+        async with httpx.AsyncClient(base_url=fake.url, headers=headers) as client:
+            by_goal = (await client.get("/v1/runs", params={"goal": reference.upper()})).json()
+            done = await client.get("/v1/runs", params={"status": "COMPLETED", "limit": 100})
+            running = await client.get("/v1/runs", params={"status": "RUNNING", "limit": 1})
+            later = await client.get("/v1/runs", params={"created_after": "2999-01-01T00:00:00Z"})
+            too_many = await client.get("/v1/runs", params={"limit": 101})
+            none = await client.get("/v1/runs", params={"limit": 0})
+            cancel = await client.post(f"/v1/runs/{run['run_id']}/cancel")
+    assert reference.startswith("qr-")
+    assert [r["run_id"] for r in by_goal["data"]] == [run["run_id"]]
+    assert by_goal["pagination"] == {"total": 1, "has_more": False, "next_cursor": None}
+    assert len(done.json()["data"]) == 1
+    assert running.json()["data"] == [] and later.json()["data"] == []
+    assert (too_many.status_code, none.status_code) == (400, 400)
+    assert cancel.status_code == 200
+    assert (cancel.json()["status"], cancel.json()["message"]) == (
+        "COMPLETED",
+        "Run already finished",
+    )
+
+
+async def test_the_server_gates_max_steps_and_mode_but_not_the_duration_cap() -> None:
+    with FakeTinyFishServer(api_key=API_KEY, beta_agent_config=False, delay_scale=0) as fake:
+        source = source_for(fake)
+        body = source.run_body(REQUEST, "geico", max_duration_seconds=60)
+        await source.aclose()
+        async with httpx.AsyncClient(base_url=fake.url, headers={"X-API-Key": API_KEY}) as client:
+            answers = [
+                await client.post("/v1/automation/run-async", json=body | {"agent_config": caps})
+                for caps in (
+                    {"max_duration_seconds": 60, "max_steps": 20},
+                    {"max_duration_seconds": 60, "mode": "strict"},
+                    {"max_duration_seconds": 60},
+                )
+            ]
+    assert [a.status_code for a in answers] == [403, 403, 200]
+    assert "max_steps" in answers[0].json()["error"]["message"]
+    assert "mode" in answers[1].json()["error"]["message"]
+
+
+# --- end to end on the `make dev` host: a busy account that drops first connections ------------
+
+
+@pytest.mark.e2e
+async def test_runs_on_a_busy_account_that_drops_connections_buy_each_insurer_once(
+    tmp_path,
+) -> None:
+    """Three runs of five insurers at once against an account capped at four agents (the rest
+    wait PENDING, STARTED sent only when they start), every quote's first connection cut after
+    its run was created: each insurer of each run is bought exactly once, no agent run is left
+    going, and every run request carries its duration cap."""
+    from tests.test_e2e import ROOT, assert_gap_free, read_run_reconnecting, start_run
+    from tools.devhost import start_devhost_process
+
+    zips = ("94107", "10001", "60601")
+    with FakeTinyFishServer(
+        default_scenario="quote,duration=2", concurrency=4, drop_before_started=True
+    ) as tinyfish:
+        env = {
+            "QUOTES_DB_PATH": str(tmp_path / "quotes.sqlite3"),
+            "KV_REST_API_URL": "",
+            "KV_REST_API_TOKEN": "",
+            "TINYFISH_API_KEY": tinyfish.api_key,
+            "TINYFISH_API_URL": tinyfish.url,
+            "TINYFISH_MAX_STEPS": "40",
+            "RUN_LEASE_SECONDS": "3",
+            "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
+            "QUOTE_RUNS_PER_DAY": "0",
+        }
+        with start_devhost_process(ROOT, instances=2, env=env) as host:
+            async with httpx.AsyncClient(base_url=host.url, timeout=30) as client:
+                run_ids = [(await start_run(client, zip=zip_code))[0] for zip_code in zips]
+                runs = await asyncio.gather(
+                    *(read_run_reconnecting(client, run_id) for run_id in run_ids)
+                )
+        ledger = tinyfish.run_records()
+        requests = list(tinyfish.requests)
+    for events in runs:
+        assert_gap_free(events)
+        assert events[-1]["type"] == "complete"
+        assert len(events[-1]["quotes"]) == 5, events[-1]
+    bought: dict[tuple[str, str], int] = {}
+    for agent_run in ledger:
+        [zip_code] = [z for z in zips if f'"garaging_zip_code": "{z}"' in agent_run["body"]["goal"]]
+        key = (agent_run["insurer"], zip_code)
+        bought[key] = bought.get(key, 0) + 1
+    # Every insurer of every run bought exactly once, though each first connection was cut...
+    assert bought == {(insurer, z): 1 for insurer in INSURER_START_URLS for z in zips}
+    assert tinyfish.dropped_connections == 15
+    # ...no agent run is left going (and billing)...
+    assert {r["status"] for r in ledger} <= {"COMPLETED", "FAILED", "CANCELLED"}
+    # ...and every run request carried its caps.
+    assert all(r["agent_config"]["max_duration_seconds"] >= 1 for r in requests)
+    assert all(r["agent_config"]["max_steps"] == 40 for r in requests)
+    waited = [
+        e
+        for events in runs
+        for e in events
+        if e["type"] == "activity" and e["message"].startswith("Waiting for TinyFish")
+    ]
+    assert waited, "runs past the account's cap should show as waiting"
+
+
+async def test_a_call_handed_off_while_its_run_waits_queued_is_resumed_by_reference() -> None:
+    """The worker gives up the call before STARTED (its invocation ends); the next delivery has
+    no id, only the same attempt: it adopts the queued run instead of buying another."""
+    scenarios = {"geico": "quote,duration=1.5", "allstate": "quote,duration=0.2"}
+    with FakeTinyFishServer(
+        api_key=API_KEY, scenarios=scenarios, concurrency=1, delay_scale=0.01
+    ) as fake:
+        source = source_for(fake, started_patience=60)
+        blocker, first, resumed = Listener(), Listener(), Listener()
+        this_attempt = begun_a_while_ago()
+        try:
+            running = asyncio.create_task(source.quote(REQUEST, "geico", attempt(), blocker))
+            await blocker.progressed.wait()
+            handed_off = asyncio.create_task(source.quote(REQUEST, "allstate", this_attempt, first))
+            await first_run_created(fake, "allstate")
+            handed_off.cancel()
+            await asyncio.gather(handed_off, return_exceptions=True)
+            assert first.agent_runs == []  # STARTED never came: no id was stored
+            quote = await source.quote(REQUEST, "allstate", this_attempt, resumed)
+            await running
+        finally:
+            await source.aclose()
+    [run] = runs_for(fake, "allstate")
+    assert quote.provider == "allstate"
+    assert resumed.agent_runs == [run["run_id"]]
+    assert run["status"] == "COMPLETED"
+    assert sum(1 for body in fake.requests if "allstate" in body["url"]) == 1
+
+
+async def first_run_created(fake: FakeTinyFishServer, insurer: str) -> None:
+    """Waits until the server holds a run for `insurer` (it keeps no event to wait on)."""
+    async with asyncio.timeout(10):
+        while not runs_for(fake, insurer):  # noqa: ASYNC110
+            await asyncio.sleep(0.01)

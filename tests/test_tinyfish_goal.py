@@ -157,5 +157,9 @@ def test_an_attempt_reference_is_our_own_text_outside_the_fence() -> None:
     assert re.fullmatch(r"qr-[0-9a-f]{24}", reference)
     assert reference != attempt_reference(make_request(), "allstate", attempt)
     _, _, outside = fenced(build_goal(make_request(), "geico", reference=reference))
-    assert outside.endswith(f"(Reference {reference}: for our records only, not part of the task.)")
+    goal = build_goal(make_request(), "geico", reference=reference)
+    first_line = f"(Reference {reference}: for our records only, not part of the task.)"
+    assert outside.startswith(first_line + "\n")
+    # TinyFish's goal search reads a goal's first 500 characters only.
+    assert goal.index(reference) + len(reference) < 100
     assert "Reference" not in build_goal(make_request(), "geico")

@@ -5,15 +5,17 @@
   says why (a CAPTCHA in it → provider_blocked; the run's own max_duration or a timeout in it →
   provider_timeout); SYSTEM_FAILURE and UNKNOWN (and no category) → transient
   provider_unavailable, `retry_after` carried on the error.
-- HTTP 401/403 → provider_auth; 402 → provider_auth (no credit); 429 and 408/5xx → transient
-  provider_unavailable with Retry-After; any other 4xx → provider_unavailable, not retried (the
-  request itself is wrong).
+- HTTP 401/403 → provider_auth; 402 → provider_auth (no credit); 429 → ProviderBusy (no room
+  for a run now: wait TinyFish's Retry-After, header or body, whole seconds rounded up, else
+  DEFAULT_BUSY_SECONDS); 408/5xx → transient provider_unavailable with Retry-After; any other
+  4xx → provider_unavailable, not retried (the request itself is wrong).
 - Free text from TinyFish is masked (`redact`) and clipped before it enters a message; of an
   HTTP error body only the machine-readable `error.code` is kept (free text may echo our goal).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -26,6 +28,7 @@ from lib.providers.base import (
     ProviderAgentFailed,
     ProviderAuth,
     ProviderBlocked,
+    ProviderBusy,
     ProviderError,
     ProviderRequestRejected,
     ProviderRunCancelled,
@@ -42,6 +45,8 @@ _OUT_OF_TIME_WORDS = re.compile(
     r"max[_ ]duration|timed? ?out|time limit|took too long", re.IGNORECASE
 )
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.-]{1,48}")
+# How long a 429 that names no wait is waited out.
+DEFAULT_BUSY_SECONDS = 5
 
 
 def error_from_failed_run(
@@ -101,6 +106,24 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, (when - utc_now()).total_seconds())
 
 
+def busy_seconds(response: httpx.Response) -> int:
+    """How long a 429 asks us to wait, in whole seconds rounded up (at least 1): Retry-After,
+    else the body's `error.retry_after` (or `error.details.retry_after`), else the default."""
+    wait = retry_after_seconds(response.headers.get("retry-after"))
+    if wait is None:
+        try:
+            error = response.json().get("error")
+        except (ValueError, AttributeError):
+            error = None
+        details = error.get("details") if isinstance(error, dict) else None
+        for where in (error, details):
+            value = where.get("retry_after") if isinstance(where, dict) else None
+            if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+                wait = float(value)
+                break
+    return max(1, math.ceil(wait)) if wait is not None else DEFAULT_BUSY_SECONDS
+
+
 def api_error_code(response: httpx.Response) -> str | None:
     """TinyFish's machine-readable `error.code` (free text is not kept: it may echo our input)."""
     try:
@@ -123,9 +146,8 @@ def error_from_response(
     if status == 402:
         return ProviderAuth(f"TinyFish account is out of credit ({what})")
     if status == 429:
-        return ProviderUnavailable(
-            f"TinyFish rate-limited us ({what})",
-            retry_after=retry_after_seconds(response.headers.get("retry-after")),
+        return ProviderBusy(
+            f"TinyFish has no room for a run now ({what})", retry_after=busy_seconds(response)
         )
     if status == 408 or status >= 500:
         return ProviderUnavailable(

@@ -74,12 +74,19 @@ def quote_data(request: QuoteRequest) -> dict[str, Any]:
 
 def build_goal(request: QuoteRequest, provider: ProviderId, *, reference: str | None = None) -> str:
     """The agent's instructions for `provider`, the request's values fenced as data.
-    `reference` (ours, no personal data) marks the attempt so its run can be found again."""
+    `reference` (ours, no personal data) marks the attempt so its run can be found again: it
+    opens the goal, as TinyFish searches only a goal's first 500 characters."""
     name = PROVIDER_NAMES[provider]
     data = _json_literal(quote_data(request))
     tag = "QUOTE_DATA_" + hashlib.sha256(data.encode()).hexdigest()[:16].upper()
     return "\n".join(
         [
+            # First, so a search over a stored (possibly truncated) goal still finds it.
+            *(
+                [f"(Reference {reference}: for our records only, not part of the task.)"]
+                if reference
+                else []
+            ),
             f"Get an online auto insurance price quote from {name}, starting on this page.",
             "",
             f"The quote details are the JSON object between the lines <<<{tag} and {tag}>>>. "
@@ -124,11 +131,6 @@ def build_goal(request: QuoteRequest, provider: ProviderId, *, reference: str | 
             "in term_premium and the number of months in term_months.",
             "- deductible: the collision/comprehensive deductible in dollars (0 if none).",
             "- reason: for no_quote or blocked, a short reason in your own words.",
-            *(
-                ["", f"(Reference {reference}: for our records only, not part of the task.)"]
-                if reference
-                else []
-            ),
         ]
     )
 

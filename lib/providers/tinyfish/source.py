@@ -3,27 +3,42 @@ by whichever invocation holds the attempt.
 
 - New attempt (`attempt.agent_run_id` None): POST run-sse with the goal (lib.providers.tinyfish.
   goal), the output schema and a cost cap (`agent_config.max_duration_seconds` = the attempt's
-  whole seconds left, at most TinyFish's 600 s platform limit; `max_steps` = TINYFISH_MAX_STEPS).
-  STARTED's run id goes to `listener.agent_run_started` before anything else; PROGRESS purposes
-  become activity; COMPLETE ends the attempt. If the stream drops (or falls silent) after
-  STARTED, no second run is started: the source polls the run instead.
+  whole seconds left, at most TinyFish's 600 s platform limit, on every request; `max_steps` =
+  TINYFISH_MAX_STEPS). STARTED's run id goes to `listener.agent_run_started` before anything
+  else; PROGRESS purposes become activity; COMPLETE ends the attempt. If the stream drops (or
+  falls silent) after STARTED, no second run is started: the source polls the run instead.
+- No orphan: TinyFish has no idempotency key, so a run request whose fate is unknown (the stream
+  broke or closed before STARTED, a 408/5xx answer, no STARTED within `started_patience` — the
+  run may wait PENDING in TinyFish's queue at the account's cap) is settled by looking the run up
+  by the attempt's reference (`GET /v1/runs?goal=<reference>&created_after=…`) before anything
+  else: a run found is adopted (reported to `listener.agent_run_started`, polled by id, its steps
+  relayed; a queued one shows as activity), any other run of the attempt cancelled; a new run is
+  asked for only in a later call, and only when the lookup said there is none. A lookup that
+  cannot be answered raises a transient ProviderUnavailable with `same_attempt` set: the caller
+  must retry the same attempt — the same `number` and `started_at` (the reference is their
+  digest), no id — never a new one; that call looks the run up again before asking for one.
+  A request never sent (connection refused) and a refusal (4xx, 429) created nothing and need
+  no lookup.
+- 429 to the run request: ProviderBusy with TinyFish's Retry-After (no run was created).
 - Reattach (`attempt.agent_run_id` set, after a hand-off or a dead worker): GET /v1/runs/{id}
   with backoff (1 s growing to 5 s) until COMPLETED, FAILED or CANCELLED. PENDING (waiting in
   TinyFish's own queue) shows as one activity message. The API reference documents a `steps`
   array on the run (the SDK 0.11 `Run` model has none): where present, steps not yet seen are
   relayed — on a reattach only the latest, the earlier ones having been relayed before.
-- A new attempt begun more than 2 s ago may have started its run in a call that died between
-  STARTED and storing the id: each goal carries the attempt's reference (a digest), and before
-  starting, the source looks for a run with it (`GET /v1/runs?goal=…`) and takes that one.
+- A new attempt begun more than 2 s ago may have started its run in a call that died (or was
+  handed off) before the id was stored: each goal opens with the attempt's reference (a digest),
+  and before starting, the source looks for a run with it and adopts that one.
 - Steps (what TinyFish bills) go to `listener.agent_steps`: each PROGRESS on the stream is one;
   a run read back gives TinyFish's own count (`num_of_steps`, else the `steps` array's length).
-- At `attempt.deadline` the source cancels the agent run and raises ProviderTimeout.
+- At `attempt.deadline` the source cancels the agent run and raises ProviderTimeout; a run asked
+  for whose id never came is looked up by reference and cancelled too.
 - Cancelling the awaiting coroutine (the worker's hand-off) closes the HTTP stream at once and
   leaves the agent run going, for the next call with the same attempt.
-- 403 to a run carrying an optional field (`output_schema` is a beta feature; `agent_config` may
-  be missing from an account too): that field is dropped — the one the error names, else
-  output_schema first — for this request and every later one, and the run asked for again. The
-  goal spells out the JSON wanted, so quotes still parse without the schema.
+- 403 to a run carrying a beta-gated field (`output_schema`; `agent_config.max_steps` and
+  `agent_config.mode`): that field alone is dropped — the one the error names, else
+  output_schema first — for this request and every later one, and the run asked for again.
+  `max_duration_seconds` is not gated and is never dropped. The goal spells out the JSON
+  wanted, so quotes still parse without the schema.
 
 The driver's personal data leaves only inside the goal; it is never logged nor put in an
 exception, and text coming back from the agent is masked (goal.redactor) before it is used.
@@ -34,9 +49,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any, Literal
 
 import httpx
@@ -80,14 +96,28 @@ MIN_AGENT_SECONDS = 15
 # TinyFish's own limit on one agent run.
 MAX_AGENT_SECONDS = 600
 TERMINAL_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
-# Fields of the run request an account may lack (403 FORBIDDEN), in the order they are dropped.
-OPTIONAL_FIELDS = ("output_schema", "agent_config")
-_FIELD_WORDS = {
-    "output_schema": ("output_schema", "structured output"),
-    "agent_config": ("agent_config", "max_steps", "max_duration"),
+# Beta-gated parts of the run request (403 without access), in the order they are dropped when
+# the refusal names none; the duration cap is not gated and is never dropped.
+GATED_FIELDS = ("output_schema", "max_steps", "mode")
+_GATED_WORDS = {
+    "output_schema": re.compile(r"output_schema|structured output", re.IGNORECASE),
+    "max_steps": re.compile(r"max_steps", re.IGNORECASE),
+    "mode": re.compile(r"\bmode\b", re.IGNORECASE),
 }
 CANCEL_TRIES = 3
 PENDING_MESSAGE = "Waiting for TinyFish to start the web agent (queued)"
+# A new run's stream may say nothing until TinyFish starts it (PENDING in its queue at the
+# account's cap): past this, the run is looked up by reference and followed by id instead.
+STARTED_PATIENCE_SECONDS = 10.0
+# Tries at the lookup by reference before the attempt is left for the caller to retry.
+LOOKUP_TRIES = 3
+# A stream that opened means TinyFish took the request: an empty lookup is asked again this many
+# times before it is believed (a run just created may not be listed at once).
+LOOKUP_TRIES_AFTER_OPENED = 3
+# Bound on the lookup-and-cancel of a run whose id never came, once the attempt's time is over.
+CLEANUP_SECONDS = 5.0
+# Whichever of an attempt's runs is adopted: a finished quote first, then the furthest along.
+_ADOPTION_ORDER = {"COMPLETED": 0, "RUNNING": 1, "PENDING": 2}
 # A new attempt begun longer ago than this may have started its run in a call that died before
 # the id was stored: look for that run (by the reference in its goal) before starting one.
 LOOK_FOR_EARLIER_RUN_AFTER_SECONDS = 2.0
@@ -95,9 +125,9 @@ LOOK_FOR_EARLIER_RUN_AFTER_SECONDS = 2.0
 
 def attempt_reference(request: QuoteRequest, provider: ProviderId, attempt: AgentAttempt) -> str:
     """A stable mark for one attempt, put in its goal (a digest: no personal data)."""
-    seed = "\x1f".join(
-        [request.vin, request.zip, provider, str(attempt.number), attempt.started_at.isoformat()]
-    )
+    # Milliseconds in UTC: the same instant reads back the same from either store.
+    started = attempt.started_at.astimezone(UTC).isoformat(timespec="milliseconds")
+    seed = "\x1f".join([request.vin, request.zip, provider, str(attempt.number), started])
     return "qr-" + hashlib.sha256(seed.encode()).hexdigest()[:24]
 
 
@@ -111,6 +141,10 @@ class _AgentRun:
     agent_run_id: str | None
     redact: Callable[[str], str] = field(init=False)
     progress_relayed: int = 0
+    # Steps of the run already relayed when polling begins (None: unknown, relay the latest).
+    poll_from: int | None = 0
+    # A run request went out whose run may exist though its id never came.
+    asked_for_run: bool = False
 
     def __post_init__(self) -> None:
         self.redact = redactor(self.request)
@@ -142,6 +176,7 @@ class TinyFishQuoteSource:
         max_steps: int | None = None,
         polling: Backoff = POLLING,
         min_agent_seconds: int = MIN_AGENT_SECONDS,
+        started_patience: float = STARTED_PATIENCE_SECONDS,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._client = TinyFishClient(
@@ -152,6 +187,7 @@ class TinyFishQuoteSource:
         self._max_steps = max_steps
         self._polling = polling
         self._min_agent_seconds = min_agent_seconds
+        self._started_patience = started_patience
         self._sleep = sleep
         self._unsupported: set[str] = set()
 
@@ -176,11 +212,10 @@ class TinyFishQuoteSource:
             body["proxy_config"] = {"enabled": True, "country_code": self._proxy_country}
         if "output_schema" not in self._unsupported:
             body["output_schema"] = QUOTE_OUTPUT_SCHEMA
-        if "agent_config" not in self._unsupported:
-            caps: dict[str, int] = {"max_duration_seconds": max_duration_seconds}
-            if self._max_steps is not None:
-                caps["max_steps"] = self._max_steps
-            body["agent_config"] = caps
+        caps: dict[str, int] = {"max_duration_seconds": max_duration_seconds}
+        if self._max_steps is not None and "max_steps" not in self._unsupported:
+            caps["max_steps"] = self._max_steps
+        body["agent_config"] = caps
         return body
 
     async def quote(
@@ -191,36 +226,54 @@ class TinyFishQuoteSource:
         listener: AttemptListener,
     ) -> Quote:
         run = _AgentRun(request, provider, listener, attempt.agent_run_id)
+        # A resumed attempt with no id may have a run an earlier call asked for.
+        run.asked_for_run = run.agent_run_id is None and self._begun_earlier(attempt)
         try:
-            async with asyncio.timeout(max(attempt.remaining_seconds(), 0.0)) as budget:
+            if attempt.remaining_seconds() <= 0:
+                raise await self._out_of_time(run, attempt)
+            async with asyncio.timeout(attempt.remaining_seconds()) as budget:
                 if run.agent_run_id is None:
                     quote = await self._start(run, attempt)
                     if quote is not None:
                         return quote
-                    return await self._poll(run, relayed=run.progress_relayed)
+                    return await self._poll(run, relayed=run.poll_from)
                 return await self._poll(run, relayed=None)
         except TimeoutError:
             if not budget.expired():
                 raise
-            error = ProviderTimeout(
-                f"{run.insurer} gave no quote before the attempt's deadline",
-                agent_run_id=run.agent_run_id,
-            )
-            if run.agent_run_id is None:
-                error.agent_run_finished = True
-            else:
-                error.agent_run_finished = await self._cancel_run(run.agent_run_id)
-            raise error from None
+            raise await self._out_of_time(run, attempt) from None
         except ProviderError as error:
             if error.agent_run_id is None:
                 error.agent_run_id = run.agent_run_id
             raise
 
+    async def _out_of_time(self, run: _AgentRun, attempt: AgentAttempt) -> ProviderTimeout:
+        """The attempt's deadline passed: its agent run (known or not) is cancelled."""
+        error = ProviderTimeout(
+            f"{run.insurer} gave no quote before the attempt's deadline",
+            agent_run_id=run.agent_run_id,
+        )
+        if run.agent_run_id is not None:
+            error.agent_run_finished = await self._cancel_run(run.agent_run_id)
+        else:
+            error.agent_run_finished = await self._cancel_unseen_runs(run, attempt)
+        return error
+
     async def _start(self, run: _AgentRun, attempt: AgentAttempt) -> Quote | None:
-        """Starts the attempt's agent run and follows its stream: the quote at COMPLETE, or None
-        when the stream ended after STARTED without COMPLETE (the run goes on: poll it)."""
+        """Starts the attempt's agent run (or adopts the one an earlier call started) and follows
+        its stream: the quote at COMPLETE, or None when the run is to be polled by id."""
         reference = attempt_reference(run.request, run.provider, attempt)
-        if await self._reattach_to_earlier_run(run, attempt, reference):
+        since = (attempt.started_at - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+        # A call that died (or was handed off) before the id was stored may have started it.
+        if run.asked_for_run and await self._adopt_by_reference(
+            run, reference, since, relayed=None
+        ):
+            logger.warning(
+                "attempt %d for %s had started agent run %s without storing it; reattaching",
+                attempt.number,
+                run.provider,
+                run.agent_run_id,
+            )
             return None
         seconds = min(attempt.whole_seconds_left(), MAX_AGENT_SECONDS)
         if seconds < self._min_agent_seconds:
@@ -231,80 +284,196 @@ class TinyFishQuoteSource:
             body = self.run_body(
                 run.request, run.provider, max_duration_seconds=seconds, reference=reference
             )
+            opened = False
             try:
-                async with self._client.run_events(body) as events:
-                    async for event in events:
-                        quote = await self._on_event(run, event)
-                        if quote is not None:
-                            return quote
+                run.asked_for_run = True
+                async with asyncio.timeout(self._started_patience) as patience:
+                    async with self._client.run_events(body) as events:
+                        opened = True
+                        async for event in events:
+                            if event.get("type") == "STARTED":
+                                # Before the id is stored: the store write is not to be cut.
+                                patience.reschedule(None)
+                            quote = await self._on_event(run, event)
+                            if quote is not None:
+                                return quote
             except RunRefused as refused:
-                dropped = self._drop_unsupported_field(refused.response, body)
-                if dropped is None:
-                    error = error_from_response(refused.response)
-                    logger.warning("TinyFish run for %s refused: %s", run.provider, error.message)
+                response = refused.response
+                if self._drop_gated_field(response, body):
+                    continue
+                error = error_from_response(response)
+                logger.warning("TinyFish run for %s refused: %s", run.provider, error.message)
+                if not (response.status_code == 408 or response.status_code >= 500):
+                    run.asked_for_run = False  # a refusal: no run was created
                     raise error from None
-                continue
-            except (httpx.TransportError, SSEError) as exc:
-                if run.agent_run_id is None:
-                    logger.warning(
-                        "TinyFish stream for %s broke before STARTED: %s",
+                # TinyFish may have created the run before it failed to answer.
+                fate_unknown: ProviderError = error
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                run.asked_for_run = False  # the request never left: no run was created
+                raise ProviderUnavailable(
+                    f"TinyFish could not be reached to start {run.insurer}'s web agent "
+                    f"({type(exc).__name__})"
+                ) from None
+            except (httpx.TransportError, SSEError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError) and not patience.expired():
+                    raise
+                if run.agent_run_id is not None:
+                    logger.info(
+                        "TinyFish stream of agent run %s (%s) broke (%s); polling the run instead",
+                        run.agent_run_id,
                         run.provider,
                         type(exc).__name__,
                     )
-                    raise ProviderUnavailable(
-                        f"TinyFish's stream broke off before {run.insurer}'s run started"
-                    ) from None
-                logger.info(
-                    "TinyFish stream of agent run %s (%s) broke (%s); polling the run instead",
-                    run.agent_run_id,
-                    run.provider,
-                    type(exc).__name__,
+                    run.poll_from = run.progress_relayed
+                    return None
+                what = (
+                    "said nothing"
+                    if isinstance(exc, TimeoutError)
+                    else f"broke off ({type(exc).__name__})"
                 )
-                return None
-            if run.agent_run_id is None:
-                raise ProviderUnavailable(
+                logger.warning(
+                    "TinyFish stream for %s %s before STARTED; looking the run up",
+                    run.provider,
+                    what,
+                )
+                fate_unknown = ProviderUnavailable(
+                    f"TinyFish's stream {what} before {run.insurer}'s run started"
+                )
+            else:
+                if run.agent_run_id is not None:
+                    logger.info(
+                        "TinyFish stream of agent run %s (%s) ended before COMPLETE; polling",
+                        run.agent_run_id,
+                        run.provider,
+                    )
+                    run.poll_from = run.progress_relayed
+                    return None
+                logger.warning(
+                    "TinyFish stream for %s ended before STARTED; looking the run up", run.provider
+                )
+                fate_unknown = ProviderUnavailable(
                     f"TinyFish's stream for {run.insurer} ended before the run started"
                 )
-            logger.info(
-                "TinyFish stream of agent run %s (%s) ended before COMPLETE; polling the run",
-                run.agent_run_id,
-                run.provider,
-            )
-            return None
+            tries = LOOKUP_TRIES_AFTER_OPENED if opened else 1
+            if await self._adopt_by_reference(run, reference, since, relayed=0, tries=tries):
+                return None
+            run.asked_for_run = False  # TinyFish says it created none
+            raise fate_unknown
 
-    async def _reattach_to_earlier_run(
-        self, run: _AgentRun, attempt: AgentAttempt, reference: str
+    @staticmethod
+    def _begun_earlier(attempt: AgentAttempt) -> bool:
+        """An attempt resumed rather than begun by this call (it may have a run already)."""
+        begun = (utc_now() - attempt.started_at).total_seconds()
+        return begun >= LOOK_FOR_EARLIER_RUN_AFTER_SECONDS
+
+    async def _adopt_by_reference(
+        self,
+        run: _AgentRun,
+        reference: str,
+        since: str,
+        *,
+        relayed: int | None,
+        tries: int = 1,
     ) -> bool:
-        """For an attempt begun a while ago: finds the run an earlier call started (it died
-        between STARTED and storing the id) and takes it as this attempt's. One GET; when it
-        cannot be asked, a new run is started as before."""
-        if (
-            attempt.remaining_seconds() < 0
-            or (utc_now() - attempt.started_at).total_seconds() < LOOK_FOR_EARLIER_RUN_AFTER_SECONDS
-        ):
+        """Settles whether the attempt has an agent run: adopts the best one found (reported,
+        then polled by id), cancels any other; False when TinyFish lists none. Raises a
+        transient ProviderUnavailable with `same_attempt` when TinyFish cannot say."""
+        found: list[dict[str, Any]] = []
+        for asked in range(1, tries + 1):
+            found = await self._find_attempt_runs(run, reference, since)
+            if found:
+                break
+            if asked < tries:
+                await self._sleep(self._polling.wait(asked))
+        if not found:
             return False
+        found.sort(key=lambda r: _ADOPTION_ORDER.get(str(r.get("status") or "").upper(), 3))
+        adopted, *others = found
+        for other in others:
+            if str(other.get("status") or "").upper() not in TERMINAL_STATUSES:
+                logger.warning(
+                    "attempt for %s had a second agent run %s; cancelling it",
+                    run.provider,
+                    other["run_id"],
+                )
+                await self._cancel_run(str(other["run_id"]))
+        agent_run_id = str(adopted["run_id"])
+        logger.info(
+            "TinyFish agent run %s (%s) found by the attempt's reference: %s",
+            agent_run_id,
+            run.provider,
+            adopted.get("status"),
+        )
+        run.agent_run_id = agent_run_id
+        run.poll_from = relayed
+        await run.listener.agent_run_started(agent_run_id)
+        return True
+
+    async def _find_attempt_runs(
+        self, run: _AgentRun, reference: str, since: str
+    ) -> list[dict[str, Any]]:
+        """The agent runs whose goal carries `reference` (a short bounded retry); raises a
+        transient ProviderUnavailable with `same_attempt` when TinyFish cannot say."""
+        problem = ""
+        for asked in range(1, LOOKUP_TRIES + 1):
+            try:
+                response = await self._client.find_runs(
+                    goal_contains=reference, created_after=since
+                )
+            except httpx.TransportError as exc:
+                problem = type(exc).__name__
+            else:
+                if response.is_success:
+                    try:
+                        listed = response.json().get("data")
+                    except (ValueError, AttributeError):
+                        listed = None
+                    if isinstance(listed, list):
+                        return [
+                            found
+                            for found in listed
+                            if isinstance(found, dict)
+                            and is_agent_run_id(found.get("run_id"))
+                            and reference in str(found.get("goal") or "")
+                        ]
+                    problem = "an answer without data"
+                else:
+                    error = error_from_response(response, action="the run lookup")
+                    if not error.transient:
+                        raise error
+                    problem = f"HTTP {response.status_code}"
+            logger.info("looking up %s's agent run by reference: %s", run.provider, problem)
+            if asked < LOOKUP_TRIES:
+                await self._sleep(self._polling.wait(asked))
+        unsettled = ProviderUnavailable(
+            f"TinyFish could not say whether {run.insurer}'s agent run was created ({problem})"
+        )
+        unsettled.same_attempt = True
+        raise unsettled
+
+    async def _cancel_unseen_runs(self, run: _AgentRun, attempt: AgentAttempt) -> bool:
+        """At the attempt's deadline with no run id: cancels whatever run the attempt asked for.
+        True when no run of the attempt is left going (as far as TinyFish can say in time)."""
+        if not run.asked_for_run:
+            return True
+        reference = attempt_reference(run.request, run.provider, attempt)
         since = (attempt.started_at - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
         try:
-            response = await self._client.find_runs(goal_contains=reference, created_after=since)
-            found = response.json().get("data") if response.is_success else None
-        except (httpx.TransportError, ValueError, AttributeError) as exc:
-            logger.info("could not look for an earlier agent run (%s)", type(exc).__name__)
+            async with asyncio.timeout(CLEANUP_SECONDS):
+                found = await self._find_attempt_runs(run, reference, since)
+                over = True
+                for unseen in found:
+                    if str(unseen.get("status") or "").upper() not in TERMINAL_STATUSES:
+                        over = await self._cancel_run(str(unseen["run_id"])) and over
+                return over
+        except (TimeoutError, ProviderError) as exc:
+            logger.warning(
+                "could not settle %s's agent run at the deadline (%s); its max_duration_seconds "
+                "cap ends it",
+                run.provider,
+                type(exc).__name__,
+            )
             return False
-        for earlier in found if isinstance(found, list) else []:
-            agent_run_id = earlier.get("run_id") if isinstance(earlier, dict) else None
-            goal = earlier.get("goal") if isinstance(earlier, dict) else None
-            if is_agent_run_id(agent_run_id) and isinstance(goal, str) and reference in goal:
-                assert isinstance(agent_run_id, str)
-                logger.warning(
-                    "attempt %d for %s had started agent run %s without storing it; reattaching",
-                    attempt.number,
-                    run.provider,
-                    agent_run_id,
-                )
-                run.agent_run_id = agent_run_id
-                await run.listener.agent_run_started(agent_run_id)
-                return True
-        return False
 
     async def _on_event(self, run: _AgentRun, event: dict[str, Any]) -> Quote | None:
         kind = event.get("type")
@@ -346,6 +515,7 @@ class TinyFishQuoteSource:
                 if view is not None:
                     status = str(view.get("status") or "").upper()
                     if status in TERMINAL_STATUSES:
+                        await self._relay_steps(run, view.get("steps"), relayed)
                         self._report_steps(run, view)
                         return self._finish(run, status, view.get("result"), view.get("error"))
                     if status == "PENDING" and not said_pending:
@@ -419,25 +589,26 @@ class TinyFishQuoteSource:
             failure.agent_run_finished = True
             raise
 
-    def _drop_unsupported_field(self, response: httpx.Response, body: dict[str, Any]) -> str | None:
-        """On a 403 to a request carrying optional fields, the field to drop (remembered)."""
-        present = [name for name in OPTIONAL_FIELDS if name in body]
+    def _drop_gated_field(self, response: httpx.Response, body: dict[str, Any]) -> bool:
+        """On a 403 to a request carrying beta-gated fields: drops one (the one the refusal
+        names, else the first present) for this account from now on; False when none is left."""
+        caps = body.get("agent_config") or {}
+        present = [name for name in GATED_FIELDS if name in body or name in caps]
         if response.status_code != 403 or not present:
-            return None
-        text = response.text.lower()
-        named = [n for n in present if any(word in text for word in _FIELD_WORDS[n])]
+            return False
+        text = response.text
+        named = [name for name in present if _GATED_WORDS[name].search(text)]
         dropped = (named or present)[0]
         self._unsupported.add(dropped)
         logger.warning(
             "TinyFish answered 403 to a run with %s; asking again without it (this account may "
-            "lack the feature)%s",
+            "lack the beta feature)%s",
             dropped,
-            "; agent runs are now capped only by TinyFish's own limits and our cancel at the "
-            "attempt's deadline"
-            if dropped == "agent_config"
+            "; agent runs stay capped by max_duration_seconds"
+            if dropped != "output_schema"
             else "",
         )
-        return dropped
+        return True
 
     async def cancel(self, agent_run_id: str) -> None:
         await self._cancel_run(agent_run_id)
