@@ -31,7 +31,7 @@ def test_vercel_build_outputs_the_worker_as_a_queue_triggered_function(tmp_path:
         )
     )
     build = subprocess.run(
-        [str(vercel_cli()), "build", "--yes"],
+        [str(vercel_cli()), "build", "--yes", "--global-config", str(tmp_path / "global-config")],
         cwd=project,
         env=cli_environment(),
         capture_output=True,

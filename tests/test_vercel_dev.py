@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -63,7 +64,7 @@ def test_the_development_config_is_vercel_json_without_max_duration() -> None:
 def test_make_vercel_dev_writes_the_development_config_the_cli_is_given(tmp_path: Path) -> None:
     output = tmp_path / "vercel.dev.json"
     written = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "python"), "-m", "tools.vercel_dev", "--output", str(output)],
+        [sys.executable, "-m", "tools.vercel_dev", "--output", str(output)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -86,7 +87,7 @@ def test_the_default_store_file_is_one_absolute_path_wherever_an_instance_runs(
         (copy / "lib" / name).write_bytes((ROOT / "lib" / name).read_bytes())
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(copy)}  # as @vercel/fun passes: no HOME
     output = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "python"), "-c", _PRINT_DB_PATH],
+        [sys.executable, "-c", _PRINT_DB_PATH],
         cwd=ROOT / cwd,
         env=env,
         capture_output=True,
@@ -101,6 +102,37 @@ def test_the_default_store_file_is_one_absolute_path_wherever_an_instance_runs(
 
 
 _PRINT_DB_PATH = "import lib.config as c; print(c.settings_from_env({}).db_path, c.__file__)"
+
+
+def test_the_api_standin_answers_like_vercel_for_known_and_unknown_ids() -> None:
+    account = VercelAccount(env={"SIMULATED_DELAY_SCALE": "0.1"})
+    with vercel_api_standin(account) as api, httpx.Client(base_url=api) as client:
+        bearer = {"Authorization": f"Bearer {account.token}"}
+        team = f"teamId={account.team_id}"
+        user = client.get("/v2/user", headers=bearer)
+        assert user.status_code == 200 and user.json()["user"]["id"] == account.user_id
+        wrong_token = client.get("/v2/user", headers={"Authorization": "Bearer other"})
+        assert wrong_token.status_code == 403
+        assert wrong_token.json()["error"]["invalidToken"] is True
+        assert (
+            client.get(f"/teams/{account.team_id}", headers=bearer).json()["id"] == account.team_id
+        )
+        assert client.get("/teams/team_other", headers=bearer).status_code == 404
+        project = client.get(f"/v9/projects/{account.project_id}?{team}", headers=bearer)
+        assert project.json()["id"] == account.project_id
+        for unknown in (
+            f"/v9/projects/prj_other?{team}",
+            f"/v9/projects/{account.project_id}?teamId=t",
+        ):
+            missing = client.get(unknown, headers=bearer)
+            assert missing.status_code == 404, unknown
+            assert missing.json()["error"]["code"] == "not_found"
+        pulled = client.get(
+            f"/v3/env/pull/{account.project_id}?source=vercel-cli:dev&{team}", headers=bearer
+        )
+        assert pulled.json() == {"env": {"SIMULATED_DELAY_SCALE": "0.1"}}
+        assert client.get(f"/v3/env/pull/prj_other?{team}", headers=bearer).status_code == 404
+        assert client.get("/v13/deployments", headers=bearer).status_code == 404
 
 
 @dataclass
@@ -256,8 +288,13 @@ def test_a_run_started_through_vercel_dev_streams_to_complete(vercel_dev: Runnin
         assert snapshot.status_code == 200, snapshot.text
         assert snapshot.json()["runId"] == run_id
         assert snapshot.json()["status"] == "completed", snapshot.json()
-    asked = set(vercel_dev.account.requests)
-    assert {"GET /v2/user", "GET /v9/projects/prj_standin"} <= asked, asked
+    # The four calls it makes before serving, and no other: the stand-in is all it needs.
+    assert set(vercel_dev.account.requests) == {
+        "GET /v2/user",
+        "GET /teams/team_standin",
+        "GET /v9/projects/prj_standin",
+        "GET /v3/env/pull/prj_standin",
+    }, vercel_dev.account.requests
 
 
 @pytest.mark.e2e
