@@ -5,8 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # npm dev tools (axe-core for the page's accessibility tests), exactly as package-lock.json pins.
 NODE_STAMP := node_modules/.installed
+# The Vercel CLI (tools/vercel-cli/package-lock.json) and uv, pinned, for `make vercel-dev` and the
+# tests that run `vercel build` and `vercel dev`; uv is the version @vercel/python 25 itself installs.
+VERCEL_TOOLS := tools/vercel-cli
+VERCEL := $(VERCEL_TOOLS)/node_modules/.bin/vercel
+UV_VERSION := 0.10.11
+VERCEL_STAMP := $(VERCEL_TOOLS)/.installed
 
-.PHONY: dev test check bench fmt clean openapi
+.PHONY: dev test check bench fmt clean openapi vercel-cli vercel-dev
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || \
@@ -23,8 +29,22 @@ $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $(NODE_STAMP)
 
+$(VERCEL_STAMP): $(VERCEL_TOOLS)/package.json $(VERCEL_TOOLS)/package-lock.json $(STAMP)
+	@command -v npm >/dev/null || { echo "npm is required for the Vercel CLI (apt-get install -y npm)"; exit 1; }
+	@# npm ci refuses this lock: vercel 64.0.2 names optional native packages npm does not serve.
+	npm install --prefix $(VERCEL_TOOLS) --no-save --no-audit --no-fund --loglevel=error
+	$(BIN)/python -m pip install --quiet --upgrade --target $(VERCEL_TOOLS)/python uv==$(UV_VERSION)
+	@touch $(VERCEL_STAMP)
+
 dev: $(STAMP)
 	$(BIN)/python -m tools.devhost $(ARGS)
+
+vercel-cli: $(VERCEL_STAMP)
+
+# vercel dev with vercel.json minus maxDuration, which CLI 64 rejects (vercel/vercel#17620).
+vercel-dev: $(STAMP) $(VERCEL_STAMP)
+	$(BIN)/python -m tools.vercel_dev
+	PATH="$(CURDIR)/$(VERCEL_TOOLS)/python/bin:$$PATH" $(VERCEL) dev --local-config .vercel/vercel.dev.json $(ARGS)
 
 test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -45,4 +65,5 @@ fmt: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache node_modules .artifacts
+	rm -rf $(VENV) .data .pytest_cache .mypy_cache .ruff_cache node_modules .artifacts \
+		$(VERCEL_TOOLS)/node_modules $(VERCEL_TOOLS)/python $(VERCEL_STAMP)

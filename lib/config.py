@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
 from lib.terms import PROVIDER_IDS, ProviderId, QuoteSourceName
@@ -144,6 +147,30 @@ def _kv_credentials(env: Mapping[str, str]) -> KVCredentials | None:
     return None
 
 
+def default_db_path() -> str:
+    """The embedded store's file when QUOTES_DB_PATH is unset: one absolute path per user.
+
+    `vercel dev` runs each function instance in its own temporary copy of the code, with that copy
+    as its working directory, so a path relative to the code or the cwd is a different file in each.
+    The user's data folder is the same for every instance under `make dev` and `vercel dev`.
+    """
+    if sys.platform == "win32":
+        return str(Path.home() / "AppData" / "Local" / "quote-runs" / "quotes.sqlite3")
+    import pwd
+
+    try:
+        # The account's home, not $HOME: `vercel dev` does not pass $HOME to its functions.
+        home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:  # a user with no account entry (a bare container)
+        return str(Path(tempfile.gettempdir()) / f"quote-runs-{os.getuid()}" / "quotes.sqlite3")
+    data = (
+        home / "Library" / "Application Support"
+        if sys.platform == "darwin"
+        else home / ".local" / "share"
+    )
+    return str(data / "quote-runs" / "quotes.sqlite3")
+
+
 def settings_from_env(env: Mapping[str, str]) -> Settings:
     kv = _kv_credentials(env)
     secret_text = env.get("QUOTES_SECRET", "").strip()
@@ -167,7 +194,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
     origins = tuple(o.strip() for o in env.get("CORS_ALLOW_ORIGINS", "*").split(",") if o.strip())
     return Settings(
         kv=kv,
-        db_path=env.get("QUOTES_DB_PATH", "").strip() or ".data/quotes.sqlite3",
+        db_path=env.get("QUOTES_DB_PATH", "").strip() or default_db_path(),
         run_ttl_seconds=ttl,
         tinyfish_api_key=env.get("TINYFISH_API_KEY", "").strip() or None,
         tinyfish_api_url=(

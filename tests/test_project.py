@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lib.config import ConfigError, settings_from_env
+from lib.config import ConfigError, default_db_path, settings_from_env
 from tests.functions import FUNCTION_FILES, load_function
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def test_every_api_file_is_one_of_the_functions() -> None:
 def test_settings_defaults_match_the_documented_configuration() -> None:
     settings = settings_from_env({})
     assert settings.kv is None
-    assert settings.db_path == ".data/quotes.sqlite3"
+    assert settings.db_path == default_db_path()
     assert settings.run_ttl_seconds == 7200
     assert settings.providers == (
         "geico",

@@ -1,58 +1,39 @@
-"""`vercel build` (the Vercel CLI from npm, with `uv` on PATH) builds this project, offline of any
-Vercel account, and its output holds the worker as a queue-triggered function.
+"""`vercel build` (the Vercel CLI pinned in tools/vercel-cli/, with uv) builds this project, offline
+of any Vercel account: one function per api/ file at the URLs the other tools serve, and the worker
+as a queue-triggered function.
 
-Skipped unless both `vercel` and `uv` are on PATH (CI does not install the CLI; see the README,
-"Running on Vercel", for the commands). The build runs on a copy of the checkout's tracked files,
-so nothing it writes (.vercel/, uv.lock) lands in the working tree.
+Skipped, saying why, when the CLI or uv is missing (`make vercel-cli` installs both; CI runs it).
+The build runs on a copy of the checkout's tracked files, so nothing it writes (.vercel/,
+uv.lock) lands in the working tree.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.functions import FUNCTION_FILES
+from tests.vercel_cli import cli_environment, requires_vercel_cli, tracked_copy, vercel_cli
 
-pytestmark = [
-    pytest.mark.e2e,
-    pytest.mark.skipif(
-        shutil.which("vercel") is None or shutil.which("uv") is None,
-        reason="needs the Vercel CLI and uv on PATH (npm i vercel; pip install uv)",
-    ),
-    pytest.mark.timeout(900),
-]
-
-
-def _tracked_copy(destination: Path) -> Path:
-    listed = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True
-    ).stdout
-    for name in filter(None, listed.decode().split("\0")):
-        source = ROOT / name
-        if source.is_file():
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, destination / name)
-    return destination
+pytestmark = [pytest.mark.e2e, requires_vercel_cli, pytest.mark.timeout(900)]
 
 
 def test_vercel_build_outputs_the_worker_as_a_queue_triggered_function(tmp_path: Path) -> None:
-    project = _tracked_copy(tmp_path / "project")
+    project = tracked_copy(tmp_path / "project")
     (project / ".vercel").mkdir()
     (project / ".vercel" / "project.json").write_text(
         json.dumps(
             {"projectId": "prj_local", "orgId": "team_local", "settings": {"framework": None}}
         )
     )
-    env = {**os.environ, "VERCEL_TELEMETRY_DISABLED": "1"}
     build = subprocess.run(
-        ["vercel", "build", "--yes"],
+        [str(vercel_cli()), "build", "--yes", "--global-config", str(tmp_path / "global-config")],
         cwd=project,
-        env=env,
+        env=cli_environment(),
         capture_output=True,
         text=True,
         timeout=840,
@@ -73,6 +54,15 @@ def test_vercel_build_outputs_the_worker_as_a_queue_triggered_function(tmp_path:
     ]
     # The SDK is installed from pyproject.toml into the worker's bundle.
     assert "_vendor/vercel/queue/__init__.py" in config["filePathMap"]
-    for other in ("quotes.func", "quotes/[runId].func", "quotes/[runId]/stream.func"):
+    # One function per api/ file, named by its path: the ones make dev and the tests route to.
+    built = sorted(str(p.relative_to(functions)) for p in functions.rglob("*.func"))
+    assert built == sorted(f.removesuffix(".py") + ".func" for f in FUNCTION_FILES.values())
+    for other in ("quotes/index.func", "quotes/[runId]/index.func", "quotes/[runId]/stream.func"):
         other_config = json.loads((functions / "api" / other / ".vc-config.json").read_text())
         assert "experimentalTriggers" not in other_config, other
+    # The URLs stay /api/quotes/{runId} and /api/quotes/{runId}/stream, the segment as runId.
+    routes = json.loads((project / ".vercel" / "output" / "config.json").read_text())["routes"]
+    dynamic = {r["dest"].split("?")[0]: r["src"] for r in routes if "runId" in r.get("dest", "")}
+    assert dynamic.keys() == {"/api/quotes/[runId]/index", "/api/quotes/[runId]/stream"}
+    assert re.match(dynamic["/api/quotes/[runId]/index"], "/api/quotes/qr_1")
+    assert re.match(dynamic["/api/quotes/[runId]/stream"], "/api/quotes/qr_1/stream")

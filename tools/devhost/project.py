@@ -6,6 +6,8 @@ import json
 import shlex
 from collections.abc import Mapping
 
+from lib.config import default_db_path
+
 EXAMPLE_QUOTE_REQUEST = {
     "vin": "2C3CDZAG2GH967639",
     "zip": "94107",
@@ -24,7 +26,7 @@ def describe(env: Mapping[str, str]) -> list[str]:
     elif has("UPSTASH_REDIS_REST_URL", "UPSTASH_REDIS_REST_TOKEN"):
         store = f"Upstash Redis at {env['UPSTASH_REDIS_REST_URL']}"
     else:
-        path = env.get("QUOTES_DB_PATH", "").strip() or ".data/quotes.sqlite3"
+        path = env.get("QUOTES_DB_PATH", "").strip() or default_db_path()
         store = f"embedded SQLite file {path}"
     source = "TinyFish" if has("TINYFISH_API_KEY") else "simulated — not real prices"
     return [f"store:         {store}", f"quote source:  {source}"]
