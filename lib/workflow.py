@@ -187,17 +187,29 @@ def agent_runs_to_cancel(record: RunRecord) -> Iterable[tuple[ProviderId, str]]:
 
 async def stop_agent_runs(source: QuoteSource, ended: RunRecord) -> None:
     """After a cancel: cancel each agent run still going (best effort: a worker that finds its
-    run ended cancels its own too), then log the run's summary with those it cancelled."""
-    work = dict(ended.work)
+    run ended cancels its own too), then log the run's summary with those it cancelled and the
+    steps each had taken."""
+    work, steps = dict(ended.work), dict(ended.agent_steps)
     for provider, agent_run_id in agent_runs_to_cancel(ended):
         try:
             await source.cancel(agent_run_id)
         except Exception:  # best effort; the agent's own caps bound its cost
             log.exception("run %s %s: cancelling agent run failed", ended.run_id, provider)
             continue
-        state = work[provider]
-        work[provider] = state.model_copy(
-            update={"cancelled_agent_run_ids": [*state.cancelled_agent_run_ids, agent_run_id]}
-        )
         log.info("run %s %s: cancelled agent run %s", ended.run_id, provider, agent_run_id)
-    log_run_summary(ended.model_copy(update={"work": work}))
+        state = work[provider]
+        # The workers store an attempt's steps only with its next write: ask what was paid.
+        paid = max(
+            await source.agent_steps(agent_run_id) or 0, state.agent_steps.get(agent_run_id, 0)
+        )
+        work[provider] = state.model_copy(
+            update={
+                "cancelled_agent_run_ids": [*state.cancelled_agent_run_ids, agent_run_id],
+                "agent_steps": {**state.agent_steps, agent_run_id: paid}
+                if paid
+                else state.agent_steps,
+            }
+        )
+        if work[provider].agent_steps:
+            steps[provider] = work[provider].total_agent_steps
+    log_run_summary(ended.model_copy(update={"work": work, "agent_steps": steps}))

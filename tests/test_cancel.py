@@ -16,10 +16,13 @@ import pytest
 from lib.cancel_tokens import bearer_token, cancel_token, is_cancel_token
 from lib.config import get_settings
 from lib.models import CancelledEvent, ProviderWork, RunEnd, utc_now
+from lib.queue.messages import RunDeadlineMessage
 from lib.store import OutcomesChanged, RunFinalized, Store, open_store
+from lib.worker import ProviderTask, enforce_deadline
 from lib.workflow import cancel_run, cancelled_event, stop_agent_runs
 from tests import test_routes
 from tests.conftest import make_quote, make_record, run_end
+from tests.fake_tinyfish import FakeTinyFishServer
 from tests.test_routes import VALID, problem, sse_events
 from tests.test_store_contract import (
     LEASE,
@@ -32,6 +35,9 @@ from tests.test_store_contract import (
     new_run,
     quoted,
 )
+from tests.test_tinyfish_agent_runs import API_KEY, REQUEST, Listener, attempt, source_for
+from tests.test_worker import delivery, message, settings, simulated
+from tests.test_worker import new_run as worker_run
 
 SECRET = b"a deployment secret"
 # The routes' fixtures: a function instance's environment on each store, and a client of it.
@@ -240,6 +246,9 @@ class RecordingSource:
             raise RuntimeError("the agent API did not answer")
         self.cancelled.append(agent_run_id)
 
+    async def agent_steps(self, agent_run_id: str) -> int | None:
+        return {"ar-2": 9}.get(agent_run_id)  # the API counts more than the worker stored
+
 
 async def test_after_a_cancel_every_agent_run_still_going_is_cancelled_and_summarised(
     store: Store, json_logs: Any
@@ -275,7 +284,7 @@ async def test_after_a_cancel_every_agent_run_still_going_is_cancelled_and_summa
     providers = summary["providers"]
     assert providers["geico"]["outcome"] == "quoted"
     assert providers["progressive"]["outcome"] == "cancelled"
-    assert providers["progressive"]["agentSteps"] == 11
+    assert providers["progressive"]["agentSteps"] == 4 + 9
     assert providers["progressive"]["cancelledAgentRunIds"] == ["ar-1", "ar-2"]
     assert providers["allstate"]["outcome"] == "cancelled"
     assert "cancelledAgentRunIds" not in providers["allstate"]  # its cancel failed, and says so
@@ -432,3 +441,92 @@ async def test_the_token_posts_answer_gives_cancels_that_run_and_a_replay_gives_
         await api.delete(f"/api/quotes/{run_id}", headers={"Authorization": f"Bearer {token}"}),
         409,
     )
+
+
+# --- the workers and the deadline after a cancel ------------------------------------------------
+
+
+async def test_a_worker_mid_agent_stops_and_cancels_its_agent_run_when_its_run_is_cancelled(
+    store: Store,
+) -> None:
+    run_id, _, deadline = await worker_run(store, ["geico"])
+    source = simulated(min_seconds=30)
+    work = message(run_id, "geico", 1, deadline)
+    task = asyncio.create_task(ProviderTask(store, source, settings(), work, delivery()).run())
+    await source.wait_for_starts()
+
+    await cancel_run(store, run_id)
+
+    # Its next write (an activity, or the lease's renewal a third of a lease on) is refused.
+    await asyncio.wait_for(task, 5)
+    assert source.cancelled == source.started == [source.started[0]]
+    assert len(source.attempts) == 1
+    assert (await events_of(store, run_id))[-1]["type"] == "cancelled"
+
+
+async def test_a_delivery_for_a_cancelled_run_starts_nothing(store: Store) -> None:
+    run_id, providers, deadline = await worker_run(store, ["geico", "progressive"])
+    await cancel_run(store, run_id)
+    before = await events_of(store, run_id)
+    source = simulated()
+    for provider in providers:
+        work = message(run_id, provider, 2, deadline)
+        await ProviderTask(store, source, settings(), work, delivery()).run()
+    assert source.attempts == [] and source.started == []
+    assert await events_of(store, run_id) == before
+
+
+class StepsUnknown:
+    """A source as tests/test_worker.py records it, whose agent runs' steps are unknown."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def cancel(self, agent_run_id: str) -> None:
+        await self.inner.cancel(agent_run_id)
+
+    async def agent_steps(self, agent_run_id: str) -> int | None:
+        return None
+
+
+async def test_the_deadline_message_of_a_cancelled_run_does_nothing(store: Store) -> None:
+    run_id, _, deadline = await worker_run(store, ["geico"])
+    source = simulated(min_seconds=30)
+    work = message(run_id, "geico", 1, deadline)
+    task = asyncio.create_task(ProviderTask(store, source, settings(), work, delivery()).run())
+    await source.wait_for_starts()
+    cancelled = await cancel_run(store, run_id)
+    assert cancelled is not None and cancelled.ended is not None
+    await stop_agent_runs(StepsUnknown(source), cancelled.ended)  # type: ignore[arg-type]
+    await asyncio.wait_for(task, 5)
+    before, calls = await events_of(store, run_id), list(source.cancelled)
+
+    await enforce_deadline(store, source, RunDeadlineMessage(run_id=run_id, deadline=utc_now()))
+
+    assert await events_of(store, run_id) == before
+    assert source.cancelled == calls
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.status == "cancelled"
+
+
+async def test_the_tinyfish_source_reads_a_cancelled_agent_runs_steps_back() -> None:
+    scenarios = {"geico": "quote,duration=30"}
+    with FakeTinyFishServer(api_key=API_KEY, scenarios=scenarios, delay_scale=0.01) as fake:
+        source, listener = source_for(fake), Listener()
+        try:
+            task = asyncio.create_task(source.quote(REQUEST, "geico", attempt(), listener))
+            await asyncio.wait_for(listener.progressed.wait(), 10)
+            await asyncio.sleep(0.5)
+            [agent_run_id] = listener.agent_runs
+            await source.cancel(agent_run_id)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 5)
+            steps = await source.agent_steps(agent_run_id)
+            unknown = await source.agent_steps("not an agent run id")
+        finally:
+            task.cancel()
+            await source.aclose()
+        [run] = fake.run_records()
+    assert run["status"] == "CANCELLED"
+    assert steps == run["steps"] and steps is not None and steps >= 1
+    assert unknown is None
