@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,7 @@ from lib.workflow import cancel_run, cancelled_event, stop_agent_runs
 from tests import test_routes
 from tests.conftest import make_quote, make_record, run_end
 from tests.fake_tinyfish import FakeTinyFishServer
+from tests.test_personal_data import stored_bytes
 from tests.test_routes import VALID, problem, sse_events
 from tests.test_store_contract import (
     LEASE,
@@ -530,3 +532,32 @@ async def test_the_tinyfish_source_reads_a_cancelled_agent_runs_steps_back() -> 
     assert run["status"] == "CANCELLED"
     assert steps == run["steps"] and steps is not None and steps >= 1
     assert unknown is None
+
+
+async def test_no_cancel_token_reaches_a_log_line_a_stored_byte_an_event_or_a_snapshot(
+    api: httpx.AsyncClient, run_store: Store, store_kind: str, tmp_path: Any, json_logs: Any
+) -> None:
+    headers = {"Idempotency-Key": f"pii-{uuid.uuid4()}"}
+    started = (await api.post("/api/quotes", json=VALID, headers=headers)).json()
+    replayed = (await api.post("/api/quotes", json=VALID, headers=headers)).json()
+    finished = started["runId"]
+    await run_end(api, finished)
+    problem(await api.delete(f"/api/quotes/{finished}", headers=bearer(finished)), 409)
+    open_one = await open_run(run_store)
+    problem(await api.delete(f"/api/quotes/{open_one}", headers=bearer(finished)), 401)
+    cancelled = await api.delete(f"/api/quotes/{open_one}", headers=bearer(open_one))
+    assert cancelled.status_code == 200
+    tokens = [started["cancelToken"], cancel_token(get_settings().secret, open_one)]
+    assert replayed["cancelToken"] == tokens[0]
+
+    seen: list[str] = [cancelled.text]
+    for run_id in (finished, open_one):
+        seen.append((await api.get(f"/api/quotes/{run_id}?since=-1&limit=1000")).text)
+        seen.append((await api.get(f"/api/quotes/{run_id}/stream")).text)
+    stored = stored_bytes(store_kind, tmp_path)
+    assert finished.encode() in stored and open_one.encode() in stored
+    assert any(json.loads(line).get("runId") == open_one for line in json_logs.lines)
+    for token in tokens:
+        assert [line for line in json_logs.lines if token in line] == []
+        assert token.encode() not in stored
+        assert [text for text in seen if token in text] == []
