@@ -395,11 +395,15 @@ async def test_without_this_runs_token_a_cancel_is_401_and_changes_nothing(
     assert (await api.get(f"/api/quotes/{run_id}")).json()["status"] == "processing"
 
 
-async def test_cancelling_a_malformed_or_unknown_run_is_404(api: httpx.AsyncClient) -> None:
+async def test_cancelling_a_malformed_or_unknown_run_is_404_and_401_comes_first(
+    api: httpx.AsyncClient,
+) -> None:
     unknown = make_record().run_id
     problem(await api.delete(f"/api/quotes/{unknown}", headers=bearer(unknown)), 404)
     problem(await api.delete("/api/quotes/not-a-run", headers=bearer("not-a-run")), 404)
     problem(await api.delete("/api/quotes/not-a-run"), 404)
+    # Without the token, whether a well-formed run exists is not told.
+    problem(await api.delete(f"/api/quotes/{unknown}"), 401)
 
 
 async def test_the_run_path_allows_get_delete_and_options_only(api: httpx.AsyncClient) -> None:

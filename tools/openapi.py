@@ -341,8 +341,10 @@ CANCEL_RUN: dict[str, Any] = {
         "quotes received so far, cheapest first, `best`, `failed`, and `stopped`: the providers "
         "that had not finished), its status `cancelled`. Every agent run still going is "
         "cancelled with the agent API; no new one starts; its queued work and deadline do "
-        "nothing. A repeated cancel answers the same. A disconnect is never a cancel. "
-        "Cache-Control: no-store."
+        "nothing. A repeated cancel answers the same. A disconnect is never a cancel. Checks "
+        "run in this order: 405, 404 for a malformed id, 401 (before storage: without the "
+        "token nobody learns whether a run exists), then 404, 409 or 200. Cache-Control: "
+        "no-store."
     ),
     "tags": ["quote runs"],
     "security": [{"cancelToken": []}],
