@@ -8,6 +8,7 @@ import base64
 import contextlib
 import json
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,11 +20,13 @@ from lib.config import get_settings
 from lib.models import CancelledEvent, ProviderWork, RunEnd, utc_now
 from lib.queue.messages import RunDeadlineMessage
 from lib.store import OutcomesChanged, RunFinalized, Store, open_store
+from lib.store.kv import KVStore
 from lib.worker import ProviderTask, enforce_deadline
 from lib.workflow import cancel_run, cancelled_event, stop_agent_runs
 from tests import test_routes
 from tests.conftest import make_quote, make_record, run_end
 from tests.fake_tinyfish import FakeTinyFishServer
+from tests.test_kv_store import CommandMeter, billed, quiet_kv
 from tests.test_personal_data import stored_bytes
 from tests.test_routes import VALID, problem, sse_events
 from tests.test_store_contract import (
@@ -44,6 +47,7 @@ from tests.test_worker import new_run as worker_run
 SECRET = b"a deployment secret"
 # The routes' fixtures: a function instance's environment on each store, and a client of it.
 configure, api = test_routes.configure, test_routes.api
+__all__ = ["quiet_kv"]  # a private redis-server behind the KV endpoint (tests/test_kv_store.py)
 
 
 # --- the token ---------------------------------------------------------------------------------
@@ -565,3 +569,29 @@ async def test_no_cancel_token_reaches_a_log_line_a_stored_byte_an_event_or_a_sn
         assert [line for line in json_logs.lines if token in line] == []
         assert token.encode() not in stored
         assert [text for text in seen if token in text] == []
+
+
+async def test_a_cancel_bills_its_fenced_write_and_two_reads_on_kv(quiet_kv: Any) -> None:
+    kv = KVStore(quiet_kv.url, quiet_kv.token, ttl_seconds=7200)
+    meter = CommandMeter(quiet_kv.redis_url)
+    try:
+        warm = await new_run(kv)  # loads the scripts and opens the endpoint's connection
+        await cancel_run(kv, warm)
+        run_id = await new_run(kv)
+        await kv.record_outcome(run_id, "geico", *quoted("geico"), total=5)
+        state = await kv.get_run(run_id, tail=0)
+        assert state is not None
+        event = cancelled_event(state.record)
+        end = RunEnd(status="cancelled", ended_at=event.ts)
+        write = await meter.of(kv.cancel_run(run_id, event, end, completed=1))
+        again = await new_run(kv)
+        whole = await meter.of(cancel_run(kv, again))
+    finally:
+        meter.close()
+        await kv.aclose()
+    print(f"cancel_run: {billed(write)} billed {dict(sorted(write.items()))}")
+    print(f"a whole cancel (read, write, snapshot): {billed(whole)} billed")
+    assert write == Counter(evalsha=1, hmget=1, rpushx=1, rename=1, hset=1, expire=2), (
+        "finish_run's fence, its end and TTLs, and one HMGET for the state and outcome count"
+    )
+    assert billed(whole) <= billed(write) + 2 * 5
