@@ -10,6 +10,7 @@ it happen once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -186,22 +187,28 @@ def agent_runs_to_cancel(record: RunRecord) -> Iterable[tuple[ProviderId, str]]:
 
 
 async def stop_agent_runs(source: QuoteSource, ended: RunRecord) -> None:
-    """After a cancel: cancel each agent run still going (best effort: a worker that finds its
-    run ended cancels its own too), then log the run's summary with those it cancelled and the
-    steps each had taken."""
-    work, steps = dict(ended.work), dict(ended.agent_steps)
-    for provider, agent_run_id in agent_runs_to_cancel(ended):
+    """After a cancel: cancel each agent run still going, all at once (best effort: a worker
+    that finds its run ended cancels its own too), then log the run's summary with those it
+    cancelled and the steps each had taken."""
+
+    async def stop(provider: ProviderId, agent_run_id: str) -> tuple[bool, int | None]:
         try:
             await source.cancel(agent_run_id)
         except Exception:  # best effort; the agent's own caps bound its cost
             log.exception("run %s %s: cancelling agent run failed", ended.run_id, provider)
-            continue
+            return False, None
         log.info("run %s %s: cancelled agent run %s", ended.run_id, provider, agent_run_id)
-        state = work[provider]
         # The workers store an attempt's steps only with its next write: ask what was paid.
-        paid = max(
-            await source.agent_steps(agent_run_id) or 0, state.agent_steps.get(agent_run_id, 0)
-        )
+        return True, await source.agent_steps(agent_run_id)
+
+    going = list(agent_runs_to_cancel(ended))
+    results = await asyncio.gather(*(stop(provider, run) for provider, run in going))
+    work, steps = dict(ended.work), dict(ended.agent_steps)
+    for (provider, agent_run_id), (cancelled, paid) in zip(going, results, strict=True):
+        if not cancelled:
+            continue
+        state = work[provider]
+        paid = max(paid or 0, state.agent_steps.get(agent_run_id, 0))
         work[provider] = state.model_copy(
             update={
                 "cancelled_agent_run_ids": [*state.cancelled_agent_run_ids, agent_run_id],
