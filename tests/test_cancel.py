@@ -20,7 +20,8 @@ from lib.config import get_settings
 from lib.models import CancelledEvent, ProviderWork, RunEnd, utc_now
 from lib.queue.messages import RunDeadlineMessage
 from lib.store import OutcomesChanged, RunFinalized, Store, open_store
-from lib.store.kv import KVStore
+from lib.store.base import new_nonce, stored_event_json
+from lib.store.kv import _CANCEL, KVStore
 from lib.worker import ProviderTask, enforce_deadline
 from lib.workflow import cancel_run, cancelled_event, stop_agent_runs
 from tests import test_routes
@@ -595,3 +596,31 @@ async def test_a_cancel_bills_its_fenced_write_and_two_reads_on_kv(quiet_kv: Any
         "finish_run's fence, its end and TTLs, and one HMGET for the state and outcome count"
     )
     assert billed(whole) <= billed(write) + 2 * 5
+
+
+async def test_a_kv_cancel_retried_after_its_reply_was_lost_answers_as_the_first(
+    quiet_kv: Any,
+) -> None:
+    kv = KVStore(quiet_kv.url, quiet_kv.token, ttl_seconds=7200)
+    try:
+        run_id = await new_run(kv)
+        state = await kv.get_run(run_id, tail=0)
+        assert state is not None
+        event = cancelled_event(state.record)
+        args = [
+            RunEnd(status="cancelled", ended_at=event.ts).model_dump_json(),
+            stored_event_json(event, new_nonce()),
+            "7200",
+            "0",
+        ]
+        keys = [f"quote:{run_id}", f"quote:{run_id}:events", f"quote:{run_id}:log"]
+        first = await kv.rest.eval(_CANCEL, keys=keys, args=args)
+        retried = await kv.rest.eval(_CANCEL, keys=keys, args=args)
+        another = await kv.rest.eval(
+            _CANCEL, keys=keys, args=[args[0], stored_event_json(event, new_nonce()), *args[2:]]
+        )
+        events = await events_of(kv, run_id)
+    finally:
+        await kv.aclose()
+    assert first == retried == 1 and another == -1
+    assert [e["type"] for e in events] == ["started", "cancelled"]

@@ -236,13 +236,22 @@ return count - 1
 """
 
 # The run's end by cancel: _FINISH's fence, made only while `done` (providers with their outcome)
-# is what the caller read, so the cancelled event lists every quote received. 7 commands.
+# is what the caller read, so the cancelled event lists every quote received. A retry whose first
+# reply was lost finds its own terminal item (by its nonce) and answers as the first would have.
+# 7 billed commands with the EVALSHA.
 _CANCEL = """
 local run_key, events_key, log_key = KEYS[1], KEYS[2], KEYS[3]
 local end_json, terminal_item, ttl, completed = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local v = redis.call('HMGET', run_key, 'st', 'done')
 if not v[1] then return -2 end
-if v[1] ~= 'processing' then return -1 end
+if v[1] ~= 'processing' then
+  local last = redis.call('LINDEX', log_key, -1) or ''
+  local mine = string.sub(terminal_item, 1, NEEDLE_LENGTH)
+  if v[1] == 'cancelled' and string.sub(last, 1, NEEDLE_LENGTH) == mine then
+    return redis.call('LLEN', log_key) - 1
+  end
+  return -1
+end
 if tonumber(v[2] or 0) ~= completed then return -5 end
 local count = redis.call('RPUSHX', events_key, terminal_item)
 if count == 0 then return -2 end
@@ -251,7 +260,7 @@ redis.call('HSET', run_key, 'st', 'cancelled', 'end', end_json)
 redis.call('EXPIRE', run_key, ttl)
 redis.call('EXPIRE', log_key, ttl)
 return count - 1
-"""
+""".replace("NEEDLE_LENGTH", str(len('{"n":"') + NONCE_CHARS + 1))
 
 # KEYS: idem; ARGV: the value that maps it to the run being forgotten
 _FORGET = """
