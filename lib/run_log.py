@@ -1,10 +1,11 @@
 """The lines the person on call reads to learn what happened to a run: one per provider outcome as
 it happens, and one summary when the run ends (completed, failed or cancelled), logged by whoever
-ends it. Each has a `kind`
-(`provider_outcome`, `run_summary`) to filter on; the run id comes from the log context.
+ends it. Each has a `kind` (`provider_outcome`, `run_summary`) to filter on; the run id comes
+from the log context.
 
 Levels mean something: a quote is info, a provider's failure a warning, an auth or billing
-failure from the agent API (`provider_auth`) an error, and a run that fails as a whole an error.
+failure from the agent API (`provider_auth`) an error, a run that fails as a whole an error, and
+a cancelled run info (a person's choice, not a fault).
 """
 
 from __future__ import annotations
