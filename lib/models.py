@@ -392,6 +392,17 @@ class ErrorEvent(CamelModel):
     ts: UtcTime = Field(default_factory=utc_now)
 
 
+class CancelledEvent(CamelModel):
+    type: Literal["cancelled"] = "cancelled"
+    quotes: list[Quote] = Field(
+        description="The quotes received before the cancel, cheapest first."
+    )
+    best: ProviderId | None
+    failed: list[ProviderId]
+    stopped: list[ProviderId] = Field(description="The providers that had not finished.")
+    ts: UtcTime = Field(default_factory=utc_now)
+
+
 RunEvent = Annotated[
     StartedEvent
     | ActivityEvent
@@ -399,7 +410,8 @@ RunEvent = Annotated[
     | QuoteEvent
     | ProviderErrorEvent
     | CompleteEvent
-    | ErrorEvent,
+    | ErrorEvent
+    | CancelledEvent,
     Field(discriminator="type"),
 ]
 
@@ -425,7 +437,7 @@ class RunMeta(CamelModel):
 class RunEnd(CamelModel):
     """Stored once, atomically with the run's terminal event."""
 
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "cancelled"]
     ended_at: UtcTime
     error: ErrorInfo | None = None
 
@@ -520,14 +532,20 @@ class RunAccepted(CamelModel):
     status: RunStatus
     status_url: str
     stream_url: str
+    cancel_token: str = Field(
+        repr=False,
+        description="The one credential that cancels this run (DELETE, Authorization: Bearer);"
+        " given only to whoever started it.",
+    )
 
     @classmethod
-    def for_run(cls, run_id: str) -> RunAccepted:
+    def for_run(cls, run_id: str, cancel_token: str) -> RunAccepted:
         return cls(
             run_id=run_id,
             status="processing",
             status_url=f"/api/quotes/{run_id}",
             stream_url=f"/api/quotes/{run_id}/stream",
+            cancel_token=cancel_token,
         )
 
 

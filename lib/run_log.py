@@ -1,9 +1,11 @@
 """The lines the person on call reads to learn what happened to a run: one per provider outcome as
-it happens, and one summary when the run ends, logged by whoever ends it. Each has a `kind`
-(`provider_outcome`, `run_summary`) to filter on; the run id comes from the log context.
+it happens, and one summary when the run ends (completed, failed or cancelled), logged by whoever
+ends it. Each has a `kind` (`provider_outcome`, `run_summary`) to filter on; the run id comes
+from the log context.
 
 Levels mean something: a quote is info, a provider's failure a warning, an auth or billing
-failure from the agent API (`provider_auth`) an error, and a run that fails as a whole an error.
+failure from the agent API (`provider_auth`) an error, a run that fails as a whole an error, and
+a cancelled run info (a person's choice, not a fault).
 """
 
 from __future__ import annotations
@@ -102,12 +104,14 @@ def log_run_summary(record: RunRecord) -> None:
     quoted = sum(p.status == "quoted" for p in record.providers)
     seconds = _seconds(record.created_at, record.ended_at or utc_now())
     code = record.error.code if record.error is not None else None
+    how = f"failed ({code})" if record.status == "failed" else record.status
     # Whichever provider's delivery ends the run, the line is the run's.
     with log_context(provider=None):
         log.log(
-            logging.INFO if record.status == "completed" else logging.ERROR,
+            # A cancel is a person's choice, not a fault.
+            logging.ERROR if record.status == "failed" else logging.INFO,
             "run %s in %.1f s: %d quoted, %d not",
-            "completed" if record.status == "completed" else f"failed ({code})",
+            how,
             seconds or 0.0,
             quoted,
             len(record.providers) - quoted,

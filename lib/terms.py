@@ -25,8 +25,8 @@ PROVIDER_NAMES: dict[ProviderId, str] = {
     "liberty_mutual": "Liberty Mutual",
 }
 Coverage = Literal["minimum", "standard", "full"]
-RunStatus = Literal["processing", "completed", "failed"]
-ProviderStatus = Literal["pending", "running", "quoted", "failed"]
+RunStatus = Literal["processing", "completed", "failed", "cancelled"]
+ProviderStatus = Literal["pending", "running", "quoted", "failed", "cancelled"]
 QuoteSourceName = Literal["tinyfish", "simulated"]
 ProviderErrorCode = Literal[
     "provider_timeout",
@@ -37,7 +37,7 @@ ProviderErrorCode = Literal[
     "provider_auth",
 ]
 RunErrorCode = Literal["worker_lost", "deadline_exceeded", "internal"]
-TERMINAL_EVENT_TYPES = frozenset({"complete", "error"})
+TERMINAL_EVENT_TYPES = frozenset({"complete", "error", "cancelled"})
 
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
 

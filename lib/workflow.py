@@ -1,5 +1,6 @@
 """A quote run's life in the store: its record at creation, and ending it exactly once —
-completed when every provider has its outcome, failed at its deadline or when its work is lost.
+completed when every provider has its outcome, failed at its deadline or when its work is lost,
+cancelled when whoever started it says stop (DELETE).
 
 Whoever notices first ends the run: the worker that records the last outcome, a redelivered
 message that finds its provider finished, the run's delayed deadline message, or (the last
@@ -9,11 +10,15 @@ it happen once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, NamedTuple
 
 from lib.config import Settings
 from lib.models import (
+    CancelledEvent,
     CompleteEvent,
     ErrorEvent,
     ErrorInfo,
@@ -27,7 +32,17 @@ from lib.models import (
     utc_now,
 )
 from lib.run_log import log_run_summary
-from lib.store import RunFinalized, RunNotFound, Store, StoreUnavailable
+
+if TYPE_CHECKING:
+    from lib.providers.base import QuoteSource
+from lib.store import (
+    OutcomesChanged,
+    RunFinalized,
+    RunNotFound,
+    RunState,
+    Store,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,3 +116,109 @@ async def fail_run(store: Store, run_id: str, code: RunErrorCode) -> bool:
     else:
         log.error("run %s failed (%s); its summary could not be read", run_id, code)
     return True
+
+
+def cancelled_event(record: RunRecord) -> CancelledEvent:
+    quotes = record.quotes
+    return CancelledEvent(
+        quotes=quotes,
+        best=quotes[0].provider if quotes else None,
+        failed=[p.provider for p in record.providers if p.status == "failed"],
+        stopped=[p.provider for p in record.providers if p.status not in ("quoted", "failed")],
+    )
+
+
+class Cancelled(NamedTuple):
+    """What a cancel found or did. `ended`: the run as this cancel ended it (None when it had
+    ended before: by an earlier cancel, or otherwise, as `state` says). `state`: the run now."""
+
+    state: RunState
+    ended: RunRecord | None
+
+
+async def cancel_run(store: Store, run_id: str) -> Cancelled | None:
+    """End the run as cancelled, keeping the quotes received; None when there is no such run.
+    Each try writes only if no outcome landed since its read (at most one per provider)."""
+    state = await store.get_run(run_id, tail=0)
+    tries = 0
+    while state is not None and not state.finalized and tries <= len(state.record.providers):
+        tries += 1
+        event = cancelled_event(state.record)
+        end = RunEnd(status="cancelled", ended_at=event.ts)
+        try:
+            await store.cancel_run(run_id, event, end, completed=state.record.completed)
+        except (OutcomesChanged, RunFinalized):
+            state = await store.get_run(run_id, tail=0)
+            continue
+        except RunNotFound:
+            return None
+        ended = state.record.model_copy(
+            update={
+                "status": "cancelled",
+                "ended_at": event.ts,
+                "providers": [
+                    p.model_copy(update={"status": "cancelled"})
+                    if p.provider in event.stopped
+                    else p
+                    for p in state.record.providers
+                ],
+            }
+        )
+        now = await store.get_run(run_id)
+        return Cancelled(now, ended) if now is not None else None
+    if state is None:
+        return None
+    if not state.finalized:
+        raise StoreUnavailable(f"run {run_id} kept changing; try the cancel again", retry_after=1)
+    # Re-read with the tail the snapshot shows each provider's latest activity from.
+    now = await store.get_run(run_id)
+    return Cancelled(now, None) if now is not None else None
+
+
+def agent_runs_to_cancel(record: RunRecord) -> Iterable[tuple[ProviderId, str]]:
+    """The agent runs of the run's unfinished providers not known to be cancelled yet."""
+    for provider in record.providers:
+        if provider.status in ("quoted", "failed"):
+            continue
+        work = record.work.get(provider.provider)
+        if work is None:
+            continue
+        for agent_run_id in work.agent_run_ids:
+            if agent_run_id not in work.cancelled_agent_run_ids:
+                yield provider.provider, agent_run_id
+
+
+async def stop_agent_runs(source: QuoteSource, ended: RunRecord) -> None:
+    """After a cancel: cancel each agent run still going, all at once (best effort: a worker
+    that finds its run ended cancels its own too), then log the run's summary with those it
+    cancelled and the steps each had taken."""
+
+    async def stop(provider: ProviderId, agent_run_id: str) -> tuple[bool, int | None]:
+        try:
+            await source.cancel(agent_run_id)
+        except Exception:  # best effort; the agent's own caps bound its cost
+            log.exception("run %s %s: cancelling agent run failed", ended.run_id, provider)
+            return False, None
+        log.info("run %s %s: cancelled agent run %s", ended.run_id, provider, agent_run_id)
+        # The workers store an attempt's steps only with its next write: ask what was paid.
+        return True, await source.agent_steps(agent_run_id)
+
+    going = list(agent_runs_to_cancel(ended))
+    results = await asyncio.gather(*(stop(provider, run) for provider, run in going))
+    work, steps = dict(ended.work), dict(ended.agent_steps)
+    for (provider, agent_run_id), (cancelled, paid) in zip(going, results, strict=True):
+        if not cancelled:
+            continue
+        state = work[provider]
+        paid = max(paid or 0, state.agent_steps.get(agent_run_id, 0))
+        work[provider] = state.model_copy(
+            update={
+                "cancelled_agent_run_ids": [*state.cancelled_agent_run_ids, agent_run_id],
+                "agent_steps": {**state.agent_steps, agent_run_id: paid}
+                if paid
+                else state.agent_steps,
+            }
+        )
+        if work[provider].agent_steps:
+            steps[provider] = work[provider].total_agent_steps
+    log_run_summary(ended.model_copy(update={"work": work, "agent_steps": steps}))

@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
+from lib.cancel_tokens import cancel_token
 from lib.config import get_settings
 from lib.models import ActivityEvent, utc_now
 from lib.staleness import LOST_AFTER_DEADLINE_SECONDS
@@ -121,6 +122,7 @@ async def test_post_accepts_a_run_and_the_run_completes_with_quotes_cheapest_fir
         "status": "processing",
         "statusUrl": f"/api/quotes/{run_id}",
         "streamUrl": f"/api/quotes/{run_id}/stream",
+        "cancelToken": cancel_token(get_settings().secret, run_id),
     }
     assert response.headers["location"] == f"/api/quotes/{run_id}"
 
@@ -202,7 +204,7 @@ async def test_other_methods_are_405_with_allow(api) -> None:
         assert response.headers["allow"] == "POST, OPTIONS"
     response = await api.post("/api/quotes/" + "a" * 22)
     problem(response, 405)
-    assert response.headers["allow"] == "GET, OPTIONS"
+    assert response.headers["allow"] == "GET, DELETE, OPTIONS"
 
 
 async def test_non_json_content_type_is_415(api) -> None:

@@ -33,6 +33,8 @@ CONFIG = SchemathesisConfig.from_dict({"generation": {"allow-extra-parameters": 
 # The committed document (schemathesis' lazy fixture loader does not work under pytest 9); the
 # first test checks that the host serves exactly this file.
 schema = schemathesis.openapi.from_path(ROOT / "openapi.json", config=CONFIG)
+# The cancel token of each run the tests started (POST gives it only to the run's starter).
+CANCEL_TOKENS: dict[str, str] = {}
 bounded = settings(
     max_examples=40,
     derandomize=True,
@@ -80,7 +82,36 @@ def finished_run_id(host: RunningDevHost) -> str:
         with client.stream("GET", started.json()["streamUrl"]) as stream:
             data = [line for line in stream.iter_lines() if line.startswith("data:")]
         assert json.loads(data[-1].removeprefix("data:"))["type"] == "complete"
+        CANCEL_TOKENS[started.json()["runId"]] = started.json()["cancelToken"]
         return str(started.json()["runId"])
+
+
+@pytest.fixture(scope="module")
+def cancelled_run_id(host: RunningDevHost) -> str:
+    """A run cancelled while its providers work (a simulated run ends within moments, so a
+    cancel that came too late is tried again on a new run)."""
+    document = json.loads((ROOT / "openapi.json").read_text(encoding="utf-8"))
+    example = document["components"]["schemas"]["QuoteRequest"]["examples"][0]
+    with httpx.Client(base_url=host.url, timeout=30) as client:
+        for _ in range(10):
+            started = client.post("/api/quotes", json=example).json()
+            token = started["cancelToken"]
+            cancelled = client.delete(
+                started["statusUrl"], headers={"Authorization": f"Bearer {token}"}
+            )
+            if cancelled.status_code == 200:
+                CANCEL_TOKENS[started["runId"]] = token
+                return str(started["runId"])
+            assert cancelled.status_code == 409, cancelled.text
+    raise AssertionError("every run ended before its cancel")
+
+
+def with_cancel_token(case: Any, run_id: str) -> None:
+    """A DELETE whose headers were not generated invalid carries the run's cancel token."""
+    if case.method.upper() == "DELETE" and not (
+        case.meta and case.meta.is_negative_at(ParameterLocation.HEADER)
+    ):
+        case.headers = {**(case.headers or {}), "Authorization": f"Bearer {CANCEL_TOKENS[run_id]}"}
 
 
 @schema.include(path_regex=r"\{runId\}").parametrize()
@@ -93,5 +124,17 @@ def test_operations_on_a_finished_run_keep_to_the_document(
     # still going or over), which it reports as flaky; a finished run answers the same each time.
     if not (case.meta and case.meta.is_negative_at(ParameterLocation.PATH)):
         case.path_parameters = {**case.path_parameters, "runId": finished_run_id}
+        with_cancel_token(case, finished_run_id)  # a 409: the run completed
     # A case whose run id was generated invalid keeps it: its answer is a 404.
+    case.call_and_validate(base_url=host.url, excluded_checks=EXCLUDED_CHECKS, timeout=15)
+
+
+@schema.include(path_regex=r"\{runId\}").parametrize()
+@bounded
+def test_operations_on_a_cancelled_run_keep_to_the_document(
+    case: Any, host: RunningDevHost, cancelled_run_id: str
+) -> None:
+    if not (case.meta and case.meta.is_negative_at(ParameterLocation.PATH)):
+        case.path_parameters = {**case.path_parameters, "runId": cancelled_run_id}
+        with_cancel_token(case, cancelled_run_id)  # a 200, the same each time
     case.call_and_validate(base_url=host.url, excluded_checks=EXCLUDED_CHECKS, timeout=15)

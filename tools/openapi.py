@@ -265,7 +265,8 @@ STREAM_RUN: dict[str, Any] = {
     "description": (
         "Opens with `retry: 2000`, then sends each event as `id: N` and one `data:` line "
         "holding a RunEvent (no `event:` field), and `: keep-alive` comments after 15 s of "
-        "silence. Ends after the terminal event (complete or error), or on its own before "
+        "silence. Ends after the terminal event (complete, error or cancelled), or on its own "
+        "before "
         "the function's deadline: reconnect with Last-Event-ID, to any instance, without "
         "losing or repeating an event."
     ),
@@ -332,6 +333,35 @@ STREAM_RUN: dict[str, Any] = {
     },
 }
 
+CANCEL_RUN: dict[str, Any] = {
+    "operationId": "cancelQuoteRun",
+    "summary": "Cancel a run",
+    "description": (
+        "Ends the run at once, in one fenced write: its terminal event is `cancelled` (the "
+        "quotes received so far, cheapest first, `best`, `failed`, and `stopped`: the providers "
+        "that had not finished), its status `cancelled`. Every agent run still going is "
+        "cancelled with the agent API; no new one starts; its queued work and deadline do "
+        "nothing. A repeated cancel answers the same. A disconnect is never a cancel. Checks "
+        "run in this order: 405, 404 for a malformed id, 401 (before storage: without the "
+        "token nobody learns whether a run exists), then 404, 409 or 200. Cache-Control: "
+        "no-store."
+    ),
+    "tags": ["quote runs"],
+    "security": [{"cancelToken": []}],
+    "parameters": [{"$ref": "#/components/parameters/runId"}],
+    "responses": {
+        "200": _json("RunSnapshot", "The cancelled run's state (also for a repeated cancel)."),
+        "401": _problem(
+            "The cancel token is missing or is not this run's (checked in constant time).",
+            "WWW-Authenticate",
+        ),
+        "404": _problem(NOT_FOUND),
+        "405": _problem("A method other than GET, DELETE (or OPTIONS) on this path.", "Allow"),
+        "409": _problem("`run-already-ended`: the run had already completed or failed."),
+        "503": _problem(UNAVAILABLE, "Retry-After"),
+    },
+}
+
 HEALTH: dict[str, Any] = {
     "operationId": "getHealth",
     "summary": "Whether this deployment can run quotes",
@@ -367,7 +397,7 @@ DESCRIBE: dict[str, Any] = {
 
 PATHS: dict[str, Any] = {
     "/api/quotes": {"post": START_RUN},
-    "/api/quotes/{runId}": {"get": GET_RUN},
+    "/api/quotes/{runId}": {"get": GET_RUN, "delete": CANCEL_RUN},
     "/api/quotes/{runId}/stream": {"get": STREAM_RUN},
     "/api/health": {"get": HEALTH},
     "/api/openapi.json": {"get": DESCRIBE},
@@ -412,7 +442,16 @@ def build_document() -> dict[str, Any]:
                         "minutes) that starts one run. Missing or refused: 401 with "
                         "WWW-Authenticate: Bearer."
                     ),
-                }
+                },
+                "cancelToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": (
+                        "The `cancelToken` of the POST that started the run (an HMAC of the run "
+                        "id keyed by the deployment's secret): the one credential that cancels "
+                        "it."
+                    ),
+                },
             },
         },
     }

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from lib.admission import AdmissionPass, AdmissionRequest, DailyLimitReached, RateLimited
 from lib.callers import Caller, CredentialsRefused, identify_caller
+from lib.cancel_tokens import cancel_token
 from lib.config import Settings
 from lib.http import FunctionContext, Problem, function_app
 from lib.logs import bind_log_context
@@ -125,10 +126,17 @@ def _allowed_providers(caller: Caller, settings: Settings) -> tuple[ProviderId, 
     return allowed
 
 
-def _replay(outcome: CreateOutcome, claim: IdempotencyClaim | None) -> Response:
-    """The answer to a request whose Idempotency-Key already maps to a run."""
+def _accepted(run_id: str, settings: Settings, status_code: int) -> Response:
+    """The run's 202 (or a replay's 200): where to follow it, and the token that cancels it."""
     from lib.models import RunAccepted
 
+    accepted = RunAccepted.for_run(run_id, cancel_token(settings.secret, run_id))
+    headers = {"Location": accepted.status_url, "Cache-Control": "no-store"}
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=status_code, headers=headers)
+
+
+def _replay(outcome: CreateOutcome, claim: IdempotencyClaim | None, settings: Settings) -> Response:
+    """The answer to a request whose Idempotency-Key already maps to a run."""
     if claim is not None and outcome.body_hash != claim.body_hash:
         raise Problem(
             422,
@@ -136,9 +144,7 @@ def _replay(outcome: CreateOutcome, claim: IdempotencyClaim | None) -> Response:
             "Idempotency-Key reused",
             "This Idempotency-Key was already used with a different request body.",
         )
-    accepted = RunAccepted.for_run(outcome.run_id)
-    headers = {"Location": accepted.status_url, "Cache-Control": "no-store"}
-    return JSONResponse(accepted.model_dump(mode="json"), status_code=200, headers=headers)
+    return _accepted(outcome.run_id, settings, 200)
 
 
 async def start_quote_run(request: Request, context: FunctionContext) -> Response:
@@ -146,7 +152,7 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
     # validation and the workflow cost more to import than Starlette itself.
     from pydantic import ValidationError
 
-    from lib.models import QuoteRequest, RunAccepted
+    from lib.models import QuoteRequest
     from lib.queue import QueueNotConfigured, QueueUnavailable, require_queue
     from lib.queue.dispatch import dispatch_run
     from lib.validation import validation_problem
@@ -180,7 +186,7 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
         earlier = await store.find_idempotent_run(claim) if claim is not None else None
         if earlier is None:
             raise
-        return _replay(earlier, claim)
+        return _replay(earlier, claim, settings)
     run_id = new_run_id()
     providers = quote_request.selected_providers(allowed or settings.providers)
     record = new_run_record(run_id, quote_request, providers, run_deadline(settings))
@@ -193,10 +199,8 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
     if not outcome.created:
         # A replay starts nothing: it does not count against any limit.
         await _give_back(admitted, context)
-        return _replay(outcome, claim)
+        return _replay(outcome, claim, settings)
 
-    accepted = RunAccepted.for_run(outcome.run_id)
-    headers = {"Location": accepted.status_url, "Cache-Control": "no-store"}
     try:
         await dispatch_run(settings, run_id, providers, quote_request, record.deadline)
     except (QueueNotConfigured, QueueUnavailable):
@@ -219,7 +223,7 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
             "deadline": record.deadline.isoformat(),
         },
     )
-    return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers=headers)
+    return _accepted(outcome.run_id, settings, 202)
 
 
 app = function_app(start_quote_run, methods=("POST",))

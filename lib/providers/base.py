@@ -175,4 +175,9 @@ class QuoteSource(Protocol):
         or unknown, is fine; a failure to reach the agent API is logged)."""
         ...
 
+    async def agent_steps(self, agent_run_id: str) -> int | None:
+        """The steps the agent run has taken (what the agent API bills), as the API reads it
+        back now; None when unknown or unpaid. Never raises."""
+        ...
+
     async def aclose(self) -> None: ...

@@ -248,5 +248,8 @@ class SimulatedQuoteSource:
     async def cancel(self, agent_run_id: str) -> None:
         return None  # nothing runs between calls: the timeline is arithmetic
 
+    async def agent_steps(self, agent_run_id: str) -> int | None:
+        return None  # a simulated attempt costs nothing
+
     async def aclose(self) -> None:
         return None

@@ -25,6 +25,7 @@ from lib.store.base import (
 )
 from lib.store.errors import (
     LeaseLost,
+    OutcomesChanged,
     RunFinalized,
     RunNotFound,
     StoreError,
@@ -41,6 +42,7 @@ __all__ = [
     "IdempotencyClaim",
     "LeaseLost",
     "OutcomeWritten",
+    "OutcomesChanged",
     "ProviderClaim",
     "RunFinalized",
     "RunNotFound",

@@ -26,6 +26,7 @@ from lib.terms import TERMINAL_EVENT_TYPES, format_time
 
 if TYPE_CHECKING:
     from lib.models import (
+        CancelledEvent,
         CompleteEvent,
         ErrorEvent,
         ProviderErrorEvent,
@@ -206,6 +207,10 @@ def assemble_record(
                 ProviderState(
                     provider=provider, status="failed", error=end.error, last_activity=activity
                 )
+            )
+        elif end is not None and end.status == "cancelled":
+            providers.append(
+                ProviderState(provider=provider, status="cancelled", last_activity=activity)
             )
         else:
             started = (state is not None and state.attempt > 0) or provider in leases
@@ -391,6 +396,15 @@ class Store(ABC):
     async def finish_run(self, run_id: str, event: CompleteEvent | ErrorEvent, end: RunEnd) -> int:
         """Append the terminal event with the run's end, exactly once: every later append and
         provider write is refused. Raises RunFinalized (already ended), RunNotFound."""
+
+    @abstractmethod
+    async def cancel_run(
+        self, run_id: str, event: CancelledEvent, end: RunEnd, *, completed: int
+    ) -> int:
+        """The run's end by cancel: as finish_run, and only while exactly `completed` providers
+        have their outcome (the ones `event` lists), so no outcome lands between the read the
+        event was built from and this write. Raises OutcomesChanged (read again and retry),
+        RunFinalized (already ended), RunNotFound."""
 
     @abstractmethod
     async def read_events(

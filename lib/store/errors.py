@@ -27,5 +27,9 @@ class RunFinalized(StoreError):
     """The run already has its terminal event; the write was refused by the fence."""
 
 
+class OutcomesChanged(StoreError):
+    """A provider's outcome landed after the caller read the run; the write was not made."""
+
+
 class LeaseLost(StoreError):
     """The provider's lease is no longer this worker's: another delivery took it over."""

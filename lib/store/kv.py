@@ -2,7 +2,7 @@
 
 Layout (keys get the TTL when the run is created and again with its terminal event, the run's
 last write; QUOTE_RUN_TTL_SECONDS is at least RUN_MAX_SECONDS, so nothing expires mid-run):
-  quote:{id}          hash    run (RunMeta JSON), st (processing|completed|failed), end (RunEnd),
+  quote:{id}          hash    run (RunMeta JSON), st (RunStatus), end (RunEnd),
                               done (providers finished), and per provider p: s:p (ProviderWork),
                               l:p (lease "owner|until-ms|deliveries"), o:p (ProviderOutcome, once)
   quote:{id}:events   list    the events while the run is open; an event's id is its index
@@ -32,6 +32,7 @@ from upstash_redis.asyncio import Redis
 from upstash_redis.errors import UpstashError
 
 from lib.models import (
+    CancelledEvent,
     CompleteEvent,
     ErrorEvent,
     ProviderErrorEvent,
@@ -67,7 +68,13 @@ from lib.store.base import (
     stored_items,
     wire_event,
 )
-from lib.store.errors import LeaseLost, RunFinalized, RunNotFound, StoreUnavailable
+from lib.store.errors import (
+    LeaseLost,
+    OutcomesChanged,
+    RunFinalized,
+    RunNotFound,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -228,6 +235,33 @@ redis.call('EXPIRE', KEYS[3], ARGV[4])
 return count - 1
 """
 
+# The run's end by cancel: _FINISH's fence, made only while `done` (providers with their outcome)
+# is what the caller read, so the cancelled event lists every quote received. A retry whose first
+# reply was lost finds its own terminal item (by its nonce) and answers as the first would have.
+# 7 billed commands with the EVALSHA.
+_CANCEL = """
+local run_key, events_key, log_key = KEYS[1], KEYS[2], KEYS[3]
+local end_json, terminal_item, ttl, completed = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local v = redis.call('HMGET', run_key, 'st', 'done')
+if not v[1] then return -2 end
+if v[1] ~= 'processing' then
+  local last = redis.call('LINDEX', log_key, -1) or ''
+  local mine = string.sub(terminal_item, 1, NEEDLE_LENGTH)
+  if v[1] == 'cancelled' and string.sub(last, 1, NEEDLE_LENGTH) == mine then
+    return redis.call('LLEN', log_key) - 1
+  end
+  return -1
+end
+if tonumber(v[2] or 0) ~= completed then return -5 end
+local count = redis.call('RPUSHX', events_key, terminal_item)
+if count == 0 then return -2 end
+redis.call('RENAME', events_key, log_key)
+redis.call('HSET', run_key, 'st', 'cancelled', 'end', end_json)
+redis.call('EXPIRE', run_key, ttl)
+redis.call('EXPIRE', log_key, ttl)
+return count - 1
+""".replace("NEEDLE_LENGTH", str(len('{"n":"') + NONCE_CHARS + 1))
+
 # KEYS: idem; ARGV: the value that maps it to the run being forgotten
 _FORGET = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -294,6 +328,8 @@ _SAVE_WORK_SCRIPT = _Script(_SAVE_WORK)
 _OUTCOME_SCRIPT = _Script(_OUTCOME)
 _FINISH_SCRIPT = _Script(_FINISH)
 _FORGET_SCRIPT = _Script(_FORGET)
+_CANCEL_SCRIPT = _Script(_CANCEL)
+_OUTCOMES_CHANGED = -5
 
 
 class _FateUnknown(Exception):
@@ -634,6 +670,20 @@ class KVStore(Store):
             raise RunFinalized(f"run {run_id} has already ended")
         if result == _MISSING:
             raise RunNotFound(f"run {run_id} does not exist")
+        return result
+
+    async def cancel_run(
+        self, run_id: str, event: CancelledEvent, end: RunEnd, *, completed: int
+    ) -> int:
+        item = stored_event_json(event, new_nonce())
+        args = [end.model_dump_json(), item, str(self.ttl_seconds), str(completed)]
+        result = int(await self._script("cancel", _CANCEL_SCRIPT, _keys(run_id), args))
+        if result == _REFUSED:
+            raise RunFinalized(f"run {run_id} has already ended")
+        if result == _MISSING:
+            raise RunNotFound(f"run {run_id} does not exist")
+        if result == _OUTCOMES_CHANGED:
+            raise OutcomesChanged(f"a provider of run {run_id} finished meanwhile")
         return result
 
     async def read_events(

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import TypeVar
 
 from lib.models import (
+    CancelledEvent,
     CompleteEvent,
     ErrorEvent,
     ProviderErrorEvent,
@@ -48,7 +49,13 @@ from lib.store.base import (
     stored_items,
     wire_event,
 )
-from lib.store.errors import LeaseLost, RunFinalized, RunNotFound, StoreUnavailable
+from lib.store.errors import (
+    LeaseLost,
+    OutcomesChanged,
+    RunFinalized,
+    RunNotFound,
+    StoreUnavailable,
+)
 from lib.store.sqlite_file import open_wal_database
 
 T = TypeVar("T")
@@ -546,6 +553,27 @@ class SQLiteStore(Store):
             return count
 
         return await self._transaction(finish)
+
+    async def cancel_run(
+        self, run_id: str, event: CancelledEvent, end: RunEnd, *, completed: int
+    ) -> int:
+        nonce = new_nonce()
+
+        def cancel(db: sqlite3.Connection) -> int:
+            count = self._require_open(db, run_id)
+            (done,) = db.execute("SELECT done FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if int(done) != completed:
+                raise OutcomesChanged(f"a provider of run {run_id} finished meanwhile")
+            self._insert_events(
+                db, run_id, count, [(stored_event_json(event, nonce), nonce, event)]
+            )
+            db.execute(
+                "UPDATE runs SET status = ?, run_end = ?, expires_at = ? WHERE run_id = ?",
+                (end.status, end.model_dump_json(), time.time() + self.ttl_seconds, run_id),
+            )
+            return count
+
+        return await self._transaction(cancel)
 
     async def read_events(
         self, run_id: str, after: int, limit: int | None = None

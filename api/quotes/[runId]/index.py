@@ -1,5 +1,9 @@
 """GET /api/quotes/{runId}: the run's current state, and with ?since=N the events after N, for
-clients that poll instead of streaming. Finalizes a run whose worker is gone."""
+clients that poll instead of streaming. Finalizes a run whose worker is gone.
+
+DELETE /api/quotes/{runId}: cancel the run, with the cancel token its POST gave. The run ends
+`cancelled` at once (one fenced write, the quotes so far kept); its agent runs still going are
+cancelled after the answer, in the same invocation."""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import re
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lib.cancel_tokens import bearer_token, is_cancel_token
 from lib.http import FunctionContext, Problem, function_app, run_id_from, run_not_found
 from lib.staleness import finalize_if_lost
 from lib.store import RunState
@@ -86,4 +92,62 @@ async def get_quote_run(request: Request, context: FunctionContext) -> Response:
     )
 
 
-app = function_app(get_quote_run, methods=("GET",))
+def _check_cancel_token(request: Request, run_id: str, secret: bytes) -> None:
+    token = bearer_token(request.headers.get("authorization"))
+    if token is None:
+        raise Problem(
+            401,
+            "cancel-token-required",
+            "Cancel token required",
+            "Cancelling a run needs Authorization: Bearer <the cancelToken its POST returned>.",
+            headers={"WWW-Authenticate": 'Bearer realm="quotes"'},
+        )
+    if not is_cancel_token(secret, run_id, token):
+        raise Problem(
+            401,
+            "cancel-token-refused",
+            "Cancel token refused",
+            "The Bearer credential is not this run's cancel token.",
+            headers={"WWW-Authenticate": 'Bearer realm="quotes", error="invalid_token"'},
+        )
+
+
+async def cancel_quote_run(request: Request, context: FunctionContext) -> Response:
+    from lib.workflow import cancel_run, stop_agent_runs
+
+    run_id = run_id_from(request)
+    if run_id is None or not is_run_id(run_id):
+        raise run_not_found()
+    # Before storage: without the token nobody learns whether the run exists.
+    _check_cancel_token(request, run_id, context.settings.secret)
+    cancelled = await cancel_run(context.store, run_id)
+    if cancelled is None:
+        raise run_not_found()
+    if cancelled.state.record.status != "cancelled":
+        raise Problem(
+            409,
+            "run-already-ended",
+            "Run already ended",
+            f"The quote run had already ended ({cancelled.state.record.status}).",
+        )
+    body = snapshot(cancelled.state, context.settings.run_ttl_seconds, with_events=False)
+    # After the answer, in this invocation: the 200 need not wait on the agent API.
+    background = (
+        BackgroundTask(stop_agent_runs, context.source, cancelled.ended)
+        if cancelled.ended is not None
+        else None
+    )
+    return JSONResponse(
+        body.model_dump(mode="json", exclude_none=True),
+        headers={"Cache-Control": "no-store"},
+        background=background,
+    )
+
+
+async def quote_run(request: Request, context: FunctionContext) -> Response:
+    if request.method == "DELETE":
+        return await cancel_quote_run(request, context)
+    return await get_quote_run(request, context)
+
+
+app = function_app(quote_run, methods=("GET", "DELETE"))

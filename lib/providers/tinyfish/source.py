@@ -613,6 +613,22 @@ class TinyFishQuoteSource:
     async def cancel(self, agent_run_id: str) -> None:
         await self._cancel_run(agent_run_id)
 
+    async def agent_steps(self, agent_run_id: str) -> int | None:
+        """One GET of the run: `num_of_steps` where given, else the `steps` array's length."""
+        if not is_agent_run_id(agent_run_id):
+            return None
+        try:
+            response = await self._client.get_run(agent_run_id)
+            view = response.json() if response.is_success else None
+        except (httpx.TransportError, ValueError):
+            return None
+        if not isinstance(view, dict):
+            return None
+        count, steps = view.get("num_of_steps"), view.get("steps")
+        if type(count) is int and count >= 0:
+            return count
+        return len(steps) if isinstance(steps, list) else None
+
     async def _cancel_run(self, agent_run_id: str) -> bool:
         """POST .../cancel with a short bounded retry; True when TinyFish says the run is over
         (cancelled now, or already finished, or unknown to it). Never raises but cancellation."""
