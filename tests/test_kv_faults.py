@@ -17,14 +17,15 @@ import respx
 from lib.models import ActivityEvent, ProviderWork, utc_now
 from lib.store import RunFinalized, RunNotFound, StoreUnavailable
 from lib.store.kv import (
-    _APPEND_AGAIN_SCRIPT,
-    _CLAIM_SCRIPT,
-    _FINISH_SCRIPT,
-    _OUTCOME_SCRIPT,
-    _SAVE_WORK_SCRIPT,
+    APPEND_AGAIN,
+    CLAIM,
+    FINISH,
+    OUTCOME,
+    SAVE_WORK,
     KVStore,
     keyspace_channel,
 )
+from lib.store.upstash import LuaScript
 from tests.conftest import make_record
 from tests.test_store_contract import LEASE, claim, completed, lost, quoted
 from tests.upstash_rest import UpstashRestServer
@@ -103,7 +104,10 @@ async def test_refused_credentials_are_not_retried(faulty_kv) -> None:
 async def test_an_append_whose_first_request_failed_answers_with_the_retrys_id(faulty_kv) -> None:
     with respx.mock() as mock:
         route = mock.post(KV_URL).mock(
-            side_effect=[httpx.ReadTimeout("slow"), httpx.Response(200, json={"result": 7})]
+            side_effect=[
+                httpx.ReadTimeout("slow"),
+                httpx.Response(200, json={"result": ["appended", 7]}),
+            ]
         )
         assert await faulty_kv.append_events("run", [activity()]) == 7
     assert b"EVALSHA" in route.calls[1].request.content, "the retry goes through the script"
@@ -126,6 +130,8 @@ class LoseReplies(httpx.AsyncBaseTransport):
         response = await self._inner.handle_async_request(request)
         if self._to_lose and self._matches(request.content):
             await response.aread()  # the server has answered: the write is applied
+            if b"NOSCRIPT" in response.content:
+                return response  # nothing was applied (a fresh server): the EVAL will be
             self._to_lose -= 1
             self.lost += 1
             raise httpx.ReadTimeout("the reply was lost after the server applied the write")
@@ -137,6 +143,11 @@ class LoseReplies(httpx.AsyncBaseTransport):
 
 def sends(*needles: str) -> Callable[[bytes], bool]:
     return lambda content: any(needle.encode() in content for needle in needles)
+
+
+def runs(script: LuaScript) -> Callable[[bytes], bool]:
+    """A request that runs the script: by its SHA1 (EVALSHA) or its source (EVAL)."""
+    return sends(script.sha, json.dumps(script.source)[1:-1])
 
 
 async def losing_store(
@@ -155,7 +166,7 @@ async def messages(store: KVStore, run_id: str) -> list[str]:
 async def test_an_append_whose_replies_were_lost_lands_once(upstash_server) -> None:
     # The plain RPUSHX's reply is lost, then the retry script's: the next retry finds the first.
     store, losing = await losing_store(
-        upstash_server, sends('"RPUSHX"', _APPEND_AGAIN_SCRIPT.sha), count=2
+        upstash_server, lambda c: sends('"RPUSHX"')(c) or runs(APPEND_AGAIN)(c), count=2
     )
     record = make_record()
     try:
@@ -185,7 +196,7 @@ async def test_a_lost_append_to_an_unknown_run_is_still_refused(upstash_server) 
 async def test_saved_work_whose_reply_was_lost_does_not_append_its_events_twice(
     upstash_server,
 ) -> None:
-    store, losing = await losing_store(upstash_server, sends(_SAVE_WORK_SCRIPT.sha))
+    store, losing = await losing_store(upstash_server, runs(SAVE_WORK))
     record = make_record()
     work = ProviderWork(attempt=1, agent_run_id="agent-1")
     try:
@@ -204,7 +215,7 @@ async def test_saved_work_whose_reply_was_lost_does_not_append_its_events_twice(
 
 
 async def test_an_outcome_whose_reply_was_lost_counts_once(upstash_server) -> None:
-    store, losing = await losing_store(upstash_server, sends(_OUTCOME_SCRIPT.sha))
+    store, losing = await losing_store(upstash_server, runs(OUTCOME))
     record = make_record()
     try:
         await store.create_run(record)
@@ -219,7 +230,7 @@ async def test_an_outcome_whose_reply_was_lost_counts_once(upstash_server) -> No
 
 
 async def test_a_finish_whose_reply_was_lost_writes_one_terminal_event(upstash_server) -> None:
-    store, losing = await losing_store(upstash_server, sends(_FINISH_SCRIPT.sha))
+    store, losing = await losing_store(upstash_server, runs(FINISH))
     record = make_record()
     try:
         await store.create_run(record)
@@ -398,7 +409,7 @@ async def test_a_dropped_subscription_is_caught_up_from_the_list(upstash_server)
 
 async def test_a_claim_whose_reply_was_lost_is_not_counted_twice(upstash_server) -> None:
     """The retry by the same owner finds its own lease: one delivery, still its own."""
-    store, losing = await losing_store(upstash_server, sends(_CLAIM_SCRIPT.sha))
+    store, losing = await losing_store(upstash_server, runs(CLAIM))
     record = make_record()
     try:
         await store.create_run(record)

@@ -21,9 +21,14 @@ import pytest
 import redis
 import redis.asyncio as redis_asyncio
 
+from lib.admission import AdmissionRequest, Limits
+from lib.admission import kv as kv_admission
+from lib.admission.kv import KVAdmission
 from lib.models import ActivityEvent, ProviderWork, utc_now
 from lib.store import IdempotencyClaim, RunNotFound
+from lib.store import kv as kv_backend
 from lib.store.kv import KVStore
+from lib.store.upstash import KEY_LOCKING
 from tests.conftest import make_record
 from tests.test_store_contract import LEASE, activity, claim, completed, lost, quoted
 from tests.upstash_rest import UpstashRestServer, kv_redis_url
@@ -361,3 +366,45 @@ async def test_each_store_operation_bills_the_commands_its_design_promises(quiet
     assert costs["renew_lease"] == Counter(evalsha=1, hmget=1, hset=1)
     assert billed(costs["create_run"]) <= 6
     assert billed(costs["get_run (snapshot)"]) <= 5
+
+
+# --- no database-wide lock -------------------------------------------------------------------
+
+
+def test_every_script_locks_only_its_keys_and_names_them_at_its_top() -> None:
+    for script in (*kv_backend.SCRIPTS, *kv_admission.SCRIPTS):
+        first, *lines = script.source.splitlines()
+        assert first == KEY_LOCKING, script.name
+        named = [line for line in lines if line.startswith("local ") and "KEYS[" in line]
+        assert [line.split()[1] for line in named] == list(script.keys), script.name
+        assert "KEYS[" not in script.body and "ARGV[" not in script.body, script.name
+
+
+async def test_a_whole_run_and_its_admission_take_no_global_lock(upstash_server) -> None:
+    """The endpoint checks each flagged script's keys against KEYS, as Upstash does, and counts
+    the scripts that would have locked the whole database."""
+    kv = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    admission = KVAdmission(kv.rest, limits=Limits(5, 10, 100), secret=b"s" * 32)
+    record = make_record()
+    upstash_server.reset_stats()
+    try:
+        request = AdmissionRequest(
+            address="203.0.113.7", subject="c1", token_id="t1", token_expires_at=time.time() + 60
+        )
+        passed = await admission.admit(request, time.time())
+        idem = IdempotencyClaim(key_hash="k" * 64, body_hash="b" * 64)
+        await kv.create_run(record, idem)
+        await claim(kv, record.run_id, "w1", now=utc_now())
+        await kv.save_provider_work(record.run_id, "geico", "w1", ProviderWork(), [activity("x")])
+        await kv.renew_lease(record.run_id, "geico", "w1", utc_now() + LEASE)
+        await kv.append_events(record.run_id, [activity("y")], nonce="n" * 8, again=True)
+        await kv.record_outcome(record.run_id, "geico", *quoted("geico"), total=5)
+        await kv.get_run(record.run_id, events_after=-1)
+        await kv.finish_run(record.run_id, *completed())
+        await kv.release_idempotency(idem, record.run_id)
+        await admission.release(passed)
+        stats = upstash_server.stats()
+    finally:
+        await kv.aclose()
+    assert stats["commands"] > 10
+    assert stats["global_lock_scripts"] == 0

@@ -161,6 +161,47 @@ def test_evalsha_falls_back_to_eval_on_noscript(
     assert kv.evalsha(unknown_sha, keys=[key], args=["1"]) == 6  # EVAL cached it
 
 
+KEY_LOCKED_INCR_BY = f"#!lua flags=allow-key-locking\n{INCR_BY}"
+
+
+@each_encoding
+def test_a_key_locking_script_runs_and_answers_to_its_own_sha(
+    upstash_server: UpstashRestServer, key: str, encoding: Encoding
+) -> None:
+    kv = sdk(upstash_server, encoding)
+    sha = hashlib.sha1(KEY_LOCKED_INCR_BY.encode()).hexdigest()
+    upstash_server.reset_stats()
+    assert kv.eval(KEY_LOCKED_INCR_BY, keys=[key], args=["2"]) == 2
+    assert kv.evalsha(sha, keys=[key], args=["3"]) == 5
+    assert kv.script_load(KEY_LOCKED_INCR_BY) == sha
+    assert upstash_server.stats()["global_lock_scripts"] == 0
+
+
+def test_a_key_locking_script_that_touches_an_undeclared_key_fails(
+    upstash_server: UpstashRestServer, key: str
+) -> None:
+    kv = sdk(upstash_server)
+    sneaky = "#!lua flags=allow-key-locking\nreturn redis.call('INCR', ARGV[1])"
+    with pytest.raises(UpstashError, match="not declared in KEYS"):
+        kv.eval(sneaky, keys=[f"{key}:declared"], args=[f"{key}:undeclared"])
+    guarded = (
+        "#!lua flags=allow-key-locking\n"
+        "local reply = redis.pcall('MGET', KEYS[1], ARGV[1])\n"
+        "if type(reply) == 'table' and reply.err then return 'refused' end\nreturn 'read'"
+    )
+    assert kv.eval(guarded, keys=[f"{key}:declared"], args=[f"{key}:undeclared"]) == "refused"
+    with redis.Redis.from_url(kv_redis_url()) as direct:
+        assert direct.get(f"{key}:undeclared") is None
+
+
+def test_a_script_without_the_flag_still_runs_under_the_global_lock(
+    upstash_server: UpstashRestServer, key: str
+) -> None:
+    upstash_server.reset_stats()
+    assert sdk(upstash_server).eval("return redis.call('INCR', ARGV[1])", args=[key]) == 1
+    assert upstash_server.stats()["global_lock_scripts"] == 1
+
+
 def test_pipeline_returns_one_entry_per_command_with_errors_inline(
     upstash_server: UpstashRestServer, key: str
 ) -> None:

@@ -20,12 +20,11 @@ was lost go through a script that finds the first attempt by its nonce, so they 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 from upstash_redis.asyncio import Redis
@@ -68,174 +67,223 @@ from lib.store.base import (
     wire_event,
 )
 from lib.store.errors import LeaseLost, RunFinalized, RunNotFound, StoreUnavailable
+from lib.store.upstash import LuaScript
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# KEYS: hash, events[, idem]; ARGV: ttl, meta, started item[, idem value]
-_CREATE = """
-if KEYS[3] then
-  local existing = redis.call('GET', KEYS[3])
-  if existing then return existing end
-  redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[1])
-elseif redis.call('HSETNX', KEYS[1], 'run', ARGV[2]) == 0 then
-  return ''
+CREATE = LuaScript(
+    "create",
+    keys=("run_key", "events_key", "idem_key"),
+    args=("ttl", "meta", "started_item", "idem_value"),
+    returns="{'created'}; {'exists'}: the run was there already (its own create, retried); "
+    "{'replay', value}: the idempotency key already maps to a run (value may be this one's)",
+    body="""
+if idem_key then
+  local existing = redis.call('GET', idem_key)
+  if existing then return {'replay', existing} end
+  redis.call('SET', idem_key, idem_value, 'EX', ttl)
+elseif redis.call('HSETNX', run_key, 'run', meta) == 0 then
+  return {'exists'}
 end
-redis.call('HSET', KEYS[1], 'run', ARGV[2], 'st', 'processing', 'done', 0)
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return ARGV[4] or ''
-"""
+redis.call('HSET', run_key, 'run', meta, 'st', 'processing', 'done', 0)
+redis.call('EXPIRE', run_key, ttl)
+redis.call('RPUSH', events_key, started_item)
+redis.call('EXPIRE', events_key, ttl)
+return {'created'}
+""",
+)
 
-# KEYS: hash, events, log; ARGV: first event wanted (-1: none), last event wanted, tail length
-_READ = """
-local v = redis.call('HMGET', KEYS[1], 'run', 'st')
+READ = LuaScript(
+    "read",
+    keys=("run_key", "events_key", "log_key"),
+    args=("first", "last", "tail"),
+    returns="false: no such run; else {event count, the hash's fields (flat), index of the "
+    "tail's first event, tail length, the tail's items…, then items first..last when wanted "
+    "(first = -1: none) and not all in the tail}",
+    body="""
+local v = redis.call('HMGET', run_key, 'run', 'st')
 if not v[1] then return false end
-local list = KEYS[2]
-if v[2] ~= 'processing' then list = KEYS[3] end
-local fields = redis.call('HGETALL', KEYS[1])
+local list = events_key
+if v[2] ~= 'processing' then list = log_key end
+local fields = redis.call('HGETALL', run_key)
 local count = redis.call('LLEN', list)
-local tail_from = math.max(count - tonumber(ARGV[3]), 0)
-local tail = {}
-if tonumber(ARGV[3]) > 0 and count > 0 then tail = redis.call('LRANGE', list, tail_from, -1) end
-local first = tonumber(ARGV[1])
-local out = {count, fields, tail_from, #tail}
-for _, event in ipairs(tail) do out[#out + 1] = event end
-if first >= 0 and (#tail == 0 or first < tail_from) then
-  for _, event in ipairs(redis.call('LRANGE', list, first, ARGV[2])) do out[#out + 1] = event end
+local tail_from = math.max(count - tonumber(tail), 0)
+local items = {}
+if tonumber(tail) > 0 and count > 0 then items = redis.call('LRANGE', list, tail_from, -1) end
+local from = tonumber(first)
+local out = {count, fields, tail_from, #items}
+for _, item in ipairs(items) do out[#out + 1] = item end
+if from >= 0 and (#items == 0 or from < tail_from) then
+  for _, item in ipairs(redis.call('LRANGE', list, from, last)) do out[#out + 1] = item end
 end
 return out
-"""
+""",
+)
 
-# A retried append: find the first attempt by its nonce, else append now.
-# KEYS: events; ARGV: nonce of the first item, items…
-_APPEND_AGAIN = """
-local count = redis.call('LLEN', KEYS[1])
-if count == 0 then return -1 end
-local tail = redis.call('LRANGE', KEYS[1], -64, -1)
-local needle = '{"n":"' .. ARGV[1] .. '"'
+APPEND_AGAIN = LuaScript(
+    "append again",
+    keys=("events_key",),
+    args=("nonce",),
+    more_args="items",
+    returns="{'found', first id}: the first attempt is there; {'appended', first id}; "
+    "{'refused'}: no open event list (the run has ended or does not exist)",
+    body="""
+local count = redis.call('LLEN', events_key)
+if count == 0 then return {'refused'} end
+local tail = redis.call('LRANGE', events_key, -64, -1)
+local needle = '{"n":"' .. nonce .. '"'
 for i, item in ipairs(tail) do
-  if string.sub(item, 1, #needle) == needle then return count - #tail + i - 1 end
+  if string.sub(item, 1, #needle) == needle then return {'found', count - #tail + i - 1} end
 end
-return redis.call('RPUSHX', KEYS[1], unpack(ARGV, 2)) - (#ARGV - 1)
-"""
+return {'appended', redis.call('RPUSHX', events_key, unpack(items)) - #items}
+""",
+)
 
-# KEYS: hash, events; ARGV: provider, owner, now-ms, lease-until-ms, alive-since (RFC 3339),
-# first work JSON ('' for none), items… (stored and appended with it when no work is stored yet)
-_CLAIM = """
-local p = ARGV[1]
-local v = redis.call('HMGET', KEYS[1], 'st', 'o:' .. p, 'l:' .. p, 's:' .. p)
+# The rule both backends state (lib/store/base.py, claim_provider): another owner is alive on the
+# provider while its lease runs, or, its lease ended but not released, while the provider's
+# latest event (of the whole run, not a window of it) is newer than alive_since. Times are
+# compared as format_time strings: fixed-width UTC, so their order is the order in time.
+CLAIM = LuaScript(
+    "claim",
+    keys=("run_key", "events_key"),
+    args=("provider", "owner", "now_ms", "lease_until_ms", "alive_since", "first_work"),
+    more_args="first_items",
+    returns="{'claimed', work JSON or '', deliveries}; {'held', lease end ms}; "
+    "{'writing', the holder's latest event time}; {'finished'}; {'ended'}; {'missing'}",
+    body="""
+local v = redis.call('HMGET', run_key, 'st', 'o:' .. provider, 'l:' .. provider,
+  's:' .. provider)
 if not v[1] then return {'missing'} end
 if v[1] ~= 'processing' then return {'ended'} end
 if v[2] then return {'finished'} end
 local deliveries = 0
 if v[3] then
-  local holder, untl, count = string.match(v[3], '^(.*)|(%d+)|(%d+)$')
+  local holder, lease_end, count = string.match(v[3], '^(.*)|(%d+)|(%d+)$')
   deliveries = tonumber(count)
-  if holder == ARGV[2] then
+  if holder == owner then
     deliveries = deliveries - 1
-  elseif tonumber(untl) > tonumber(ARGV[3]) then
-    return {'held', untl}
-  elseif tonumber(untl) > 0 then
-    -- expired, not released: the holder is alive if it wrote an event after alive-since
-    local needle = '"provider":"' .. p .. '"'
-    local tail = redis.call('LRANGE', KEYS[2], -32, -1)
-    for i = #tail, 1, -1 do
-      if string.find(tail[i], needle, 1, true) then
-        local ts = string.match(tail[i], '"ts":"([^"]+)"}$')
-        if ts and ts > ARGV[5] then return {'active', ts} end
+  elseif tonumber(lease_end) > tonumber(now_ms) then
+    return {'held', lease_end}
+  elseif tonumber(lease_end) > 0 then
+    local needle = '"provider":"' .. provider .. '"'
+    local events = redis.call('LRANGE', events_key, 0, -1)
+    for i = #events, 1, -1 do
+      if string.find(events[i], needle, 1, true) then
+        local ts = string.match(events[i], '"ts":"([^"]+)"}$')
+        if ts and ts > alive_since then return {'writing', ts} end
         break
       end
     end
   end
 end
 deliveries = deliveries + 1
-local lease = ARGV[2] .. '|' .. ARGV[4] .. '|' .. deliveries
-if v[4] or ARGV[6] == '' then
-  redis.call('HSET', KEYS[1], 'l:' .. p, lease)
+local lease = owner .. '|' .. lease_until_ms .. '|' .. deliveries
+if v[4] or first_work == '' then
+  redis.call('HSET', run_key, 'l:' .. provider, lease)
   return {'claimed', v[4] or '', tostring(deliveries)}
 end
-redis.call('HSET', KEYS[1], 'l:' .. p, lease, 's:' .. p, ARGV[6])
-if #ARGV > 6 then redis.call('RPUSHX', KEYS[2], unpack(ARGV, 7)) end
-return {'claimed', ARGV[6], tostring(deliveries)}
-"""
+redis.call('HSET', run_key, 'l:' .. provider, lease, 's:' .. provider, first_work)
+if #first_items > 0 then redis.call('RPUSHX', events_key, unpack(first_items)) end
+return {'claimed', first_work, tostring(deliveries)}
+""",
+)
 
-# KEYS: hash, events; ARGV: provider, owner, work JSON ('' keeps it), lease-until-ms ('' keeps
-# it), retry ('1'), items… (appended with the write; on a retry, not again)
-_SAVE_WORK = """
-local p = ARGV[1]
-local v = redis.call('HMGET', KEYS[1], 'st', 'l:' .. p)
-if not v[1] then return -2 end
-if v[1] ~= 'processing' then return -1 end
-local holder, untl, count = string.match(v[2] or '', '^(.*)|(%d+)|(%d+)$')
-if holder ~= ARGV[2] then return -3 end
+SAVE_WORK = LuaScript(
+    "provider write",
+    keys=("run_key", "events_key"),
+    args=("provider", "owner", "work", "lease_until_ms", "retry"),
+    more_args="items",
+    returns="{'saved'}; {'lease_lost'}: owner does not hold the lease; {'ended'}; {'missing'}",
+    body="""
+local v = redis.call('HMGET', run_key, 'st', 'l:' .. provider)
+if not v[1] then return {'missing'} end
+if v[1] ~= 'processing' then return {'ended'} end
+local holder, lease_end, count = string.match(v[2] or '', '^(.*)|(%d+)|(%d+)$')
+if holder ~= owner then return {'lease_lost'} end
 local fields = {}
-if ARGV[3] ~= '' then fields[#fields + 1] = 's:' .. p; fields[#fields + 1] = ARGV[3] end
-if ARGV[4] ~= '' then
-  fields[#fields + 1] = 'l:' .. p
-  fields[#fields + 1] = holder .. '|' .. ARGV[4] .. '|' .. count
+if work ~= '' then fields[#fields + 1] = 's:' .. provider; fields[#fields + 1] = work end
+if lease_until_ms ~= '' then
+  fields[#fields + 1] = 'l:' .. provider
+  fields[#fields + 1] = holder .. '|' .. lease_until_ms .. '|' .. count
 end
-if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
-if #ARGV > 5 then
-  if ARGV[5] == '1' then
-    local needle = string.sub(ARGV[6], 1, NEEDLE_LENGTH)
-    for _, item in ipairs(redis.call('LRANGE', KEYS[2], -64, -1)) do
-      if string.sub(item, 1, #needle) == needle then return 0 end
+if #fields > 0 then redis.call('HSET', run_key, unpack(fields)) end
+if #items > 0 then
+  if retry == '1' then
+    local needle = string.sub(items[1], 1, NEEDLE_LENGTH)
+    for _, item in ipairs(redis.call('LRANGE', events_key, -64, -1)) do
+      if string.sub(item, 1, #needle) == needle then return {'saved'} end
     end
   end
-  redis.call('RPUSHX', KEYS[2], unpack(ARGV, 6))
+  redis.call('RPUSHX', events_key, unpack(items))
 end
-return 0
-""".replace("NEEDLE_LENGTH", str(len('{"n":"') + NONCE_CHARS + 1))
+return {'saved'}
+""".replace("NEEDLE_LENGTH", str(len('{"n":"') + NONCE_CHARS + 1)),
+)
 
-# KEYS: hash, events; ARGV: provider, outcome JSON, event item, progress prefix, progress
-# suffix, total
-_OUTCOME = """
-if redis.call('HSETNX', KEYS[1], 'o:' .. ARGV[1], ARGV[2]) == 0 then
-  local v = redis.call('HMGET', KEYS[1], 'st', 'done')
-  if v[1] ~= 'processing' then return {-1, 0} end
-  return {-4, tonumber(v[2] or 0)}
+OUTCOME = LuaScript(
+    "outcome",
+    keys=("run_key", "events_key"),
+    args=("provider", "outcome", "event_item", "progress_prefix", "progress_suffix", "total"),
+    returns="{'recorded', the event's id, providers done}; {'already', providers done}: an "
+    "outcome was stored before; {'ended'}; {'missing'}",
+    body="""
+if redis.call('HSETNX', run_key, 'o:' .. provider, outcome) == 0 then
+  local v = redis.call('HMGET', run_key, 'st', 'done')
+  if v[1] ~= 'processing' then return {'ended'} end
+  return {'already', tonumber(v[2] or 0)}
 end
-local done = redis.call('HINCRBY', KEYS[1], 'done', 1)
-local total = tonumber(ARGV[6])
-local progress = ARGV[4] .. done .. ',"total":' .. total .. ',"percent":'
-  .. math.floor(done * 100 / total) .. ARGV[5]
-local count = redis.call('RPUSHX', KEYS[2], ARGV[3], progress)
+local done = redis.call('HINCRBY', run_key, 'done', 1)
+local of = tonumber(total)
+local progress = progress_prefix .. done .. ',"total":' .. of .. ',"percent":'
+  .. math.floor(done * 100 / of) .. progress_suffix
+local count = redis.call('RPUSHX', events_key, event_item, progress)
 if count == 0 then
-  if redis.call('HEXISTS', KEYS[1], 'run') == 0 then
-    redis.call('DEL', KEYS[1])
-    return {-2, 0}
+  if redis.call('HEXISTS', run_key, 'run') == 0 then
+    redis.call('DEL', run_key)
+    return {'missing'}
   end
-  redis.call('HDEL', KEYS[1], 'o:' .. ARGV[1])
-  redis.call('HINCRBY', KEYS[1], 'done', -1)
-  return {-1, 0}
+  redis.call('HDEL', run_key, 'o:' .. provider)
+  redis.call('HINCRBY', run_key, 'done', -1)
+  return {'ended'}
 end
-return {count - 2, done}
-"""
+return {'recorded', count - 2, done}
+""",
+)
 
-# KEYS: hash, events, log; ARGV: status, end JSON, terminal item, ttl
-_FINISH = """
-local count = redis.call('RPUSHX', KEYS[2], ARGV[3])
+FINISH = LuaScript(
+    "finish",
+    keys=("run_key", "events_key", "log_key"),
+    args=("status", "run_end", "terminal_item", "ttl"),
+    returns="{'finished', the terminal event's id}; {'ended'}: already; {'missing'}",
+    body="""
+local count = redis.call('RPUSHX', events_key, terminal_item)
 if count == 0 then
-  if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
-  return -2
+  if redis.call('EXISTS', log_key) == 1 then return {'ended'} end
+  return {'missing'}
 end
-redis.call('RENAME', KEYS[2], KEYS[3])
-redis.call('HSET', KEYS[1], 'st', ARGV[1], 'end', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-return count - 1
-"""
+redis.call('RENAME', events_key, log_key)
+redis.call('HSET', run_key, 'st', status, 'end', run_end)
+redis.call('EXPIRE', run_key, ttl)
+redis.call('EXPIRE', log_key, ttl)
+return {'finished', count - 1}
+""",
+)
 
-# KEYS: idem; ARGV: the value that maps it to the run being forgotten
-_FORGET = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 0
-"""
+FORGET = LuaScript(
+    "forget",
+    keys=("idem_key",),
+    args=("idem_value",),
+    returns="{'forgotten'}; {'kept'}: the key maps to another run (or to none)",
+    body="""
+if redis.call('GET', idem_key) ~= idem_value then return {'kept'} end
+redis.call('DEL', idem_key)
+return {'forgotten'}
+""",
+)
 
+SCRIPTS = (CREATE, READ, APPEND_AGAIN, CLAIM, SAVE_WORK, OUTCOME, FINISH, FORGET)
 
-_REFUSED, _MISSING, _LEASE_LOST, _ALREADY = -1, -2, -3, -4
 # The flags readers need: keyspace events (K) for list (l) and generic (g: RENAME) commands.
 NOTIFY_FLAGS = "Klg"
 
@@ -280,24 +328,15 @@ def _record_from_fields(fields: dict[str, str], tail: list[StoredEvent]) -> RunR
     return assemble_record(meta, end, outcomes, work, leases, tail)
 
 
-class _Script:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-
-_CREATE_SCRIPT = _Script(_CREATE)
-_READ_SCRIPT = _Script(_READ)
-_APPEND_AGAIN_SCRIPT = _Script(_APPEND_AGAIN)
-_CLAIM_SCRIPT = _Script(_CLAIM)
-_SAVE_WORK_SCRIPT = _Script(_SAVE_WORK)
-_OUTCOME_SCRIPT = _Script(_OUTCOME)
-_FINISH_SCRIPT = _Script(_FINISH)
-_FORGET_SCRIPT = _Script(_FORGET)
-
-
-class _FateUnknown(Exception):
-    """A write's request failed in a way that leaves unknown whether the server applied it."""
+def _refuse(status: str, run_id: str, lease_lost: str = "") -> NoReturn:
+    """The one place a script's refusal becomes the store's error."""
+    if status == "ended":
+        raise RunFinalized(f"run {run_id} has ended")
+    if status == "missing":
+        raise RunNotFound(f"run {run_id} does not exist")
+    if status == "lease_lost" and lease_lost:
+        raise LeaseLost(lease_lost)
+    raise StoreUnavailable(f"KV answered run {run_id}'s write with {status!r}")
 
 
 def rest_client(url: str, token: str, *, timeout: float = 5.0) -> Redis:
@@ -379,42 +418,50 @@ class KVStore(Store):
 
     async def _script(
         self,
-        label: str,
-        script: _Script,
-        keys: list[str],
-        args: list[str],
+        script: LuaScript,
+        keys: Mapping[str, str | None],
+        args: Mapping[str, str | None],
         *,
+        more_args: Sequence[str] = (),
         attempts: int | None = None,
     ) -> Any:
+        key_list, arg_list = script.bind(keys, args, more_args=more_args)
+
         async def run() -> Any:
             try:
-                return await self._redis.evalsha(script.sha, keys=keys, args=args)
+                return await self._redis.evalsha(script.sha, keys=key_list, args=arg_list)
             except UpstashError as error:
                 if "NOSCRIPT" not in str(error):
                     raise
-                return await self._redis.eval(script.source, keys=keys, args=args)
+                return await self._redis.eval(script.source, keys=key_list, args=arg_list)
 
-        return await self._call(label, run, attempts=attempts)
+        return await self._call(script.name, run, attempts=attempts)
 
     # --- the Store interface -------------------------------------------------------------------
 
     async def create_run(
         self, record: RunRecord, idempotency: IdempotencyClaim | None = None
     ) -> CreateOutcome:
-        hash_key, events_key, _ = _keys(record.run_id)
-        keys = [hash_key, events_key]
-        value = ""
+        run_key, events_key, _ = _keys(record.run_id)
+        idem_key = value = None
         if idempotency is not None:
-            keys.append(f"quote:idem:{idempotency.key_hash}")
+            idem_key = f"quote:idem:{idempotency.key_hash}"
             value = idempotency_value(record.run_id, idempotency.body_hash)
         started = stored_event_json(started_event(record), new_nonce())
-        args = [str(self.ttl_seconds), record.meta.model_dump_json(), started]
-        if value:
-            args.append(value)
-        stored = await self._script("create", _CREATE_SCRIPT, keys, args)
-        if idempotency is None or stored == value:
+        reply = await self._script(
+            CREATE,
+            {"run_key": run_key, "events_key": events_key, "idem_key": idem_key},
+            {
+                "ttl": str(self.ttl_seconds),
+                "meta": record.meta.model_dump_json(),
+                "started_item": started,
+                "idem_value": value,
+            },
+        )
+        # 'exists': run ids are fresh, so the run found is this create's own first attempt.
+        if reply[0] != "replay" or reply[1] == value:
             return CreateOutcome(created=True, run_id=record.run_id)
-        run_id, body_hash = parse_idempotency_value(str(stored))
+        run_id, body_hash = parse_idempotency_value(str(reply[1]))
         return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
 
     async def find_idempotent_run(self, idempotency: IdempotencyClaim) -> CreateOutcome | None:
@@ -427,7 +474,9 @@ class KVStore(Store):
 
     async def release_idempotency(self, claim: IdempotencyClaim, run_id: str) -> None:
         value = idempotency_value(run_id, claim.body_hash)
-        await self._script("forget", _FORGET_SCRIPT, [f"quote:idem:{claim.key_hash}"], [value])
+        await self._script(
+            FORGET, {"idem_key": f"quote:idem:{claim.key_hash}"}, {"idem_value": value}
+        )
 
     async def get_run(
         self,
@@ -438,8 +487,11 @@ class KVStore(Store):
         tail: int = TAIL_EVENTS,
     ) -> RunState | None:
         first, last = (-1, -1) if events_after is None else (events_after + 1, events_after + limit)
+        run_key, events_key, log_key = _keys(run_id)
         reply = await self._script(
-            "read", _READ_SCRIPT, _keys(run_id), [str(first), str(last), str(tail)]
+            READ,
+            {"run_key": run_key, "events_key": events_key, "log_key": log_key},
+            {"first": str(first), "last": str(last), "tail": str(tail)},
         )
         if not reply:
             return None
@@ -485,17 +537,20 @@ class KVStore(Store):
             count = await self._call(
                 "append", lambda: self._redis.rpushx(events_key, *items), attempts=1
             )
-            first = int(count) - len(items)
+            if int(count) > 0:
+                return int(count) - len(items)
         except StoreUnavailable:
             # The first request's fate is unknown: this one finds it by its nonce, or appends.
-            first = int(
-                await self._script(
-                    "append", _APPEND_AGAIN_SCRIPT, [events_key], [batch[0].nonce, *items]
-                )
+            reply = await self._script(
+                APPEND_AGAIN,
+                {"events_key": events_key},
+                {"nonce": batch[0].nonce},
+                more_args=items,
             )
-        if first < 0:
-            await self._raise_refused(run_id, log_key)
-        return first
+            if reply[0] != "refused":
+                return int(reply[1])
+        await self._raise_refused(run_id, log_key)
+        raise AssertionError("unreachable")
 
     async def _raise_refused(self, run_id: str, log_key: str) -> None:
         if await self._call("read", lambda: self._redis.exists(log_key)):
@@ -514,27 +569,34 @@ class KVStore(Store):
         first_work: ProviderWork | None = None,
         first_events: Sequence[RunEvent] = (),
     ) -> ProviderClaim:
-        hash_key, events_key, _ = _keys(run_id)
-        # In the events' own format (ms, "Z"), so the script's string comparison is a time's.
-        args = [provider, owner, _ms(now), _ms(lease_until), format_time(alive_since)]
-        if first_work is not None:
-            args.append(first_work.model_dump_json())
-            args += [item.json for item in stored_items(first_events)]
-        else:
-            args.append("")
-        reply = await self._script("claim", _CLAIM_SCRIPT, [hash_key, events_key], args)
-        result = str(reply[0])
-        if result == "claimed":
-            work = ProviderWork.model_validate_json(reply[1]) if reply[1] else ProviderWork()
-            return ProviderClaim("claimed", work=work, deliveries=int(reply[2]))
-        if result == "held":
-            return ProviderClaim("held", busy_until=_from_ms(reply[1]))
-        if result == "active":
-            last = datetime.fromisoformat(str(reply[1]))
-            return ProviderClaim("held", busy_until=last + (lease_until - now))
-        if result in ("finished", "ended", "missing"):
-            return ProviderClaim(result)  # type: ignore[arg-type]
-        raise StoreUnavailable(f"KV answered claim with {result!r}")
+        run_key, events_key, _ = _keys(run_id)
+        first_items = [item.json for item in stored_items(first_events)] if first_work else []
+        reply = await self._script(
+            CLAIM,
+            {"run_key": run_key, "events_key": events_key},
+            {
+                "provider": provider,
+                "owner": owner,
+                "now_ms": _ms(now),
+                "lease_until_ms": _ms(lease_until),
+                # In the events' own format, so the script's comparison is one of times.
+                "alive_since": format_time(alive_since),
+                "first_work": first_work.model_dump_json() if first_work else "",
+            },
+            more_args=first_items,
+        )
+        match [str(part) for part in reply]:
+            case ["claimed", work, deliveries]:
+                found = ProviderWork.model_validate_json(work) if work else ProviderWork()
+                return ProviderClaim("claimed", work=found, deliveries=int(deliveries))
+            case ["held", lease_end]:
+                return ProviderClaim("held", busy_until=_from_ms(lease_end))
+            case ["writing", last_event_at]:
+                last = datetime.fromisoformat(last_event_at)
+                return ProviderClaim("held", busy_until=last + (lease_until - now))
+            case ["finished" | "ended" | "missing" as result]:
+                return ProviderClaim(result)
+        raise StoreUnavailable(f"KV answered claim with {reply!r}")
 
     async def renew_lease(
         self, run_id: str, provider: ProviderId, owner: str, until: datetime
@@ -570,31 +632,30 @@ class KVStore(Store):
         *,
         again: bool = False,
     ) -> None:
-        keys = _keys(run_id)[:2]
+        run_key, events_key, _ = _keys(run_id)
 
-        def args(retry: bool) -> list[str]:
-            return [provider, owner, work_json, until, "1" if retry else "0", *items]
+        async def write(retry: bool, attempts: int) -> Any:
+            return await self._script(
+                SAVE_WORK,
+                {"run_key": run_key, "events_key": events_key},
+                {
+                    "provider": provider,
+                    "owner": owner,
+                    "work": work_json,
+                    "lease_until_ms": until,
+                    "retry": "1" if retry else "0",
+                },
+                more_args=items,
+                attempts=attempts,
+            )
 
         try:
-            result = await self._script(
-                "provider write", _SAVE_WORK_SCRIPT, keys, args(again), attempts=1
-            )
+            reply = await write(again, 1)
         except StoreUnavailable:
             # Its fate is unknown: the retry appends the events only if they are not there.
-            result = await self._script(
-                "provider write",
-                _SAVE_WORK_SCRIPT,
-                keys,
-                args(True),
-                attempts=max(self._attempts - 1, 1),
-            )
-        result = int(result)
-        if result == _REFUSED:
-            raise RunFinalized(f"run {run_id} has ended")
-        if result == _MISSING:
-            raise RunNotFound(f"run {run_id} does not exist")
-        if result == _LEASE_LOST:
-            raise LeaseLost(f"{provider} of run {run_id} is no longer {owner}'s")
+            reply = await write(True, max(self._attempts - 1, 1))
+        if reply[0] != "saved":
+            _refuse(str(reply[0]), run_id, f"{provider} of run {run_id} is no longer {owner}'s")
 
     async def record_outcome(
         self,
@@ -605,36 +666,42 @@ class KVStore(Store):
         *,
         total: int,
     ) -> OutcomeWritten:
-        hash_key, events_key, _ = _keys(run_id)
+        run_key, events_key, _ = _keys(run_id)
         prefix, suffix = progress_event_parts(new_nonce(), event.ts)
-        args = [
-            provider,
-            outcome.model_dump_json(),
-            stored_event_json(event, new_nonce()),
-            prefix,
-            suffix,
-            str(total),
-        ]
-        first, completed = await self._script(
-            "outcome", _OUTCOME_SCRIPT, [hash_key, events_key], args
+        reply = await self._script(
+            OUTCOME,
+            {"run_key": run_key, "events_key": events_key},
+            {
+                "provider": provider,
+                "outcome": outcome.model_dump_json(),
+                "event_item": stored_event_json(event, new_nonce()),
+                "progress_prefix": prefix,
+                "progress_suffix": suffix,
+                "total": str(total),
+            },
         )
-        if int(first) == _REFUSED:
-            raise RunFinalized(f"run {run_id} has ended")
-        if int(first) == _MISSING:
-            raise RunNotFound(f"run {run_id} does not exist")
-        if int(first) == _ALREADY:
-            return OutcomeWritten(first_id=None, completed=int(completed))
-        return OutcomeWritten(first_id=int(first), completed=int(completed))
+        match reply:
+            case ["recorded", first_id, done]:
+                return OutcomeWritten(first_id=int(first_id), completed=int(done))
+            case ["already", done]:
+                return OutcomeWritten(first_id=None, completed=int(done))
+        _refuse(str(reply[0]), run_id)
 
     async def finish_run(self, run_id: str, event: CompleteEvent | ErrorEvent, end: RunEnd) -> int:
-        item = stored_event_json(event, new_nonce())
-        args = [end.status, end.model_dump_json(), item, str(self.ttl_seconds)]
-        result = int(await self._script("finish", _FINISH_SCRIPT, _keys(run_id), args))
-        if result == _REFUSED:
-            raise RunFinalized(f"run {run_id} has already ended")
-        if result == _MISSING:
-            raise RunNotFound(f"run {run_id} does not exist")
-        return result
+        run_key, events_key, log_key = _keys(run_id)
+        reply = await self._script(
+            FINISH,
+            {"run_key": run_key, "events_key": events_key, "log_key": log_key},
+            {
+                "status": end.status,
+                "run_end": end.model_dump_json(),
+                "terminal_item": stored_event_json(event, new_nonce()),
+                "ttl": str(self.ttl_seconds),
+            },
+        )
+        if reply[0] == "finished":
+            return int(reply[1])
+        _refuse(str(reply[0]), run_id)
 
     async def read_events(
         self, run_id: str, after: int, limit: int | None = None
