@@ -27,6 +27,7 @@ from lib.admission.kv import KVAdmission
 from lib.models import ActivityEvent, ProviderWork, utc_now
 from lib.store import IdempotencyClaim, RunNotFound
 from lib.store import kv as kv_backend
+from lib.store.base import REPEAT_WINDOW, first_copies, stored_event_json
 from lib.store.kv import KVStore
 from lib.store.upstash import KEY_LOCKING
 from tests.conftest import make_record
@@ -408,3 +409,21 @@ async def test_a_whole_run_and_its_admission_take_no_global_lock(upstash_server)
         await kv.aclose()
     assert stats["commands"] > 10
     assert stats["global_lock_scripts"] == 0
+
+
+# --- exactly once ----------------------------------------------------------------------------
+
+
+def test_a_reader_skips_a_late_copy_within_the_window_wherever_its_read_begins() -> None:
+    def item(nonce: str) -> str:
+        return stored_event_json(activity(nonce), nonce.ljust(8, "x"))
+
+    stored = [item("a"), item("b"), item("c"), item("b"), item("d")]
+    nonces = [s[6:14] for s in stored]
+    whole = first_copies(0, stored, [])
+    assert [e.id for e in whole] == [0, 1, 2, 4]
+    for start in range(1, len(stored)):
+        read = first_copies(start, stored[start:], nonces[:start])
+        assert [e.id for e in read] == [e.id for e in whole if e.id >= start]
+    far = [item("b"), *(item(f"f{i}") for i in range(REPEAT_WINDOW)), item("b")]
+    assert len(first_copies(0, far, [])) == len(far), "a copy beyond the window is an event"

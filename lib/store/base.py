@@ -6,7 +6,9 @@ event append, one provider's lease or work state, one provider's outcome (with t
 progress), or the run's end (with its terminal event, which fences every later append).
 
 Events are stored as `{"n":"<nonce>",...}` (the nonce makes a retried append land once) and read
-as the wire JSON with `"id"` first, ready to send; an event's id is its position in the run.
+as the wire JSON with `"id"` first, ready to send; an event's id is its position in the run. Ids
+increase by one, except where a retried write's first attempt reached storage after the retry had
+appended the same events: that later copy is never read (`first_copies`) and its id is skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import re
 import secrets
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import TracebackType
@@ -63,6 +66,32 @@ def stored_event_json(event: RunEvent, nonce: str) -> str:
 def wire_event(event_id: int, stored: str) -> str:
     """Replace a stored event's nonce with its id: {"id":N,...}."""
     return f'{{"id":{event_id},{stored[_NONCE_PREFIX:]}'
+
+
+# A late first attempt lands within this many events of its retry's copy: the window in which the
+# retry looked for it, and in which readers look for an earlier copy of what they read.
+REPEAT_WINDOW = 64
+
+
+def stored_nonce(stored: str) -> str:
+    return stored[len('{"n":"') : len('{"n":"') + NONCE_CHARS]
+
+
+def first_copies(
+    first_id: int, stored: Sequence[str], earlier_nonces: Sequence[str]
+) -> list[StoredEvent]:
+    """Stored events `first_id`, `first_id` + 1, … as read, less every repeat: an event whose
+    nonce is among the REPEAT_WINDOW stored before it (`earlier_nonces`: those before
+    `first_id`, oldest first, up to the window). Every reader applies this one rule, so none
+    sees an event twice, however it reads."""
+    window = deque(earlier_nonces[-REPEAT_WINDOW:], maxlen=REPEAT_WINDOW)
+    events = []
+    for offset, item in enumerate(stored):
+        nonce = stored_nonce(item)
+        if nonce not in window:
+            events.append(StoredEvent(first_id + offset, wire_event(first_id + offset, item)))
+        window.append(nonce)
+    return events
 
 
 class StoredItem(NamedTuple):

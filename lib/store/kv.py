@@ -14,7 +14,9 @@ Billed commands (Upstash counts each command a script runs, plus the EVALSHA): a
 one RPUSHX (one REST request, one command); readers learn of it from the list's keyspace
 notification (no PUBLISH) and read it once per instance (LRANGE). A provider's outcome with the
 run's progress is one script of four commands for two events. Retried writes whose first reply
-was lost go through a script that finds the first attempt by its nonce, so they land once.
+was lost go through a script that finds the first attempt by its nonce, so they land once; a
+first attempt still in transit when its retry ran lands after it, and readers skip that copy
+(lib/store/base.py, first_copies).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
@@ -47,6 +50,7 @@ from lib.models import (
 )
 from lib.store.base import (
     NONCE_CHARS,
+    REPEAT_WINDOW,
     TAIL_EVENTS,
     CreateOutcome,
     EventWatch,
@@ -57,6 +61,7 @@ from lib.store.base import (
     Store,
     StoredEvent,
     assemble_record,
+    first_copies,
     idempotency_value,
     new_nonce,
     parse_idempotency_value,
@@ -64,7 +69,7 @@ from lib.store.base import (
     started_event,
     stored_event_json,
     stored_items,
-    wire_event,
+    stored_nonce,
 )
 from lib.store.errors import LeaseLost, RunFinalized, RunNotFound, StoreUnavailable
 from lib.store.upstash import LuaScript
@@ -97,10 +102,11 @@ return {'created'}
 READ = LuaScript(
     "read",
     keys=("run_key", "events_key", "log_key"),
-    args=("first", "last", "tail"),
-    returns="false: no such run; else {event count, the hash's fields (flat), index of the "
-    "tail's first event, tail length, the tail's items…, then items first..last when wanted "
-    "(first = -1: none) and not all in the tail}",
+    args=("first", "last", "tail", "window"),
+    returns="false: no such run; else {event count, the hash's fields (flat), the tail (the "
+    "last `tail` events), the page (events first..last when wanted, first = -1: none, and not "
+    "all in the tail)}, each read as {index of its first event, its items, the nonces of up "
+    "to `window` events before it}",
     body="""
 local v = redis.call('HMGET', run_key, 'run', 'st')
 if not v[1] then return false end
@@ -108,17 +114,31 @@ local list = events_key
 if v[2] ~= 'processing' then list = log_key end
 local fields = redis.call('HGETALL', run_key)
 local count = redis.call('LLEN', list)
-local tail_from = math.max(count - tonumber(tail), 0)
-local items = {}
-if tonumber(tail) > 0 and count > 0 then items = redis.call('LRANGE', list, tail_from, -1) end
-local from = tonumber(first)
-local out = {count, fields, tail_from, #items}
-for _, item in ipairs(items) do out[#out + 1] = item end
-if from >= 0 and (#items == 0 or from < tail_from) then
-  for _, item in ipairs(redis.call('LRANGE', list, from, last)) do out[#out + 1] = item end
+local span = tonumber(window)
+-- One LRANGE from `window` events before `from`: the earlier ones' nonces, then the items.
+local function read(from, to)
+  local start = math.max(from - span, 0)
+  local got = redis.call('LRANGE', list, start, to)
+  local nonces, items = {}, {}
+  for i, item in ipairs(got) do
+    if start + i - 1 < from then
+      nonces[#nonces + 1] = string.sub(item, NONCE_FROM, NONCE_TO)
+    else
+      items[#items + 1] = item
+    end
+  end
+  return {from, items, nonces}
 end
-return out
-""",
+local tail_from = math.max(count - tonumber(tail), 0)
+local recent = {tail_from, {}, {}}
+if tonumber(tail) > 0 and count > 0 then recent = read(tail_from, -1) end
+local from = tonumber(first)
+local page = {from, {}, {}}
+if from >= 0 and (#recent[2] == 0 or from < tail_from) then page = read(from, last) end
+return {count, fields, recent, page}
+""".replace("NONCE_FROM", str(len('{"n":"') + 1)).replace(
+        "NONCE_TO", str(len('{"n":"') + NONCE_CHARS)
+    ),
 )
 
 APPEND_AGAIN = LuaScript(
@@ -284,6 +304,8 @@ return {'forgotten'}
 
 SCRIPTS = (CREATE, READ, APPEND_AGAIN, CLAIM, SAVE_WORK, OUTCOME, FINISH, FORGET)
 
+# Runs whose last read an instance remembers (a few per open stream).
+_RUNS_REMEMBERED = 512
 # The flags readers need: keyspace events (K) for list (l) and generic (g: RENAME) commands.
 NOTIFY_FLAGS = "Klg"
 
@@ -375,6 +397,8 @@ class KVStore(Store):
         self._redis = rest_client(url, token, timeout=timeout)
         self._stream_client: httpx.AsyncClient | None = None
         self._notifications: asyncio.Task[bool] | None = None
+        # run id -> (the last event id read, the nonces of the REPEAT_WINDOW events up to it)
+        self._read_through: OrderedDict[str, tuple[int, list[str]]] = OrderedDict()
 
     @property
     def rest(self) -> Redis:
@@ -491,26 +515,25 @@ class KVStore(Store):
         reply = await self._script(
             READ,
             {"run_key": run_key, "events_key": events_key, "log_key": log_key},
-            {"first": str(first), "last": str(last), "tail": str(tail)},
+            {
+                "first": str(first),
+                "last": str(last),
+                "tail": str(tail),
+                "window": str(REPEAT_WINDOW),
+            },
         )
         if not reply:
             return None
-        count, flat, tail_from, tail_count, *items = reply
-        tail_from, tail_count = int(tail_from), int(tail_count)
+        count, flat, (tail_from, tail_items, before_tail), (page_from, page_items, before_page) = (
+            reply
+        )
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        recent = [
-            StoredEvent(tail_from + i, wire_event(tail_from + i, item))
-            for i, item in enumerate(items[:tail_count])
-        ]
+        recent = first_copies(int(tail_from), tail_items, before_tail)
         record = _record_from_fields(fields, recent)
         events: list[StoredEvent] = []
         if events_after is not None:
-            if len(items) > tail_count:
-                start = events_after + 1
-                events = [
-                    StoredEvent(start + i, wire_event(start + i, item))
-                    for i, item in enumerate(items[tail_count:])
-                ]
+            if page_items:
+                events = first_copies(int(page_from), page_items, before_page)
             else:
                 events = [e for e in recent if e.id > events_after][:limit]
         return RunState(
@@ -706,15 +729,26 @@ class KVStore(Store):
     async def read_events(
         self, run_id: str, after: int, limit: int | None = None
     ) -> list[StoredEvent]:
+        # What this instance read last of the run spares re-reading the window before `after`.
+        known = self._read_through.get(run_id)
+        remembered = known[1] if known is not None and known[0] == after else None
+        lookback = 0 if remembered is not None else min(REPEAT_WINDOW, after + 1)
+        start = after + 1 - lookback
         stop = after + limit if limit is not None else -1
         _, events_key, log_key = _keys(run_id)
-        items = await self._call("read", lambda: self._redis.lrange(events_key, after + 1, stop))
+        items = await self._call("read", lambda: self._redis.lrange(events_key, start, stop))
         if not items:
             # An open run's list, or the ended run's: one of the two is there.
-            items = await self._call("read", lambda: self._redis.lrange(log_key, after + 1, stop))
-        return [
-            StoredEvent(after + 1 + i, wire_event(after + 1 + i, e)) for i, e in enumerate(items)
-        ]
+            items = await self._call("read", lambda: self._redis.lrange(log_key, start, stop))
+        items = [str(item) for item in items]
+        earlier = remembered or [stored_nonce(item) for item in items[:lookback]]
+        fresh = items[lookback:]
+        window = [*earlier, *(stored_nonce(item) for item in fresh)][-REPEAT_WINDOW:]
+        self._read_through[run_id] = (after + len(fresh), window)
+        self._read_through.move_to_end(run_id)
+        while len(self._read_through) > _RUNS_REMEMBERED:
+            self._read_through.popitem(last=False)
+        return first_copies(after + 1, fresh, earlier)
 
     async def ping(self) -> None:
         # One attempt: a health check reports what it finds now, within its short maxDuration.
