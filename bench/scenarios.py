@@ -53,11 +53,13 @@ class Setup:
     log_dir: Path
     redis_url: str
 
-    def kv_store(self) -> KVStore:
-        return KVStore(self.endpoint.url, UpstashEndpoint.TOKEN, ttl_seconds=TTL_SECONDS)
+    def kv_store(self, transport: httpx.AsyncBaseTransport | None = None) -> KVStore:
+        return KVStore(
+            self.endpoint.url, UpstashEndpoint.TOKEN, ttl_seconds=TTL_SECONDS, transport=transport
+        )
 
-    def seed_store(self) -> SeedStore:
-        return SeedStore(self.endpoint.url, UpstashEndpoint.TOKEN)
+    def seed_store(self, transport: httpx.AsyncBaseTransport | None = None) -> SeedStore:
+        return SeedStore(self.endpoint.url, UpstashEndpoint.TOKEN, transport=transport)
 
     async def stats(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.endpoint.stats)
@@ -178,19 +180,19 @@ class Receipts:
         return max((max(c.values()) for c in self.at if c), default=time.time())
 
 
-def count_requests(store: object) -> list[int]:
-    """A one-item counter of the REST requests `store` sends (an httpx event hook on the SDK's
-    client, which KVStore sets up itself); [-1] when that client cannot be found."""
-    sent = [0]
-    client = getattr(getattr(getattr(store, "_redis", None), "_http", None), "_client", None)
-    if not isinstance(client, httpx.AsyncClient):
-        return [-1]
+class CountedRequests(httpx.AsyncBaseTransport):
+    """httpx's transport, counting the REST requests a store sends through it."""
 
-    async def on_request(_request: httpx.Request) -> None:
-        sent[0] += 1
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=200))
+        self.sent = 0
 
-    client.event_hooks["request"].append(on_request)
-    return sent
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 def _mean_event_bytes(plan: RunPlan) -> float:
@@ -222,8 +224,8 @@ async def project_delivery(setup: Setup, clients: int, duration: float) -> Deliv
     record = new_record(run_id)
     plan = plan_run(record, duration)
     await setup.subscriptions_settle(0)
-    store = setup.kv_store()
-    writer_requests = count_requests(store)
+    writer_requests = CountedRequests()
+    store = setup.kv_store(writer_requests)
     receipts = Receipts(clients)
     sent: dict[int, float] = {}
     url = stream_url(setup.stream.base_url, run_id)
@@ -274,7 +276,7 @@ async def project_delivery(setup: Setup, clients: int, duration: float) -> Deliv
         latencies_ms=receipts.latencies_ms(sent),
         missing=receipts.missing(plan.events),
         duplicated=receipts.duplicated,
-        writer_requests=writer_requests[0],
+        writer_requests=writer_requests.sent,
         **figures,
     )
 
@@ -286,8 +288,8 @@ async def seed_delivery(setup: Setup, clients: int, duration: float) -> Delivery
     run_id = new_run_id()
     plan = plan_run(new_record(run_id), duration)
     writes = plan.in_time_order
-    store = setup.seed_store()
-    writer_requests = count_requests(store)
+    writer_requests = CountedRequests()
+    store = setup.seed_store(writer_requests)
     receipts = Receipts(clients)
     sent: dict[int, float] = {}
     phases = random.Random(clients).random
@@ -328,7 +330,7 @@ async def seed_delivery(setup: Setup, clients: int, duration: float) -> Delivery
         latencies_ms=receipts.latencies_ms(sent),
         missing=receipts.missing(plan.events),
         duplicated=receipts.duplicated,
-        writer_requests=writer_requests[0],
+        writer_requests=writer_requests.sent,
         **figures,
     )
 

@@ -153,9 +153,8 @@ def runs(script: LuaScript) -> Callable[[bytes], bool]:
 async def losing_store(
     upstash_server: UpstashRestServer, matches: Callable[[bytes], bool], count: int = 1
 ) -> tuple[KVStore, LoseReplies]:
-    store = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
     losing = LoseReplies(matches, count)
-    store._redis._http._client = httpx.AsyncClient(transport=losing, timeout=5)
+    store = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200, transport=losing)
     return store, losing
 
 
@@ -277,9 +276,8 @@ class ApplyLate(httpx.AsyncBaseTransport):
 async def test_an_append_that_reaches_redis_after_its_retry_lands_once(upstash_server) -> None:
     """The retry cannot see a first attempt still in transit, so both copies are stored; every
     reader shows the first copy only, and the late copy's id is skipped (a gap, not a repeat)."""
-    store = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
     late = ApplyLate(sends('"RPUSHX"'))
-    store._redis._http._client = httpx.AsyncClient(transport=late, timeout=5)
+    store = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200, transport=late)
     other = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
     record = make_record()
     run_id = record.run_id

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from upstash_redis import Redis
 from upstash_redis.asyncio import Redis as AsyncRedis
 from upstash_redis.errors import UpstashError
 
+from lib.store.upstash import LuaScript, UpstashRest
+from lib.store.upstash import UpstashError as ProjectUpstashError
 from tests.upstash_rest import UpstashRestServer, kv_redis_url
 
 pytest_plugins = ["tests.upstash_rest"]
@@ -534,3 +537,46 @@ async def test_stats_count_requests_commands_and_bytes(
     assert stats["by_kind"]["multi-exec"]["requests"] == 0
     assert (stats["requests"], stats["commands"]) == (4, 6)
     assert stats["open_subscriptions"] == 1
+
+
+# -- the project's own client -------------------------------------------------------------------
+
+
+async def test_the_projects_client_speaks_the_protocol_and_takes_a_transport(
+    upstash_server: UpstashRestServer, key: str
+) -> None:
+    sent: list[bytes] = []
+
+    class Recording(httpx.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self._inner = httpx.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            sent.append(request.content)
+            return await self._inner.handle_async_request(request)
+
+    script = LuaScript(
+        f"incr {uuid.uuid4().hex}",
+        keys=("counter_key",),
+        args=("by",),
+        body=f"-- {uuid.uuid4().hex}\nreturn redis.call('INCRBY', counter_key, by)",
+        returns="the counter",
+    )
+    rest = UpstashRest(upstash_server.url, upstash_server.token, transport=Recording())
+    try:
+        assert await rest.command("SET", key, "v") == "OK"
+        assert await rest.command("GET", key) == "v"
+        with pytest.raises(ProjectUpstashError, match="WRONGTYPE"):
+            await rest.command("LPUSH", key, "x")
+        # Unknown to the server: EVALSHA answers NOSCRIPT, the client sends the source.
+        assert await rest.run(script, [f"{key}:n"], ["2"]) == 2
+        assert await rest.run(script, [f"{key}:n"], ["3"]) == 5
+        wrong = UpstashRest(upstash_server.url, "not-the-token")
+        with pytest.raises(ProjectUpstashError) as refused:
+            await wrong.command("PING")
+        await wrong.aclose()
+    finally:
+        await rest.aclose()
+    assert refused.value.unauthorized
+    verbs = [json.loads(body)[0] for body in sent]
+    assert verbs == ["SET", "GET", "LPUSH", "EVALSHA", "EVAL", "EVALSHA"]

@@ -13,12 +13,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
-from upstash_redis.asyncio import Redis
-from upstash_redis.errors import UpstashError
 
 from lib.admission.base import WINDOW_MS, Admission, AdmissionKeys, Counts, Limits, Verdict
 from lib.store.errors import StoreUnavailable
-from lib.store.upstash import LuaScript
+from lib.store.upstash import LuaScript, UpstashError, UpstashRest
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +92,13 @@ SCRIPTS = (CHECK_AND_COUNT, RELEASE)
 class KVAdmission(Admission):
     name = "kv"
 
-    def __init__(self, rest: Redis, *, limits: Limits, secret: bytes, owned: bool = False) -> None:
-        """`rest`: the instance's Upstash REST client (lib.store.kv.rest_client), normally the
-        run store's; closed by `aclose` only when `owned`."""
+    def __init__(
+        self, rest: UpstashRest, *, limits: Limits, secret: bytes, owned: bool = False
+    ) -> None:
+        """`rest`: the instance's Upstash REST client, normally the run store's; closed by
+        `aclose` only when `owned`."""
         super().__init__(limits, secret)
-        self._redis = rest
+        self.rest = rest
         self._owned = owned
 
     async def _script(
@@ -115,12 +115,7 @@ class KVAdmission(Admission):
         key_list, arg_list = script.bind(keys, args, more_keys=more_keys)
         for attempt in (1, 2):
             try:
-                try:
-                    return await self._redis.evalsha(script.sha, keys=key_list, args=arg_list)
-                except UpstashError as error:
-                    if "NOSCRIPT" not in str(error):
-                        raise
-                    return await self._redis.eval(script.source, keys=key_list, args=arg_list)
+                return await self.rest.run(script, key_list, arg_list)
             except httpx.ConnectError:
                 if attempt == 2:
                     raise StoreUnavailable(f"KV could not be reached for {label}") from None
@@ -129,7 +124,7 @@ class KVAdmission(Admission):
             except UpstashError as error:
                 log.warning("KV error during %s: %s", label, str(error)[:200])
                 raise StoreUnavailable(f"KV answered {label} with an error") from None
-            except (ValueError, AttributeError, TypeError, KeyError):
+            except ValueError:
                 raise StoreUnavailable(f"KV sent an unreadable reply to {label}") from None
         raise AssertionError("unreachable")
 
@@ -168,4 +163,4 @@ class KVAdmission(Admission):
 
     async def aclose(self) -> None:
         if self._owned:
-            await self._redis.close()
+            await self.rest.aclose()

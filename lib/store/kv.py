@@ -30,8 +30,6 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
 import httpx
-from upstash_redis.asyncio import Redis
-from upstash_redis.errors import UpstashError
 
 from lib.models import (
     CompleteEvent,
@@ -72,7 +70,7 @@ from lib.store.base import (
     stored_nonce,
 )
 from lib.store.errors import LeaseLost, RunFinalized, RunNotFound, StoreUnavailable
-from lib.store.upstash import LuaScript
+from lib.store.upstash import LuaScript, UpstashError, UpstashRest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -361,21 +359,6 @@ def _refuse(status: str, run_id: str, lease_lost: str = "") -> NoReturn:
     raise StoreUnavailable(f"KV answered run {run_id}'s write with {status!r}")
 
 
-def rest_client(url: str, token: str, *, timeout: float = 5.0) -> Redis:
-    """The Upstash REST client of one instance, shared by its store and admission (one pool of
-    connections, so one TLS handshake per connection, not one per component).
-
-    The SDK's own retry would re-send a write whose reply was lost; the callers re-send only
-    what their scripts make idempotent, so it is off. The SDK's httpx client has no timeout at
-    all, and a hung request must not hang an invocation: it is replaced by one that has one."""
-    redis = Redis(url, token, rest_encoding=None, rest_retries=0, allow_telemetry=False)
-    redis._http._client = httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-    )
-    return redis
-
-
 class KVStore(Store):
     name = "kv"
 
@@ -388,23 +371,25 @@ class KVStore(Store):
         silence_seconds: float = 16.0,
         timeout: float = 5.0,
         attempts: int = 3,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport`: httpx's, for the REST client (tests pass one that loses replies)."""
         self.url = url.rstrip("/")
         self._token = token
         self.ttl_seconds = ttl_seconds
         self.silence_seconds = silence_seconds
         self._attempts = attempts
-        self._redis = rest_client(url, token, timeout=timeout)
+        self._rest = UpstashRest(url, token, transport=transport, timeout=timeout)
         self._stream_client: httpx.AsyncClient | None = None
         self._notifications: asyncio.Task[bool] | None = None
         # run id -> (the last event id read, the nonces of the REPEAT_WINDOW events up to it)
         self._read_through: OrderedDict[str, tuple[int, list[str]]] = OrderedDict()
 
     @property
-    def rest(self) -> Redis:
+    def rest(self) -> UpstashRest:
         """This store's REST client, for another component of the instance to share (the store
         closes it)."""
-        return self._redis
+        return self._rest
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -419,20 +404,16 @@ class KVStore(Store):
             try:
                 return await operation()
             except UpstashError as error:
-                text = str(error)
-                if "NOSCRIPT" in text:
-                    raise
-                if "unauthorized" in text.lower() or "WRONGPASS" in text:
+                if error.unauthorized:
                     raise StoreUnavailable(
                         f"KV refused the credentials during {label}", retry_after=None
                     ) from None
                 problem = f"KV answered {label} with an error"
-                log.warning("KV error during %s: %s", label, text[:200])
+                log.warning("KV error during %s: %s", label, str(error)[:200])
             except (httpx.TimeoutException, httpx.TransportError):
                 problem = f"KV did not answer {label} in time"
-            except (ValueError, AttributeError, TypeError, KeyError):
-                # A non-JSON body (a proxy's 5xx page) or, in upstash-redis 1.8, an error body
-                # on a pipeline: the request's fate is unknown, so it is retried.
+            except ValueError:
+                # A non-JSON body (a proxy's 5xx page): the request's fate is unknown.
                 problem = f"KV sent an unreadable reply to {label}"
             if attempt < attempts:
                 await asyncio.sleep(delay * (1 + random.random()))
@@ -450,16 +431,9 @@ class KVStore(Store):
         attempts: int | None = None,
     ) -> Any:
         key_list, arg_list = script.bind(keys, args, more_args=more_args)
-
-        async def run() -> Any:
-            try:
-                return await self._redis.evalsha(script.sha, keys=key_list, args=arg_list)
-            except UpstashError as error:
-                if "NOSCRIPT" not in str(error):
-                    raise
-                return await self._redis.eval(script.source, keys=key_list, args=arg_list)
-
-        return await self._call(script.name, run, attempts=attempts)
+        return await self._call(
+            script.name, lambda: self._rest.run(script, key_list, arg_list), attempts=attempts
+        )
 
     # --- the Store interface -------------------------------------------------------------------
 
@@ -490,7 +464,7 @@ class KVStore(Store):
 
     async def find_idempotent_run(self, idempotency: IdempotencyClaim) -> CreateOutcome | None:
         key = f"quote:idem:{idempotency.key_hash}"
-        stored = await self._call("idempotency lookup", lambda: self._redis.get(key))
+        stored = await self._call("idempotency lookup", lambda: self._rest.command("GET", key))
         if stored is None:
             return None
         run_id, body_hash = parse_idempotency_value(str(stored))
@@ -558,7 +532,7 @@ class KVStore(Store):
             if again:
                 raise StoreUnavailable("a caller's retry")  # look for the first attempt
             count = await self._call(
-                "append", lambda: self._redis.rpushx(events_key, *items), attempts=1
+                "append", lambda: self._rest.command("RPUSHX", events_key, *items), attempts=1
             )
             if int(count) > 0:
                 return int(count) - len(items)
@@ -576,7 +550,7 @@ class KVStore(Store):
         raise AssertionError("unreachable")
 
     async def _raise_refused(self, run_id: str, log_key: str) -> None:
-        if await self._call("read", lambda: self._redis.exists(log_key)):
+        if await self._call("read", lambda: self._rest.command("EXISTS", log_key)):
             raise RunFinalized(f"run {run_id} has ended")
         raise RunNotFound(f"run {run_id} does not exist")
 
@@ -736,10 +710,14 @@ class KVStore(Store):
         start = after + 1 - lookback
         stop = after + limit if limit is not None else -1
         _, events_key, log_key = _keys(run_id)
-        items = await self._call("read", lambda: self._redis.lrange(events_key, start, stop))
+        items = await self._call(
+            "read", lambda: self._rest.command("LRANGE", events_key, start, stop)
+        )
         if not items:
             # An open run's list, or the ended run's: one of the two is there.
-            items = await self._call("read", lambda: self._redis.lrange(log_key, start, stop))
+            items = await self._call(
+                "read", lambda: self._rest.command("LRANGE", log_key, start, stop)
+            )
         items = [str(item) for item in items]
         earlier = remembered or [stored_nonce(item) for item in items[:lookback]]
         fresh = items[lookback:]
@@ -752,7 +730,7 @@ class KVStore(Store):
 
     async def ping(self) -> None:
         # One attempt: a health check reports what it finds now, within its short maxDuration.
-        await self._call("ping", self._redis.ping, attempts=1)
+        await self._call("ping", lambda: self._rest.command("PING"), attempts=1)
 
     def watch(self, run_id: str) -> EventWatch:
         from lib.store.kv_watch import KVEventWatch
@@ -760,7 +738,7 @@ class KVStore(Store):
         return KVEventWatch(self, run_id)
 
     async def aclose(self) -> None:
-        await self._redis.close()
+        await self._rest.aclose()
         if self._stream_client is not None:
             await self._stream_client.aclose()
 
@@ -780,7 +758,7 @@ class KVStore(Store):
     async def _enable_notifications(self) -> bool:
         try:
             reply = await self._call(
-                "config", lambda: self._redis.execute(["CONFIG", "GET", "notify-keyspace-events"])
+                "config", lambda: self._rest.command("CONFIG", "GET", "notify-keyspace-events")
             )
             current = str(reply[1]) if isinstance(reply, list) and len(reply) > 1 else ""
             expanded = current.replace("A", "g$lshzxe")
@@ -789,7 +767,7 @@ class KVStore(Store):
             wanted = current + "".join(f for f in NOTIFY_FLAGS if f not in expanded)
             await self._call(
                 "config",
-                lambda: self._redis.execute(["CONFIG", "SET", "notify-keyspace-events", wanted]),
+                lambda: self._rest.command("CONFIG", "SET", "notify-keyspace-events", wanted),
             )
             log.info("enabled keyspace notifications (%s) for push delivery", wanted)
             return True
