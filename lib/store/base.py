@@ -369,8 +369,12 @@ class Store(ABC):
         first_events: Sequence[RunEvent] = (),
     ) -> ProviderClaim:
         """Take the provider's lease for `owner` unless it is finished, the run has ended, or
-        another owner is alive on it: its lease runs past `now`, or it wrote an event after
-        `alive_since`. Counts the delivery.
+        another owner is alive on it: its lease runs past `now`, or its lease ended without
+        being released and the provider's latest event in the whole run (not a window of its
+        last events) is strictly after `alive_since`; it is then busy until that event + the
+        lease's length. Counts the delivery (not again for the same owner). Both backends
+        state this rule in one transaction (SQLite) or script (KV, the CLAIM script), and the
+        contract suite pins where a shortcut would make them differ.
 
         A claim that finds no work state stored yet (the provider's start) stores `first_work`
         and appends `first_events` with it, in the same atomic write, and answers with that
