@@ -25,7 +25,7 @@ from lib.admission import AdmissionRequest, Limits
 from lib.admission import kv as kv_admission
 from lib.admission.kv import KVAdmission
 from lib.models import ActivityEvent, ProviderWork, utc_now
-from lib.store import IdempotencyClaim, RunNotFound
+from lib.store import IdempotencyClaim, LeaseLost, RunNotFound
 from lib.store import kv as kv_backend
 from lib.store.base import REPEAT_WINDOW, first_copies, stored_event_json
 from lib.store.kv import KVStore
@@ -352,19 +352,19 @@ async def test_each_store_operation_bills_the_commands_its_design_promises(quiet
     assert costs["append_events (1 activity)"] == Counter(rpushx=1)
     assert costs["append + its delivery to a watching reader"] == Counter(rpushx=1, lrange=1)
     assert costs["record_outcome (2 events)"] == Counter(evalsha=1, hsetnx=1, hincrby=1, rpushx=1)
-    assert costs["finish_run"] == Counter(evalsha=1, rpushx=1, rename=1, hset=1, expire=2), (
-        "the terminal event, the fence (rename), the run's end and two TTLs"
-    )
+    assert costs["finish_run"] == Counter(
+        evalsha=1, rpushx=1, rename=1, hkeys=1, hdel=1, hset=1, expire=2
+    ), "the terminal event, the fence (rename), the renewals gone, the run's end and two TTLs"
     assert costs["claim_provider (claimed)"] == Counter(evalsha=1, hmget=1, hset=1)
     assert costs["claim_provider (held)"] == Counter(evalsha=1, hmget=1)
     assert costs["claim_provider (first, with the provider's start)"] == Counter(
         evalsha=1, hmget=1, hset=1, rpushx=1
     ), "the start's work state and event ride on the claim: one more command, not a save"
     assert costs["claim_provider (lease ended, holder checked)"] == Counter(
-        evalsha=1, hmget=1, lrange=1, hset=1
-    )
+        evalsha=1, hmget=1, hget=1, lrange=1, hset=1, hdel=1
+    ), "the holder's renewal and latest event looked at, its renewal field taken away"
     assert costs["save_provider_work (+1 event)"] == Counter(evalsha=1, hmget=1, hset=1, rpushx=1)
-    assert costs["renew_lease"] == Counter(evalsha=1, hmget=1, hset=1)
+    assert costs["renew_lease"] == Counter(hset=1), "the owner's own renewal field"
     assert billed(costs["create_run"]) <= 6
     assert billed(costs["get_run (snapshot)"]) <= 5
 
@@ -427,3 +427,31 @@ def test_a_reader_skips_a_late_copy_within_the_window_wherever_its_read_begins()
         assert [e.id for e in read] == [e.id for e in whole if e.id >= start]
     far = [item("b"), *(item(f"f{i}") for i in range(REPEAT_WINDOW)), item("b")]
     assert len(first_copies(0, far, [])) == len(far), "a copy beyond the window is an event"
+
+
+async def test_a_refused_renewal_leaves_no_field_and_no_key_behind(upstash_server) -> None:
+    kv = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    direct = redis_asyncio.Redis.from_url(kv_redis_url(), decode_responses=True)
+    record = make_record()
+    run_id = record.run_id
+    try:
+        unknown = make_record().run_id
+        with pytest.raises(RunNotFound):
+            await kv.renew_lease(unknown, "geico", "w1", utc_now() + LEASE)
+        assert not await direct.exists(f"quote:{unknown}"), "no hash without a TTL"
+        await kv.create_run(record)
+        start = utc_now()
+        await claim(kv, run_id, "w1", now=start)
+        await kv.renew_lease(run_id, "geico", "w1", start + 2 * LEASE)
+        renewed = await claim(kv, run_id, "w2", now=start + LEASE + timedelta(seconds=1))
+        taken = await claim(kv, run_id, "w2", now=start + 2 * LEASE + timedelta(seconds=1))
+        with pytest.raises(LeaseLost):
+            await kv.renew_lease(run_id, "geico", "w1", start + 3 * LEASE)
+        fields = sorted(await direct.hkeys(f"quote:{run_id}"))
+    finally:
+        await kv.aclose()
+        await direct.aclose()
+    assert renewed.result == "held", "the renewal moved the lease on"
+    assert renewed.busy_until is not None and renewed.busy_until >= start + 2 * LEASE
+    assert taken.result == "claimed" and taken.deliveries == 2
+    assert [f for f in fields if f.startswith("r:")] == ["r:geico:w2"]

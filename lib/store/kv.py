@@ -4,7 +4,9 @@ Layout (keys get the TTL when the run is created and again with its terminal eve
 last write; QUOTE_RUN_TTL_SECONDS is at least RUN_MAX_SECONDS, so nothing expires mid-run):
   quote:{id}          hash    run (RunMeta JSON), st (processing|completed|failed), end (RunEnd),
                               done (providers finished), and per provider p: s:p (ProviderWork),
-                              l:p (lease "owner|until-ms|deliveries"), o:p (ProviderOutcome, once)
+                              l:p (lease "owner|until-ms|deliveries"), o:p (ProviderOutcome, once),
+                              r:p:owner (until-ms: the holder's renewals, one HSET each; the
+                              claim writes it, a takeover and the run's end delete it)
   quote:{id}:events   list    the events while the run is open; an event's id is its index
   quote:{id}:log      list    the same list once the run has ended: the terminal write renames it,
                               so a plain RPUSHX to :events is refused from then on (the fence)
@@ -48,6 +50,7 @@ from lib.models import (
 )
 from lib.store.base import (
     NONCE_CHARS,
+    RELEASED,
     REPEAT_WINDOW,
     TAIL_EVENTS,
     CreateOutcome,
@@ -167,7 +170,7 @@ CLAIM = LuaScript(
     keys=("run_key", "events_key"),
     args=("provider", "owner", "now_ms", "lease_until_ms", "alive_since", "first_work"),
     more_args="first_items",
-    returns="{'claimed', work JSON or '', deliveries}; {'held', lease end ms}; "
+    returns="{'claimed', work JSON or '', deliveries}; {'held', lease (or renewal) end ms}; "
     "{'writing', the holder's latest event time}; {'finished'}; {'ended'}; {'missing'}",
     body="""
 local v = redis.call('HMGET', run_key, 'st', 'o:' .. provider, 'l:' .. provider,
@@ -184,6 +187,11 @@ if v[3] then
   elseif tonumber(lease_end) > tonumber(now_ms) then
     return {'held', lease_end}
   elseif tonumber(lease_end) > 0 then
+    -- Not released: the holder's own renewals (one HSET each) may have moved its lease on.
+    local renewed = redis.call('HGET', run_key, 'r:' .. provider .. ':' .. holder)
+    if renewed and tonumber(renewed) > tonumber(now_ms) then return {'held', renewed} end
+    -- Taken over: the holder's renewals must find their field gone (LeaseLost).
+    redis.call('HDEL', run_key, 'r:' .. provider .. ':' .. holder)
     local needle = '"provider":"' .. provider .. '"'
     local events = redis.call('LRANGE', events_key, 0, -1)
     for i = #events, 1, -1 do
@@ -197,11 +205,13 @@ if v[3] then
 end
 deliveries = deliveries + 1
 local lease = owner .. '|' .. lease_until_ms .. '|' .. deliveries
+local renewal = 'r:' .. provider .. ':' .. owner
 if v[4] or first_work == '' then
-  redis.call('HSET', run_key, 'l:' .. provider, lease)
+  redis.call('HSET', run_key, 'l:' .. provider, lease, renewal, lease_until_ms)
   return {'claimed', v[4] or '', tostring(deliveries)}
 end
-redis.call('HSET', run_key, 'l:' .. provider, lease, 's:' .. provider, first_work)
+redis.call('HSET', run_key, 'l:' .. provider, lease, renewal, lease_until_ms, 's:' .. provider,
+  first_work)
 if #first_items > 0 then redis.call('RPUSHX', events_key, unpack(first_items)) end
 return {'claimed', first_work, tostring(deliveries)}
 """,
@@ -224,6 +234,8 @@ if work ~= '' then fields[#fields + 1] = 's:' .. provider; fields[#fields + 1] =
 if lease_until_ms ~= '' then
   fields[#fields + 1] = 'l:' .. provider
   fields[#fields + 1] = holder .. '|' .. lease_until_ms .. '|' .. count
+  fields[#fields + 1] = 'r:' .. provider .. ':' .. holder
+  fields[#fields + 1] = lease_until_ms
 end
 if #fields > 0 then redis.call('HSET', run_key, unpack(fields)) end
 if #items > 0 then
@@ -281,10 +293,33 @@ if count == 0 then
   return {'missing'}
 end
 redis.call('RENAME', events_key, log_key)
+-- Every renewal field goes: a renewal after the end finds nothing to renew (RunFinalized).
+local renewals = {}
+for _, name in ipairs(redis.call('HKEYS', run_key)) do
+  if string.sub(name, 1, 2) == 'r:' then renewals[#renewals + 1] = name end
+end
+if #renewals > 0 then redis.call('HDEL', run_key, unpack(renewals)) end
 redis.call('HSET', run_key, 'st', status, 'end', run_end)
 redis.call('EXPIRE', run_key, ttl)
 redis.call('EXPIRE', log_key, ttl)
 return {'finished', count - 1}
+""",
+)
+
+# A renewal (one HSET of the owner's renewal field) that created its field: the owner was not
+# holding the lease, or the run has ended or is gone. Takes the field back out (a hash left with
+# no field is deleted, so a renewal of an expired run leaves nothing) and says why.
+RENEWAL_REFUSED = LuaScript(
+    "renewal refused",
+    keys=("run_key",),
+    args=("renewal_field",),
+    returns="{'missing'}; {'ended'}; {'lease_lost'}",
+    body="""
+redis.call('HDEL', run_key, renewal_field)
+local v = redis.call('HMGET', run_key, 'run', 'st')
+if not v[1] then return {'missing'} end
+if v[2] ~= 'processing' then return {'ended'} end
+return {'lease_lost'}
 """,
 )
 
@@ -300,7 +335,7 @@ return {'forgotten'}
 """,
 )
 
-SCRIPTS = (CREATE, READ, APPEND_AGAIN, CLAIM, SAVE_WORK, OUTCOME, FINISH, FORGET)
+SCRIPTS = (CREATE, READ, APPEND_AGAIN, CLAIM, SAVE_WORK, OUTCOME, FINISH, RENEWAL_REFUSED, FORGET)
 
 # Runs whose last read an instance remembers (a few per open stream).
 _RUNS_REMEMBERED = 512
@@ -326,6 +361,10 @@ def _from_ms(raw: str | bytes) -> datetime:
     return datetime.fromtimestamp(int(raw) / 1000, UTC)
 
 
+def _renewal_field(provider: str, owner: str) -> str:
+    return f"r:{provider}:{owner}"
+
+
 def _parse_lease(raw: str) -> ProviderLease | None:
     owner, _, rest = raw.rpartition("|")
     owner, _, until = owner.rpartition("|")
@@ -344,6 +383,9 @@ def _record_from_fields(fields: dict[str, str], tail: list[StoredEvent]) -> RunR
         if raw := fields.get(f"s:{provider}"):
             work[provider] = ProviderWork.model_validate_json(raw)
         if (raw := fields.get(f"l:{provider}")) and (lease := _parse_lease(raw)):
+            renewed = fields.get(_renewal_field(provider, lease.owner), "")
+            if renewed.isdigit() and lease.until > RELEASED:
+                lease = lease.model_copy(update={"until": max(lease.until, _from_ms(renewed))})
             leases[provider] = lease
     return assemble_record(meta, end, outcomes, work, leases, tail)
 
@@ -598,7 +640,28 @@ class KVStore(Store):
     async def renew_lease(
         self, run_id: str, provider: ProviderId, owner: str, until: datetime
     ) -> None:
-        await self._save_work(run_id, provider, owner, "", _ms(until), [])
+        if until <= RELEASED:
+            await self._save_work(run_id, provider, owner, "", _ms(until), [])
+            return
+        # One HSET of the owner's own renewal field, which its claim created and a takeover or
+        # the run's end deletes: 0 (the field was there) means the lease is still the owner's.
+        run_key = _keys(run_id)[0]
+        field = _renewal_field(provider, owner)
+        try:
+            created = await self._call(
+                "renewal",
+                lambda: self._rest.command("HSET", run_key, field, _ms(until)),
+                attempts=1,
+            )
+        except StoreUnavailable:
+            # Its fate is unknown: the script decides exactly, and moves the lease itself.
+            await self._save_work(run_id, provider, owner, "", _ms(until), [])
+            return
+        if int(created):
+            reply = await self._script(
+                RENEWAL_REFUSED, {"run_key": run_key}, {"renewal_field": field}
+            )
+            _refuse(str(reply[0]), run_id, f"{provider} of run {run_id} is no longer {owner}'s")
 
     async def save_provider_work(
         self,
