@@ -609,7 +609,9 @@ class KVStore(Store):
         first_events: Sequence[RunEvent] = (),
     ) -> ProviderClaim:
         run_key, events_key, _ = _keys(run_id)
-        first_items = [item.json for item in stored_items(first_events)] if first_work else []
+        first_items = (
+            [item.json for item in stored_items(first_events)] if first_work is not None else []
+        )
         reply = await self._script(
             CLAIM,
             {"run_key": run_key, "events_key": events_key},
@@ -620,7 +622,7 @@ class KVStore(Store):
                 "lease_until_ms": _ms(lease_until),
                 # In the events' own format, so the script's comparison is one of times.
                 "alive_since": format_time(alive_since),
-                "first_work": first_work.model_dump_json() if first_work else "",
+                "first_work": first_work.model_dump_json() if first_work is not None else "",
             },
             more_args=first_items,
         )
