@@ -109,11 +109,14 @@ READ = LuaScript(
     "all in the tail)}, each read as {index of its first event, its items, the nonces of up "
     "to `window` events before it}",
     body="""
-local v = redis.call('HMGET', run_key, 'run', 'st')
-if not v[1] then return false end
-local list = events_key
-if v[2] ~= 'processing' then list = log_key end
 local fields = redis.call('HGETALL', run_key)
+local known, status = false, nil
+for i = 1, #fields, 2 do
+  if fields[i] == 'run' then known = true elseif fields[i] == 'st' then status = fields[i + 1] end
+end
+if not known then return false end
+local list = events_key
+if status ~= 'processing' then list = log_key end
 local count = redis.call('LLEN', list)
 local span = tonumber(window)
 -- One LRANGE from `window` events before `from`: the earlier ones' nonces, then the items.
