@@ -32,7 +32,7 @@ from httpx_sse import aconnect_sse
 
 from bench.infra import ROOT, FunctionHost, UpstashEndpoint, command_calls
 from bench.seed import SeedStore
-from bench.workload import RunPlan, Write, new_record, plan_run, write
+from bench.workload import RunPlan, Write, new_record, plan_run, renew_while_quiet, write
 from lib.models import PROVIDER_IDS, ActivityEvent, CompleteEvent, new_run_id
 from lib.store.kv import KVStore
 
@@ -122,7 +122,7 @@ class Delivery:
     commands_top_level: int  # commands as the REST requests name them (a script counts 1)
     bytes_out: int
     billed: int  # redis-server's INFO commandstats delta: every command a script ran, too
-    billed_by_command: Counter[str]
+    billed_by_command: Counter[str]  # with SUBSCRIBE's UNSUBSCRIBE and the CONFIG commands
     writer_requests: int  # REST requests the writers sent (-1: could not be counted)
 
     @property
@@ -144,6 +144,11 @@ class Delivery:
     @property
     def billed_per_event(self) -> float:
         return self.billed / self.events
+
+    @property
+    def billed_writes(self) -> int:
+        """Commands each read region bills again."""
+        return sum(n for name, n in self.billed_by_command.items() if name in WRITE_COMMANDS)
 
     @property
     def requests_per_append(self) -> float:
@@ -204,10 +209,22 @@ async def _counted_span(setup: Setup) -> Counter[str]:
     return await setup.command_calls()
 
 
+# What Upstash replicates to each read region, and so bills once more per region: the commands
+# that change data (a script's own EVALSHA is the primary's; the writes it runs are replicated).
+WRITE_COMMANDS = frozenset(
+    {"set", "setex", "del", "unlink", "expire", "pexpire", "rename", "incr", "incrby", "decr"}
+    | {"hset", "hsetnx", "hdel", "hincrby", "rpush", "rpushx", "lpush", "lpushx", "ltrim"}
+)
+
+
 async def _span_figures(setup: Setup, before: Counter[str]) -> dict[str, Any]:
     after = await setup.command_calls()
     stats = await setup.stats()
     billed = after - before
+    # Upstash bills a subscription's end (UNSUBSCRIBE) as well as its start; the endpoint ends
+    # one by dropping its Redis connection, which no command counts.
+    if billed["subscribe"]:
+        billed["unsubscribe"] = billed["subscribe"]
     return {
         "requests": int(stats["requests"]),
         "commands_top_level": int(stats["commands"]),
@@ -244,11 +261,15 @@ async def project_delivery(setup: Setup, clients: int, duration: float) -> Deliv
                     return
 
     async def write_all(writes: list[Write], began: float) -> None:
+        last_write: float | None = None  # a provider's worker holds its lease from its claim
         for w in writes:
+            if last_write is not None and w.provider is not None:
+                await renew_while_quiet(store, run_id, w, last_write, began)
             await sleep_until(began + w.at)
             at = time.time()
             for event_id in await write(store, run_id, w):
                 sent[event_id] = at
+            last_write = None if w.outcome is not None else time.monotonic()
 
     before = await _counted_span(setup)
     try:
