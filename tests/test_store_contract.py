@@ -254,6 +254,23 @@ async def test_an_idempotency_key_maps_to_the_first_run(store: Store) -> None:
     assert await store.get_run(first.run_id) is not None
 
 
+async def test_a_create_repeated_with_its_own_run_and_key_is_its_retry_on_both_backends(
+    store: Store,
+) -> None:
+    """Once differed: KV answered a create that found its own run under the key "created",
+    SQLite "replayed"; a lookup is a replay on both."""
+    claim_ = new_claim()
+    record = make_record()
+    first = await store.create_run(record, claim_)
+    again = await store.create_run(record, claim_)
+    found = await store.find_idempotent_run(claim_)
+    state = await store.get_run(record.run_id, events_after=-1)
+    assert first.created and again.created and again.run_id == record.run_id
+    assert found is not None and not found.created and found.run_id == record.run_id
+    assert found.body_hash == claim_.body_hash
+    assert state is not None and [e.type for e in state.events] == ["started"]
+
+
 async def test_concurrent_creates_with_one_idempotency_key_create_one_run(store_factory) -> None:
     claim_ = new_claim()
     records = [make_record() for _ in range(10)]

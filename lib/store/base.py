@@ -167,6 +167,16 @@ def parse_idempotency_value(raw: str) -> tuple[str, str]:
     return str(value["runId"]), str(value["bodyHash"])
 
 
+def mapped_run(stored: str, creating: str | None = None) -> CreateOutcome:
+    """The one answer both backends give when an Idempotency-Key already maps to a run: a
+    replay of that run, unless it is the run being created (`creating`): then the create is
+    its own retry, and created."""
+    run_id, body_hash = parse_idempotency_value(stored)
+    if run_id == creating:
+        return CreateOutcome(created=True, run_id=run_id)
+    return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
+
+
 ClaimResult = Literal["claimed", "held", "finished", "ended", "missing"]
 
 

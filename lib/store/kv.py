@@ -64,8 +64,8 @@ from lib.store.base import (
     assemble_record,
     first_copies,
     idempotency_value,
+    mapped_run,
     new_nonce,
-    parse_idempotency_value,
     progress_event_parts,
     started_event,
     stored_event_json,
@@ -501,19 +501,15 @@ class KVStore(Store):
                 "idem_value": value,
             },
         )
+        if reply[0] == "replay":
+            return mapped_run(str(reply[1]), record.run_id)
         # 'exists': run ids are fresh, so the run found is this create's own first attempt.
-        if reply[0] != "replay" or reply[1] == value:
-            return CreateOutcome(created=True, run_id=record.run_id)
-        run_id, body_hash = parse_idempotency_value(str(reply[1]))
-        return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
+        return CreateOutcome(created=True, run_id=record.run_id)
 
     async def find_idempotent_run(self, idempotency: IdempotencyClaim) -> CreateOutcome | None:
         key = f"quote:idem:{idempotency.key_hash}"
         stored = await self._call("idempotency lookup", lambda: self._rest.command("GET", key))
-        if stored is None:
-            return None
-        run_id, body_hash = parse_idempotency_value(str(stored))
-        return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
+        return None if stored is None else mapped_run(str(stored))
 
     async def release_idempotency(self, claim: IdempotencyClaim, run_id: str) -> None:
         value = idempotency_value(run_id, claim.body_hash)
