@@ -455,3 +455,39 @@ async def test_a_refused_renewal_leaves_no_field_and_no_key_behind(upstash_serve
     assert renewed.busy_until is not None and renewed.busy_until >= start + 2 * LEASE
     assert taken.result == "claimed" and taken.deliveries == 2
     assert [f for f in fields if f.startswith("r:")] == ["r:geico:w2"]
+
+
+async def test_the_rare_paths_bill_what_their_scripts_promise(quiet_kv) -> None:
+    kv = KVStore(quiet_kv.url, quiet_kv.token, ttl_seconds=7200)
+    meter = CommandMeter(quiet_kv.redis_url)
+    record = make_record()
+    run_id = record.run_id
+    idem = IdempotencyClaim(key_hash="r" * 64, body_hash="b" * 64)
+    try:
+        await kv.create_run(record, idem)
+        await claim(kv, run_id, "w1", now=utc_now())
+        # Warm the script cache, so each figure is the script's own steady cost.
+        await kv.append_events(run_id, [activity("warm")], again=True)
+        await kv.release_idempotency(IdempotencyClaim("w" * 64, "b" * 64), run_id)
+        with pytest.raises(LeaseLost):
+            await kv.renew_lease(run_id, "geico", "w9", utc_now() + LEASE)
+        costs = {
+            "append retried, first attempt not found": await meter.of(
+                kv.append_events(run_id, [activity("again")], again=True)
+            ),
+            "release_idempotency": await meter.of(kv.release_idempotency(idem, run_id)),
+        }
+        before = meter.snapshot()
+        with pytest.raises(LeaseLost):
+            await kv.renew_lease(run_id, "geico", "w2", utc_now() + LEASE)
+        costs["renewal refused"] = meter.delta(before)
+    finally:
+        meter.close()
+        await kv.aclose()
+    assert costs["append retried, first attempt not found"] == Counter(
+        evalsha=1, llen=1, lrange=1, rpushx=1
+    )
+    assert costs["release_idempotency"] == Counter({"evalsha": 1, "get": 1, "del": 1})
+    assert costs["renewal refused"] == Counter(hset=1, evalsha=1, hdel=1, hmget=1), (
+        "the renewal's HSET, then the script that takes its field back out and says why"
+    )

@@ -16,9 +16,9 @@ Billed commands (Upstash counts each command a script runs, plus the EVALSHA): a
 one RPUSHX (one REST request, one command); readers learn of it from the list's keyspace
 notification (no PUBLISH) and read it once per instance (LRANGE). A provider's outcome with the
 run's progress is one script of four commands for two events; a lease renewal is one HSET.
-Every script locks only the keys it declares (lib/store/upstash.py). Retried writes whose first reply
-was lost go through a script that finds the first attempt by its nonce, so they land once; a
-first attempt still in transit when its retry ran lands after it, and readers skip that copy
+Every script locks only the keys it declares (lib/store/upstash.py). Retried writes whose first
+reply was lost go through a script that finds the first attempt by its nonce, so they land once;
+a first attempt still in transit when its retry ran lands after it, and readers skip that copy
 (lib/store/base.py, first_copies).
 """
 
