@@ -62,7 +62,7 @@ class Scenarios:
 
 
 async def measure(
-    setup: Setup, scenarios_run: Scenarios, streams_target: int, base: float
+    setup: Setup, scenarios_run: Scenarios, streams_target: int, base: float, cost_only: bool
 ) -> tuple[list[report.Section], dict[DeliveryKey, Delivery]]:
     long = 2 * base
     runs: dict[DeliveryKey, Delivery] = {}
@@ -73,6 +73,9 @@ async def measure(
     )
     scenarios_run.failures.pop("warm-up run (not reported)", None)
     plan = [(n, base) for n in CLIENTS] + [(CLIENTS[0], long), (CLIENTS[0], SHORT_RUN_SECONDS)]
+    plan.append((1, report.FOUR_MINUTES))
+    if cost_only:
+        plan = [(1, base), (1, report.FOUR_MINUTES)]
     for clients, duration in plan:
         for design, run in (
             ("this", scenarios.project_delivery),
@@ -83,8 +86,11 @@ async def measure(
             if result is not None:
                 runs[design, clients, duration] = result
     sections = [
+        report.cost_section(runs, base),
         report.delivery_section(runs, CLIENTS, base, long, SHORT_RUN_SECONDS),
     ]
+    if cost_only:
+        return sections, runs
     # Before the reconnecting readers: streams they drop can outlive them (see that row).
     streams = await scenarios_run.attempt(
         f"{streams_target} concurrent streams on a fresh stream-function instance",
@@ -117,9 +123,15 @@ def notes(runs: dict[DeliveryKey, Delivery], base: float, redis_note: str) -> li
         "Billed KV commands: the delta of `INFO commandstats` on " + redis_note + " between the "
         "scenario's start and end, which counts every command a Lua script runs as well as the "
         "EVAL/EVALSHA itself, as Upstash bills. The tests' Upstash REST endpoint issues nothing "
-        "of its own to Redis but connection set-up; INFO, HELLO, SELECT, CLIENT and CONFIG "
-        "commands (no REST request carries them) are left out. SUBSCRIBE counts 1 per "
-        "subscription; messages pushed to a subscriber are not counted.",
+        "of its own to Redis but connection set-up; INFO, HELLO, SELECT and CLIENT commands (no "
+        "REST request carries them) are left out; CONFIG is counted (each cold instance's "
+        "CONFIG GET). SUBSCRIBE and UNSUBSCRIBE count 1 each per subscription; "
+        "messages pushed to a subscriber are not counted. A read region bills every write "
+        "command again (bench/scenarios.py WRITE_COMMANDS). Upstash: $0.20 per 100K commands, "
+        "500K a month free, 10,000 commands a second per database.",
+        "Lease renewals: each provider's writer renews its 45 s lease once it has written "
+        "nothing for 15 s, as lib/worker.py does; the writers are the benchmark's, not the "
+        "worker function.",
         "Run: bench/workload.py, written as lib/worker.py writes it (started with create_run; five "
         "provider workers at once: each claims its provider, the claim storing its first "
         "attempt with an activity (claim_provider), saves its agent run's id with an activity "
@@ -159,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--duration", type=float, default=30.0, help="the base run's length in seconds"
     )
+    parser.add_argument(
+        "--cost-only",
+        action="store_true",
+        help="only the cost rows: the base and the 4-minute 1-client runs, this design and seed",
+    )
     args = parser.parse_args(argv)
     began = time.monotonic()
     logs = log_directory()
@@ -193,14 +210,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(the hosted processes' output is in {logs})", file=sys.stderr)
             return 2
         setup = Setup(endpoint, stream, env, logs, url)
-        sections, runs = asyncio.run(measure(setup, scenarios_run, args.streams, args.duration))
-    functions = [spec.file for spec in discover_functions(ROOT)]
-    imports = asyncio.run(
-        scenarios_run.attempt(
-            "cold imports",
-            asyncio.to_thread(scenarios.cold_imports, functions, args.import_repeats),
+        sections, runs = asyncio.run(
+            measure(setup, scenarios_run, args.streams, args.duration, args.cost_only)
         )
-    )
+    functions = [spec.file for spec in discover_functions(ROOT)]
+    imports = None
+    if not args.cost_only:
+        imports = asyncio.run(
+            scenarios_run.attempt(
+                "cold imports",
+                asyncio.to_thread(scenarios.cold_imports, functions, args.import_repeats),
+            )
+        )
     if imports is not None:
         sections.append(report.imports_section(imports))
     if scenarios_run.failures:

@@ -60,8 +60,8 @@ def redis_version(url: str) -> str:
 
 
 # Commands the measuring itself (INFO) or a client's connection set-up issue: no REST request
-# carries them, so they are not billed.
-_BOOKKEEPING = ("info", "hello", "select", "client|", "config|")
+# carries them, so they are not billed. CONFIG is billed (each cold instance's CONFIG GET).
+_BOOKKEEPING = ("info", "hello", "select", "client|")
 
 
 def command_calls(url: str) -> Counter[str]:

@@ -32,7 +32,7 @@ from httpx_sse import aconnect_sse
 
 from bench.infra import ROOT, FunctionHost, UpstashEndpoint, command_calls
 from bench.seed import SeedStore
-from bench.workload import RunPlan, Write, new_record, plan_run, write
+from bench.workload import RunPlan, Write, new_record, plan_run, renew_while_quiet, write
 from lib.models import PROVIDER_IDS, ActivityEvent, CompleteEvent, new_run_id
 from lib.store.kv import KVStore
 
@@ -53,11 +53,13 @@ class Setup:
     log_dir: Path
     redis_url: str
 
-    def kv_store(self) -> KVStore:
-        return KVStore(self.endpoint.url, UpstashEndpoint.TOKEN, ttl_seconds=TTL_SECONDS)
+    def kv_store(self, transport: httpx.AsyncBaseTransport | None = None) -> KVStore:
+        return KVStore(
+            self.endpoint.url, UpstashEndpoint.TOKEN, ttl_seconds=TTL_SECONDS, transport=transport
+        )
 
-    def seed_store(self) -> SeedStore:
-        return SeedStore(self.endpoint.url, UpstashEndpoint.TOKEN)
+    def seed_store(self, transport: httpx.AsyncBaseTransport | None = None) -> SeedStore:
+        return SeedStore(self.endpoint.url, UpstashEndpoint.TOKEN, transport=transport)
 
     async def stats(self) -> dict[str, Any]:
         return await asyncio.to_thread(self.endpoint.stats)
@@ -120,7 +122,7 @@ class Delivery:
     commands_top_level: int  # commands as the REST requests name them (a script counts 1)
     bytes_out: int
     billed: int  # redis-server's INFO commandstats delta: every command a script ran, too
-    billed_by_command: Counter[str]
+    billed_by_command: Counter[str]  # with SUBSCRIBE's UNSUBSCRIBE and the CONFIG commands
     writer_requests: int  # REST requests the writers sent (-1: could not be counted)
 
     @property
@@ -142,6 +144,11 @@ class Delivery:
     @property
     def billed_per_event(self) -> float:
         return self.billed / self.events
+
+    @property
+    def billed_writes(self) -> int:
+        """Commands each read region bills again."""
+        return sum(n for name, n in self.billed_by_command.items() if name in WRITE_COMMANDS)
 
     @property
     def requests_per_append(self) -> float:
@@ -178,19 +185,19 @@ class Receipts:
         return max((max(c.values()) for c in self.at if c), default=time.time())
 
 
-def count_requests(store: object) -> list[int]:
-    """A one-item counter of the REST requests `store` sends (an httpx event hook on the SDK's
-    client, which KVStore sets up itself); [-1] when that client cannot be found."""
-    sent = [0]
-    client = getattr(getattr(getattr(store, "_redis", None), "_http", None), "_client", None)
-    if not isinstance(client, httpx.AsyncClient):
-        return [-1]
+class CountedRequests(httpx.AsyncBaseTransport):
+    """httpx's transport, counting the REST requests a store sends through it."""
 
-    async def on_request(_request: httpx.Request) -> None:
-        sent[0] += 1
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=200))
+        self.sent = 0
 
-    client.event_hooks["request"].append(on_request)
-    return sent
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.sent += 1
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 def _mean_event_bytes(plan: RunPlan) -> float:
@@ -202,10 +209,22 @@ async def _counted_span(setup: Setup) -> Counter[str]:
     return await setup.command_calls()
 
 
+# What Upstash replicates to each read region, and so bills once more per region: the commands
+# that change data (a script's own EVALSHA is the primary's; the writes it runs are replicated).
+WRITE_COMMANDS = frozenset(
+    {"set", "setex", "del", "unlink", "expire", "pexpire", "rename", "incr", "incrby", "decr"}
+    | {"hset", "hsetnx", "hdel", "hincrby", "rpush", "rpushx", "lpush", "lpushx", "ltrim"}
+)
+
+
 async def _span_figures(setup: Setup, before: Counter[str]) -> dict[str, Any]:
     after = await setup.command_calls()
     stats = await setup.stats()
     billed = after - before
+    # Upstash bills a subscription's end (UNSUBSCRIBE) as well as its start; the endpoint ends
+    # one by dropping its Redis connection, which no command counts.
+    if billed["subscribe"]:
+        billed["unsubscribe"] = billed["subscribe"]
     return {
         "requests": int(stats["requests"]),
         "commands_top_level": int(stats["commands"]),
@@ -222,8 +241,8 @@ async def project_delivery(setup: Setup, clients: int, duration: float) -> Deliv
     record = new_record(run_id)
     plan = plan_run(record, duration)
     await setup.subscriptions_settle(0)
-    store = setup.kv_store()
-    writer_requests = count_requests(store)
+    writer_requests = CountedRequests()
+    store = setup.kv_store(writer_requests)
     receipts = Receipts(clients)
     sent: dict[int, float] = {}
     url = stream_url(setup.stream.base_url, run_id)
@@ -242,11 +261,15 @@ async def project_delivery(setup: Setup, clients: int, duration: float) -> Deliv
                     return
 
     async def write_all(writes: list[Write], began: float) -> None:
+        last_write: float | None = None  # a provider's worker holds its lease from its claim
         for w in writes:
+            if last_write is not None and w.provider is not None:
+                await renew_while_quiet(store, run_id, w, last_write, began)
             await sleep_until(began + w.at)
             at = time.time()
             for event_id in await write(store, run_id, w):
                 sent[event_id] = at
+            last_write = None if w.outcome is not None else time.monotonic()
 
     before = await _counted_span(setup)
     try:
@@ -274,7 +297,7 @@ async def project_delivery(setup: Setup, clients: int, duration: float) -> Deliv
         latencies_ms=receipts.latencies_ms(sent),
         missing=receipts.missing(plan.events),
         duplicated=receipts.duplicated,
-        writer_requests=writer_requests[0],
+        writer_requests=writer_requests.sent,
         **figures,
     )
 
@@ -286,8 +309,8 @@ async def seed_delivery(setup: Setup, clients: int, duration: float) -> Delivery
     run_id = new_run_id()
     plan = plan_run(new_record(run_id), duration)
     writes = plan.in_time_order
-    store = setup.seed_store()
-    writer_requests = count_requests(store)
+    writer_requests = CountedRequests()
+    store = setup.seed_store(writer_requests)
     receipts = Receipts(clients)
     sent: dict[int, float] = {}
     phases = random.Random(clients).random
@@ -328,7 +351,7 @@ async def seed_delivery(setup: Setup, clients: int, duration: float) -> Delivery
         latencies_ms=receipts.latencies_ms(sent),
         missing=receipts.missing(plan.events),
         duplicated=receipts.duplicated,
-        writer_requests=writer_requests[0],
+        writer_requests=writer_requests.sent,
         **figures,
     )
 

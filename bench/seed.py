@@ -22,7 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-from upstash_redis.asyncio import Redis
+
+from lib.store.upstash import UpstashRest
 
 TTL_SECONDS = 7200
 POLL_SECONDS = 0.5
@@ -35,24 +36,21 @@ def seed_key(run_id: str) -> str:
 class SeedStore:
     """`getQuoteRun` / `setQuoteRun` / `updateQuoteRunEvents` of the seed, against KV."""
 
-    def __init__(self, url: str, token: str) -> None:
-        self._redis = Redis(url, token, rest_encoding=None, rest_retries=0, allow_telemetry=False)
-        # Only so that 50 concurrent writers are not queued behind the SDK's default pool.
-        self._redis._http._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(10.0), limits=httpx.Limits(max_connections=200)
-        )
+    def __init__(
+        self, url: str, token: str, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self._redis = UpstashRest(url, token, transport=transport, timeout=10.0)
 
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
-        raw = await self._redis.get(seed_key(run_id))
+        raw = await self._redis.command("GET", seed_key(run_id))
         if raw is None:
             return None
         run: dict[str, Any] = json.loads(raw)
         return run
 
     async def set_run(self, run_id: str, run: dict[str, Any]) -> None:
-        await self._redis.set(
-            seed_key(run_id), json.dumps(run, separators=(",", ":")), ex=TTL_SECONDS
-        )
+        blob = json.dumps(run, separators=(",", ":"))
+        await self._redis.command("SET", seed_key(run_id), blob, "EX", TTL_SECONDS)
 
     async def create_run(self, run_id: str) -> None:
         await self.set_run(run_id, {"status": "processing", "events": []})
@@ -97,4 +95,4 @@ class SeedStore:
                 return
 
     async def aclose(self) -> None:
-        await self._redis.close()
+        await self._redis.aclose()

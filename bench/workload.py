@@ -15,7 +15,9 @@ losing events).
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
@@ -107,7 +109,7 @@ async def write(store: Store, run_id: str, w: Write) -> list[int]:
         assert w.provider is not None
         owner, now = f"bench-{w.provider}", utc_now()
         if w.work == "claim":
-            lease = timedelta(seconds=45)
+            lease = timedelta(seconds=LEASE_SECONDS)
             await store.claim_provider(
                 run_id,
                 w.provider,
@@ -134,6 +136,27 @@ async def write(store: Store, run_id: str, w: Write) -> list[int]:
         end = RunEnd(status="completed", ended_at=utc_now())
         return [await store.finish_run(run_id, w.event, end)]
     return [await store.append_events(run_id, [w.event])]
+
+
+# The worker's lease (lib/worker.py): 45 s, renewed once it has written nothing for a third of it.
+LEASE_SECONDS = 45.0
+RENEW_AFTER_SECONDS = LEASE_SECONDS / 3
+
+
+async def renew_while_quiet(
+    store: Store, run_id: str, w: Write, last_write: float, began: float
+) -> int:
+    """The renewals a provider's worker makes while it waits for its next write `w` (it last
+    wrote at `last_write`, monotonic): one each RENEW_AFTER_SECONDS of quiet. Returns how many."""
+    assert w.provider is not None
+    renewals = 0
+    while began + w.at - last_write >= RENEW_AFTER_SECONDS:
+        last_write += RENEW_AFTER_SECONDS
+        await asyncio.sleep(max(0.0, last_write - time.monotonic()))
+        until = utc_now() + timedelta(seconds=LEASE_SECONDS)
+        await store.renew_lease(run_id, w.provider, f"bench-{w.provider}", until)
+        renewals += 1
+    return renewals
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from lib.admission.kv import KVAdmission
 from lib.admission.sqlite import SQLiteAdmission
 from lib.config import settings_from_env
 from lib.store import open_store
-from lib.store.kv import KVStore, rest_client
+from lib.store.kv import KVStore
+from lib.store.upstash import UpstashRest
 from tests.conftest import make_record
 from tests.upstash_rest import kv_redis_url
 
@@ -52,7 +53,7 @@ async def closing(
         admission: Admission
         if store_kind == "kv":
             server = request.getfixturevalue("upstash_server")
-            rest = rest_client(server.url, server.token)
+            rest = UpstashRest(server.url, server.token)
             admission = KVAdmission(rest, limits=limits, secret=secret, owned=True)
         else:
             path = str(tmp_path / "quotes.sqlite3")
@@ -295,7 +296,7 @@ async def test_on_kv_admission_shares_the_run_stores_rest_client(upstash_server)
     try:
         admission = open_admission(settings, store)
         assert isinstance(store, KVStore) and isinstance(admission, KVAdmission)
-        assert admission._redis is store.rest
+        assert admission.rest is store.rest
         await admission.admit(AdmissionRequest(address()), time.time())
         await admission.aclose()
         record = make_record()

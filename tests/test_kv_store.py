@@ -21,9 +21,15 @@ import pytest
 import redis
 import redis.asyncio as redis_asyncio
 
+from lib.admission import AdmissionRequest, Limits
+from lib.admission import kv as kv_admission
+from lib.admission.kv import KVAdmission
 from lib.models import ActivityEvent, ProviderWork, utc_now
-from lib.store import IdempotencyClaim, RunNotFound
+from lib.store import IdempotencyClaim, LeaseLost, RunNotFound
+from lib.store import kv as kv_backend
+from lib.store.base import REPEAT_WINDOW, first_copies, stored_event_json
 from lib.store.kv import KVStore
+from lib.store.upstash import KEY_LOCKING
 from tests.conftest import make_record
 from tests.test_store_contract import LEASE, activity, claim, completed, lost, quoted
 from tests.upstash_rest import UpstashRestServer, kv_redis_url
@@ -346,18 +352,142 @@ async def test_each_store_operation_bills_the_commands_its_design_promises(quiet
     assert costs["append_events (1 activity)"] == Counter(rpushx=1)
     assert costs["append + its delivery to a watching reader"] == Counter(rpushx=1, lrange=1)
     assert costs["record_outcome (2 events)"] == Counter(evalsha=1, hsetnx=1, hincrby=1, rpushx=1)
-    assert costs["finish_run"] == Counter(evalsha=1, rpushx=1, rename=1, hset=1, expire=2), (
-        "the terminal event, the fence (rename), the run's end and two TTLs"
-    )
+    assert costs["finish_run"] == Counter(
+        evalsha=1, rpushx=1, rename=1, hkeys=1, hdel=1, hset=1, expire=2
+    ), "the terminal event, the fence (rename), the renewals gone, the run's end and two TTLs"
     assert costs["claim_provider (claimed)"] == Counter(evalsha=1, hmget=1, hset=1)
     assert costs["claim_provider (held)"] == Counter(evalsha=1, hmget=1)
     assert costs["claim_provider (first, with the provider's start)"] == Counter(
         evalsha=1, hmget=1, hset=1, rpushx=1
     ), "the start's work state and event ride on the claim: one more command, not a save"
     assert costs["claim_provider (lease ended, holder checked)"] == Counter(
-        evalsha=1, hmget=1, lrange=1, hset=1
-    )
+        evalsha=1, hmget=1, hget=1, lrange=1, hset=1, hdel=1
+    ), "the holder's renewal and latest event looked at, its renewal field taken away"
     assert costs["save_provider_work (+1 event)"] == Counter(evalsha=1, hmget=1, hset=1, rpushx=1)
-    assert costs["renew_lease"] == Counter(evalsha=1, hmget=1, hset=1)
+    assert costs["renew_lease"] == Counter(hset=1), "the owner's own renewal field"
     assert billed(costs["create_run"]) <= 6
-    assert billed(costs["get_run (snapshot)"]) <= 5
+    assert costs["get_run (snapshot)"] == Counter(evalsha=1, hgetall=1, llen=1, lrange=1)
+
+
+# --- no database-wide lock -------------------------------------------------------------------
+
+
+def test_every_script_locks_only_its_keys_and_names_them_at_its_top() -> None:
+    for script in (*kv_backend.SCRIPTS, *kv_admission.SCRIPTS):
+        first, *lines = script.source.splitlines()
+        assert first == KEY_LOCKING, script.name
+        named = [line for line in lines if line.startswith("local ") and "KEYS[" in line]
+        assert [line.split()[1] for line in named] == list(script.keys), script.name
+        assert "KEYS[" not in script.body and "ARGV[" not in script.body, script.name
+
+
+async def test_a_whole_run_and_its_admission_take_no_global_lock(upstash_server) -> None:
+    """The endpoint checks each flagged script's keys against KEYS, as Upstash does, and counts
+    the scripts that would have locked the whole database."""
+    kv = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    admission = KVAdmission(kv.rest, limits=Limits(5, 10, 100), secret=b"s" * 32)
+    record = make_record()
+    upstash_server.reset_stats()
+    try:
+        request = AdmissionRequest(
+            address="203.0.113.7", subject="c1", token_id="t1", token_expires_at=time.time() + 60
+        )
+        passed = await admission.admit(request, time.time())
+        idem = IdempotencyClaim(key_hash="k" * 64, body_hash="b" * 64)
+        await kv.create_run(record, idem)
+        await claim(kv, record.run_id, "w1", now=utc_now())
+        await kv.save_provider_work(record.run_id, "geico", "w1", ProviderWork(), [activity("x")])
+        await kv.renew_lease(record.run_id, "geico", "w1", utc_now() + LEASE)
+        await kv.append_events(record.run_id, [activity("y")], nonce="n" * 8, again=True)
+        await kv.record_outcome(record.run_id, "geico", *quoted("geico"), total=5)
+        await kv.get_run(record.run_id, events_after=-1)
+        await kv.finish_run(record.run_id, *completed())
+        await kv.release_idempotency(idem, record.run_id)
+        await admission.release(passed)
+        stats = upstash_server.stats()
+    finally:
+        await kv.aclose()
+    assert stats["commands"] > 10
+    assert stats["global_lock_scripts"] == 0
+
+
+# --- exactly once ----------------------------------------------------------------------------
+
+
+def test_a_reader_skips_a_late_copy_within_the_window_wherever_its_read_begins() -> None:
+    def item(nonce: str) -> str:
+        return stored_event_json(activity(nonce), nonce.ljust(8, "x"))
+
+    stored = [item("a"), item("b"), item("c"), item("b"), item("d")]
+    nonces = [s[6:14] for s in stored]
+    whole = first_copies(0, stored, [])
+    assert [e.id for e in whole] == [0, 1, 2, 4]
+    for start in range(1, len(stored)):
+        read = first_copies(start, stored[start:], nonces[:start])
+        assert [e.id for e in read] == [e.id for e in whole if e.id >= start]
+    far = [item("b"), *(item(f"f{i}") for i in range(REPEAT_WINDOW)), item("b")]
+    assert len(first_copies(0, far, [])) == len(far), "a copy beyond the window is an event"
+
+
+async def test_a_refused_renewal_leaves_no_field_and_no_key_behind(upstash_server) -> None:
+    kv = KVStore(upstash_server.url, upstash_server.token, ttl_seconds=7200)
+    direct = redis_asyncio.Redis.from_url(kv_redis_url(), decode_responses=True)
+    record = make_record()
+    run_id = record.run_id
+    try:
+        unknown = make_record().run_id
+        with pytest.raises(RunNotFound):
+            await kv.renew_lease(unknown, "geico", "w1", utc_now() + LEASE)
+        assert not await direct.exists(f"quote:{unknown}"), "no hash without a TTL"
+        await kv.create_run(record)
+        start = utc_now()
+        await claim(kv, run_id, "w1", now=start)
+        await kv.renew_lease(run_id, "geico", "w1", start + 2 * LEASE)
+        renewed = await claim(kv, run_id, "w2", now=start + LEASE + timedelta(seconds=1))
+        taken = await claim(kv, run_id, "w2", now=start + 2 * LEASE + timedelta(seconds=1))
+        with pytest.raises(LeaseLost):
+            await kv.renew_lease(run_id, "geico", "w1", start + 3 * LEASE)
+        fields = sorted(await direct.hkeys(f"quote:{run_id}"))
+    finally:
+        await kv.aclose()
+        await direct.aclose()
+    assert renewed.result == "held", "the renewal moved the lease on"
+    assert renewed.busy_until is not None and renewed.busy_until >= start + 2 * LEASE
+    assert taken.result == "claimed" and taken.deliveries == 2
+    assert [f for f in fields if f.startswith("r:")] == ["r:geico:w2"]
+
+
+async def test_the_rare_paths_bill_what_their_scripts_promise(quiet_kv) -> None:
+    kv = KVStore(quiet_kv.url, quiet_kv.token, ttl_seconds=7200)
+    meter = CommandMeter(quiet_kv.redis_url)
+    record = make_record()
+    run_id = record.run_id
+    idem = IdempotencyClaim(key_hash="r" * 64, body_hash="b" * 64)
+    try:
+        await kv.create_run(record, idem)
+        await claim(kv, run_id, "w1", now=utc_now())
+        # Warm the script cache, so each figure is the script's own steady cost.
+        await kv.append_events(run_id, [activity("warm")], again=True)
+        await kv.release_idempotency(IdempotencyClaim("w" * 64, "b" * 64), run_id)
+        with pytest.raises(LeaseLost):
+            await kv.renew_lease(run_id, "geico", "w9", utc_now() + LEASE)
+        costs = {
+            "append retried, first attempt not found": await meter.of(
+                kv.append_events(run_id, [activity("again")], again=True)
+            ),
+            "release_idempotency": await meter.of(kv.release_idempotency(idem, run_id)),
+        }
+        before = meter.snapshot()
+        with pytest.raises(LeaseLost):
+            await kv.renew_lease(run_id, "geico", "w2", utc_now() + LEASE)
+        costs["renewal refused"] = meter.delta(before)
+    finally:
+        meter.close()
+        await kv.aclose()
+    assert costs["append retried, first attempt not found"] == Counter(
+        evalsha=1, llen=1, lrange=1, rpushx=1
+    )
+    assert costs["release_idempotency"] == Counter({"evalsha": 1, "get": 1, "del": 1})
+    assert costs["renewal refused"] == Counter(hset=1, evalsha=1, hdel=1, hmget=1), (
+        "the renewal's HSET, then the script that takes its field back out and says why"
+    )

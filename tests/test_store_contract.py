@@ -254,6 +254,23 @@ async def test_an_idempotency_key_maps_to_the_first_run(store: Store) -> None:
     assert await store.get_run(first.run_id) is not None
 
 
+async def test_a_create_repeated_with_its_own_run_and_key_is_its_retry_on_both_backends(
+    store: Store,
+) -> None:
+    """Once differed: KV answered a create that found its own run under the key "created",
+    SQLite "replayed"; a lookup is a replay on both."""
+    claim_ = new_claim()
+    record = make_record()
+    first = await store.create_run(record, claim_)
+    again = await store.create_run(record, claim_)
+    found = await store.find_idempotent_run(claim_)
+    state = await store.get_run(record.run_id, events_after=-1)
+    assert first.created and again.created and again.run_id == record.run_id
+    assert found is not None and not found.created and found.run_id == record.run_id
+    assert found.body_hash == claim_.body_hash
+    assert state is not None and [e.type for e in state.events] == ["started"]
+
+
 async def test_concurrent_creates_with_one_idempotency_key_create_one_run(store_factory) -> None:
     claim_ = new_claim()
     records = [make_record() for _ in range(10)]
@@ -385,6 +402,40 @@ async def test_after_the_lease_ends_its_holder_keeps_the_provider_while_it_write
     assert at_the_event.result == "claimed", "only an event strictly after alive_since counts"
     assert at_the_event.deliveries == 2
     assert state is not None and state.record.leases["geico"].owner == "w2"
+
+
+async def test_a_holders_event_counts_however_many_events_other_providers_wrote_since(
+    store: Store,
+) -> None:
+    """Busy providers do not push a live holder's sign of life out of sight: the rule looks at
+    the provider's latest event in the whole run, on both backends."""
+    run_id = await new_run(store)
+    start = utc_now()
+    await claim(store, run_id, "w1", now=start)
+    wrote_at = start + timedelta(seconds=30)
+    await store.append_events(run_id, [activity("still working", ts=wrote_at)])
+    others = ("progressive", "state_farm", "allstate", "liberty_mutual")
+    busy = [
+        activity(f"step {i}", provider=others[i % 4], ts=wrote_at + timedelta(milliseconds=i))
+        for i in range(100)
+    ]
+    await store.append_events(run_id, busy)
+    later = start + LEASE + timedelta(seconds=15)  # w1's lease has ended
+    alive = await claim(store, run_id, "w2", now=later, alive_since=wrote_at - timedelta(seconds=1))
+    assert alive.result == "held"
+    assert alive.busy_until == wrote_at + LEASE
+
+
+async def test_a_holder_is_judged_by_its_latest_event_not_its_first(store: Store) -> None:
+    run_id = await new_run(store)
+    start = utc_now()
+    await claim(store, run_id, "w1", now=start)
+    early, late = start + timedelta(seconds=1), start + timedelta(seconds=40)
+    await store.append_events(run_id, [activity("first", ts=early)])
+    await store.append_events(run_id, [activity("other", provider="allstate", ts=late)])
+    later = start + LEASE + timedelta(seconds=15)
+    taken = await claim(store, run_id, "w2", now=later, alive_since=early)
+    assert taken.result == "claimed", "geico's own latest event is not after alive_since"
 
 
 async def test_after_the_lease_ends_a_silent_holder_loses_the_provider(store: Store) -> None:

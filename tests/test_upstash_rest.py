@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from upstash_redis import Redis
 from upstash_redis.asyncio import Redis as AsyncRedis
 from upstash_redis.errors import UpstashError
 
+from lib.store.upstash import LuaScript, UpstashRest
+from lib.store.upstash import UpstashError as ProjectUpstashError
 from tests.upstash_rest import UpstashRestServer, kv_redis_url
 
 pytest_plugins = ["tests.upstash_rest"]
@@ -159,6 +162,47 @@ def test_evalsha_falls_back_to_eval_on_noscript(
         kv.evalsha(unknown_sha, keys=[key], args=["3"])
     assert kv.eval(unknown, keys=[key], args=["3"]) == 5  # the usual fallback
     assert kv.evalsha(unknown_sha, keys=[key], args=["1"]) == 6  # EVAL cached it
+
+
+KEY_LOCKED_INCR_BY = f"#!lua flags=allow-key-locking\n{INCR_BY}"
+
+
+@each_encoding
+def test_a_key_locking_script_runs_and_answers_to_its_own_sha(
+    upstash_server: UpstashRestServer, key: str, encoding: Encoding
+) -> None:
+    kv = sdk(upstash_server, encoding)
+    sha = hashlib.sha1(KEY_LOCKED_INCR_BY.encode()).hexdigest()
+    upstash_server.reset_stats()
+    assert kv.eval(KEY_LOCKED_INCR_BY, keys=[key], args=["2"]) == 2
+    assert kv.evalsha(sha, keys=[key], args=["3"]) == 5
+    assert kv.script_load(KEY_LOCKED_INCR_BY) == sha
+    assert upstash_server.stats()["global_lock_scripts"] == 0
+
+
+def test_a_key_locking_script_that_touches_an_undeclared_key_fails(
+    upstash_server: UpstashRestServer, key: str
+) -> None:
+    kv = sdk(upstash_server)
+    sneaky = "#!lua flags=allow-key-locking\nreturn redis.call('INCR', ARGV[1])"
+    with pytest.raises(UpstashError, match="not declared in KEYS"):
+        kv.eval(sneaky, keys=[f"{key}:declared"], args=[f"{key}:undeclared"])
+    guarded = (
+        "#!lua flags=allow-key-locking\n"
+        "local reply = redis.pcall('MGET', KEYS[1], ARGV[1])\n"
+        "if type(reply) == 'table' and reply.err then return 'refused' end\nreturn 'read'"
+    )
+    assert kv.eval(guarded, keys=[f"{key}:declared"], args=[f"{key}:undeclared"]) == "refused"
+    with redis.Redis.from_url(kv_redis_url()) as direct:
+        assert direct.get(f"{key}:undeclared") is None
+
+
+def test_a_script_without_the_flag_still_runs_under_the_global_lock(
+    upstash_server: UpstashRestServer, key: str
+) -> None:
+    upstash_server.reset_stats()
+    assert sdk(upstash_server).eval("return redis.call('INCR', ARGV[1])", args=[key]) == 1
+    assert upstash_server.stats()["global_lock_scripts"] == 1
 
 
 def test_pipeline_returns_one_entry_per_command_with_errors_inline(
@@ -493,3 +537,46 @@ async def test_stats_count_requests_commands_and_bytes(
     assert stats["by_kind"]["multi-exec"]["requests"] == 0
     assert (stats["requests"], stats["commands"]) == (4, 6)
     assert stats["open_subscriptions"] == 1
+
+
+# -- the project's own client -------------------------------------------------------------------
+
+
+async def test_the_projects_client_speaks_the_protocol_and_takes_a_transport(
+    upstash_server: UpstashRestServer, key: str
+) -> None:
+    sent: list[bytes] = []
+
+    class Recording(httpx.AsyncBaseTransport):
+        def __init__(self) -> None:
+            self._inner = httpx.AsyncHTTPTransport()
+
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            sent.append(request.content)
+            return await self._inner.handle_async_request(request)
+
+    script = LuaScript(
+        f"incr {uuid.uuid4().hex}",
+        keys=("counter_key",),
+        args=("by",),
+        body=f"-- {uuid.uuid4().hex}\nreturn redis.call('INCRBY', counter_key, by)",
+        returns="the counter",
+    )
+    rest = UpstashRest(upstash_server.url, upstash_server.token, transport=Recording())
+    try:
+        assert await rest.command("SET", key, "v") == "OK"
+        assert await rest.command("GET", key) == "v"
+        with pytest.raises(ProjectUpstashError, match="WRONGTYPE"):
+            await rest.command("LPUSH", key, "x")
+        # Unknown to the server: EVALSHA answers NOSCRIPT, the client sends the source.
+        assert await rest.run(script, [f"{key}:n"], ["2"]) == 2
+        assert await rest.run(script, [f"{key}:n"], ["3"]) == 5
+        wrong = UpstashRest(upstash_server.url, "not-the-token")
+        with pytest.raises(ProjectUpstashError) as refused:
+            await wrong.command("PING")
+        await wrong.aclose()
+    finally:
+        await rest.aclose()
+    assert refused.value.unauthorized
+    verbs = [json.loads(body)[0] for body in sent]
+    assert verbs == ["SET", "GET", "LPUSH", "EVALSHA", "EVAL", "EVALSHA"]

@@ -18,6 +18,12 @@ Wire formats (from https://upstash.com/docs/redis/features/restapi, the @upstash
   events are Redis' pub/sub replies joined by commas, never base64: ``data: subscribe,<channel>,1``,
   ``data: message,<channel>,<payload>``, ``data: pmessage,<pattern>,<channel>,<payload>``.
 
+- Scripts (``EVAL``, ``EVALSHA``, ``SCRIPT LOAD``) may open with ``#!lua flags=allow-key-locking``,
+  Upstash's flag for a script that locks only its keys instead of the whole database: every key it
+  touches must be in ``KEYS``. Redis 7 does not know the flag, so the endpoint drops it, runs the
+  script with ``redis.call``/``redis.pcall`` checking each key argument against ``KEYS`` (a script
+  touching an undeclared key fails), and keeps answering to the script's own SHA1.
+
 Test-only extras (same bearer token): ``GET /_stats``, ``POST /_stats/reset`` and
 ``POST /_control/subscriptions`` with ``{"mode": "normal" | "silent" | "drop",
 "fail_subscribe": bool}``.
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import signal
@@ -78,6 +85,115 @@ class _VerbatimErrorParser(_AsyncRESP2Parser):
 
 class _BadRequest(Exception):
     pass
+
+
+KEY_LOCKING_FLAG = "allow-key-locking"
+_SCRIPT_VERBS = {"EVAL", "EVAL_RO", "EVALSHA", "EVALSHA_RO"}
+
+# Runs before the script's own first line: `redis` is shadowed by a table whose call/pcall refuse
+# a key argument (at the positions COMMAND reports) that is not in KEYS, as Upstash does.
+_KEY_CHECK = """local __declared = {}
+for _, key in ipairs(KEYS) do __declared[key] = true end
+local __key_positions = POSITIONS
+local __redis = redis
+local function __checked(call)
+  return function(command, ...)
+    local spec = __key_positions[string.lower(command)]
+    if spec then
+      local args = {...}
+      local last = spec[2]
+      if last < 0 then last = #args + 1 + last end
+      for i = spec[1], last, spec[3] do
+        if args[i] ~= nil and not __declared[args[i]] then
+          return __redis.error_reply('ERR script with allow-key-locking accessed key '
+            .. tostring(args[i]) .. ' not declared in KEYS')
+        end
+      end
+    end
+    return call(command, ...)
+  end
+end
+local __call, __pcall = __checked(__redis.call), __checked(__redis.pcall)
+local redis = setmetatable({
+  call = function(...)
+    local reply = __call(...)
+    if type(reply) == 'table' and reply.err then error(reply) end
+    return reply
+  end,
+  pcall = __pcall,
+}, {__index = __redis})
+"""
+
+
+class _Scripts:
+    """Upstash's script flags on a Redis that does not know them: a flagged script is stored
+    translated, under the SHA1 of what the client sent."""
+
+    def __init__(self) -> None:
+        self.key_check = ""
+        self.redis_sha: dict[str, str] = {}  # the client's SHA1 -> the translated script's
+        self.global_lock = 0  # scripts run without allow-key-locking (the database-wide lock)
+
+    def learn_key_positions(self, commands: list[Any]) -> None:
+        """COMMAND's reply: each command's first key, last key and step (RESP2 arrays)."""
+        entries = []
+        for info in commands:
+            name, first, last, step = info[0], info[3], info[4], info[5]
+            if isinstance(name, bytes):
+                name = name.decode()
+            if int(first) > 0 and int(step) > 0:
+                entries.append(f"[{json.dumps(name.lower())}]={{{first},{last},{step}}}")
+        self.key_check = _KEY_CHECK.replace("POSITIONS", "{" + ",".join(entries) + "}")
+
+    def translate(self, source: str) -> str:
+        first, newline, body = source.partition("\n")
+        if not first.startswith("#!"):
+            self.global_lock += 1
+            return source
+        engine, *options = first[2:].split()
+        flags: list[str] = []
+        for option in options:
+            if option.startswith("flags="):
+                flags = [f for f in option[len("flags=") :].split(",") if f]
+        if KEY_LOCKING_FLAG not in flags:
+            self.global_lock += 1
+            return source
+        kept = [f for f in flags if f != KEY_LOCKING_FLAG]
+        shebang = f"#!{engine}" + (f" flags={','.join(kept)}" if kept else "")
+        return shebang + newline + self.key_check + body
+
+    def command(self, args: list[Arg]) -> list[Arg]:
+        """The command as the real Redis must receive it."""
+        name = str(args[0]).upper()
+        if name in {"EVAL", "EVAL_RO"} and len(args) > 1:
+            source = str(args[1])
+            translated = self.translate(source)
+            if translated != source:
+                self.redis_sha[_sha1(source)] = _sha1(translated)
+            return [args[0], translated, *args[2:]]
+        if name in {"EVALSHA", "EVALSHA_RO"} and len(args) > 1:
+            return [args[0], self.redis_sha.get(str(args[1]).lower(), args[1]), *args[2:]]
+        if name == "SCRIPT" and len(args) > 2 and str(args[1]).upper() == "LOAD":
+            source = str(args[2])
+            translated = self.translate(source)
+            if translated != source:
+                self.redis_sha[_sha1(source)] = _sha1(translated)
+            return [args[0], args[1], translated]
+        return args
+
+    def reply(self, args: list[Arg], reply: Any) -> Any:
+        """SCRIPT LOAD answers with the SHA1 the client computed, not the translation's."""
+        if (
+            str(args[0]).upper() == "SCRIPT"
+            and len(args) > 2
+            and not isinstance(reply, ResponseError)
+        ):
+            return _sha1(str(args[2])).encode()
+        return reply
+
+
+def _sha1(source: str) -> str:
+    return hashlib.sha1(source.encode()).hexdigest()
 
 
 @dataclass
@@ -168,6 +284,7 @@ class _Api:
         self.mode: Literal["normal", "silent"] = "normal"
         self.fail_subscribe = False
         self.open_streams: set[_SubscriptionStream] = set()
+        self.scripts = _Scripts()
         self._commands: BlockingConnectionPool | None = None
         self._pubsub: ConnectionPool | None = None
 
@@ -184,6 +301,7 @@ class _Api:
         self._pubsub = ConnectionPool.from_url(
             self.redis_url, max_connections=10_000, socket_timeout=None, **options
         )
+        self.scripts.learn_key_positions((await self.roundtrip([["COMMAND"]]))[0])
         try:
             yield
         finally:
@@ -225,7 +343,12 @@ class _Api:
     def stats(self) -> dict[str, Any]:
         by_kind = {kind: asdict(c) for kind, c in self.counters.items()}
         totals = {f: sum(c[f] for c in by_kind.values()) for f in asdict(Counters())}
-        return {**totals, "by_kind": by_kind, "open_subscriptions": len(self.open_streams)}
+        return {
+            **totals,
+            "by_kind": by_kind,
+            "open_subscriptions": len(self.open_streams),
+            "global_lock_scripts": self.scripts.global_lock,
+        }
 
     # -- data endpoints --------------------------------------------------------------------------
     async def serve(self, request: Request, kind: Kind) -> Response:
@@ -245,12 +368,14 @@ class _Api:
                     raise _BadRequest("ERR the body must be a non-empty JSON array of commands")
                 commands = [_command(raw) for raw in batch]
             counters.commands += len(commands)
+            sent = [self.scripts.command(command) for command in commands]
             if kind == "multi-exec":
-                replies = (await self.roundtrip([["MULTI"], *commands, ["EXEC"]]))[-1]
+                replies = (await self.roundtrip([["MULTI"], *sent, ["EXEC"]]))[-1]
                 if not isinstance(replies, list):  # EXECABORT: discarded as a whole
                     return self.respond(400, {"error": str(replies)}, kind)
             else:
-                replies = await self.roundtrip(commands)
+                replies = await self.roundtrip(sent)
+            replies = [self.scripts.reply(c, r) for c, r in zip(commands, replies, strict=True)]
         except _BadRequest as exc:
             return self.respond(400, {"error": str(exc)}, kind)
         except RedisError as exc:
@@ -323,6 +448,7 @@ class _Api:
         if not self.authorized(request):
             return self.respond(401, {"error": "Unauthorized"})
         self.counters = {kind: Counters() for kind in KINDS}
+        self.scripts.global_lock = 0
         return self.respond(200, self.stats())
 
 

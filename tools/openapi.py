@@ -54,7 +54,16 @@ def _on_the_wire(event: type[BaseModel]) -> type[BaseModel]:
         event.__name__,
         __base__=event,
         __doc__=event.__doc__,
-        id=(int, Field(ge=0, description="The event's position in the run: 0, 1, 2, …")),
+        id=(
+            int,
+            Field(
+                ge=0,
+                description=(
+                    "The event's position in the run: 0, 1, 2, …, increasing by one except where "
+                    "a retried write landed twice (its later copy is never sent; its id is skipped)"
+                ),
+            ),
+        ),
     )
     return wire
 

@@ -43,11 +43,12 @@ def open_admission(settings: Settings, store: Store | None = None) -> Admission:
     )
     if settings.kv is not None:
         from lib.admission.kv import KVAdmission
-        from lib.store.kv import KVStore, rest_client
+        from lib.store.kv import KVStore
+        from lib.store.upstash import UpstashRest
 
         if isinstance(store, KVStore):
             return KVAdmission(store.rest, limits=limits, secret=settings.secret)
-        rest = rest_client(settings.kv.url, settings.kv.token)
+        rest = UpstashRest(settings.kv.url, settings.kv.token)
         return KVAdmission(rest, limits=limits, secret=settings.secret, owned=True)
     if settings.on_vercel_deployment:
         raise StoreNotConfigured(

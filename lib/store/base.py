@@ -6,7 +6,9 @@ event append, one provider's lease or work state, one provider's outcome (with t
 progress), or the run's end (with its terminal event, which fences every later append).
 
 Events are stored as `{"n":"<nonce>",...}` (the nonce makes a retried append land once) and read
-as the wire JSON with `"id"` first, ready to send; an event's id is its position in the run.
+as the wire JSON with `"id"` first, ready to send; an event's id is its position in the run. Ids
+increase by one, except where a retried write's first attempt reached storage after the retry had
+appended the same events: that later copy is never read (`first_copies`) and its id is skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import re
 import secrets
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from types import TracebackType
@@ -64,6 +67,32 @@ def stored_event_json(event: RunEvent, nonce: str) -> str:
 def wire_event(event_id: int, stored: str) -> str:
     """Replace a stored event's nonce with its id: {"id":N,...}."""
     return f'{{"id":{event_id},{stored[_NONCE_PREFIX:]}'
+
+
+# A late first attempt lands within this many events of its retry's copy: the window in which the
+# retry looked for it, and in which readers look for an earlier copy of what they read.
+REPEAT_WINDOW = 64
+
+
+def stored_nonce(stored: str) -> str:
+    return stored[len('{"n":"') : len('{"n":"') + NONCE_CHARS]
+
+
+def first_copies(
+    first_id: int, stored: Sequence[str], earlier_nonces: Sequence[str]
+) -> list[StoredEvent]:
+    """Stored events `first_id`, `first_id` + 1, … as read, less every repeat: an event whose
+    nonce is among the REPEAT_WINDOW stored before it (`earlier_nonces`: those before
+    `first_id`, oldest first, up to the window). Every reader applies this one rule, so none
+    sees an event twice, however it reads."""
+    window = deque(earlier_nonces[-REPEAT_WINDOW:], maxlen=REPEAT_WINDOW)
+    events = []
+    for offset, item in enumerate(stored):
+        nonce = stored_nonce(item)
+        if nonce not in window:
+            events.append(StoredEvent(first_id + offset, wire_event(first_id + offset, item)))
+        window.append(nonce)
+    return events
 
 
 class StoredItem(NamedTuple):
@@ -137,6 +166,16 @@ def idempotency_value(run_id: str, body_hash: str) -> str:
 def parse_idempotency_value(raw: str) -> tuple[str, str]:
     value = json.loads(raw)
     return str(value["runId"]), str(value["bodyHash"])
+
+
+def mapped_run(stored: str, creating: str | None = None) -> CreateOutcome:
+    """The one answer both backends give when an Idempotency-Key already maps to a run: a
+    replay of that run, unless it is the run being created (`creating`): then the create is
+    its own retry, and created."""
+    run_id, body_hash = parse_idempotency_value(stored)
+    if run_id == creating:
+        return CreateOutcome(created=True, run_id=run_id)
+    return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
 
 
 ClaimResult = Literal["claimed", "held", "finished", "ended", "missing"]
@@ -346,8 +385,12 @@ class Store(ABC):
         first_events: Sequence[RunEvent] = (),
     ) -> ProviderClaim:
         """Take the provider's lease for `owner` unless it is finished, the run has ended, or
-        another owner is alive on it: its lease runs past `now`, or it wrote an event after
-        `alive_since`. Counts the delivery.
+        another owner is alive on it: its lease runs past `now`, or its lease ended without
+        being released and the provider's latest event in the whole run (not a window of its
+        last events) is strictly after `alive_since`; it is then busy until that event + the
+        lease's length. Counts the delivery (not again for the same owner). Both backends
+        state this rule in one transaction (SQLite) or script (KV, the CLAIM script), and the
+        contract suite pins where a shortcut would make them differ.
 
         A claim that finds no work state stored yet (the provider's start) stores `first_work`
         and appends `first_events` with it, in the same atomic write, and answers with that

@@ -4,7 +4,9 @@ Layout (keys get the TTL when the run is created and again with its terminal eve
 last write; QUOTE_RUN_TTL_SECONDS is at least RUN_MAX_SECONDS, so nothing expires mid-run):
   quote:{id}          hash    run (RunMeta JSON), st (RunStatus), end (RunEnd),
                               done (providers finished), and per provider p: s:p (ProviderWork),
-                              l:p (lease "owner|until-ms|deliveries"), o:p (ProviderOutcome, once)
+                              l:p (lease "owner|until-ms|deliveries"), o:p (ProviderOutcome, once),
+                              r:p:owner (until-ms: the holder's renewals, one HSET each; the
+                              claim writes it, a takeover and the run's end delete it)
   quote:{id}:events   list    the events while the run is open; an event's id is its index
   quote:{id}:log      list    the same list once the run has ended: the terminal write renames it,
                               so a plain RPUSHX to :events is refused from then on (the fence)
@@ -13,23 +15,24 @@ last write; QUOTE_RUN_TTL_SECONDS is at least RUN_MAX_SECONDS, so nothing expire
 Billed commands (Upstash counts each command a script runs, plus the EVALSHA): an event append is
 one RPUSHX (one REST request, one command); readers learn of it from the list's keyspace
 notification (no PUBLISH) and read it once per instance (LRANGE). A provider's outcome with the
-run's progress is one script of four commands for two events. Retried writes whose first reply
-was lost go through a script that finds the first attempt by its nonce, so they land once.
+run's progress is one script of four commands for two events; a lease renewal is one HSET.
+Every script locks only the keys it declares (lib/store/upstash.py). Retried writes whose first
+reply was lost go through a script that finds the first attempt by its nonce, so they land once;
+a first attempt still in transit when its retry ran lands after it, and readers skip that copy
+(lib/store/base.py, first_copies).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
-from upstash_redis.asyncio import Redis
-from upstash_redis.errors import UpstashError
 
 from lib.models import (
     CancelledEvent,
@@ -49,6 +52,8 @@ from lib.models import (
 )
 from lib.store.base import (
     NONCE_CHARS,
+    RELEASED,
+    REPEAT_WINDOW,
     TAIL_EVENTS,
     CreateOutcome,
     EventWatch,
@@ -59,14 +64,15 @@ from lib.store.base import (
     Store,
     StoredEvent,
     assemble_record,
+    first_copies,
     idempotency_value,
+    mapped_run,
     new_nonce,
-    parse_idempotency_value,
     progress_event_parts,
     started_event,
     stored_event_json,
     stored_items,
-    wire_event,
+    stored_nonce,
 )
 from lib.store.errors import (
     LeaseLost,
@@ -75,201 +81,325 @@ from lib.store.errors import (
     RunNotFound,
     StoreUnavailable,
 )
+from lib.store.upstash import LuaScript, UpstashError, UpstashRest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# KEYS: hash, events[, idem]; ARGV: ttl, meta, started item[, idem value]
-_CREATE = """
-if KEYS[3] then
-  local existing = redis.call('GET', KEYS[3])
-  if existing then return existing end
-  redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[1])
-elseif redis.call('HSETNX', KEYS[1], 'run', ARGV[2]) == 0 then
-  return ''
+CREATE = LuaScript(
+    "create",
+    keys=("run_key", "events_key", "idem_key"),
+    args=("ttl", "meta", "started_item", "idem_value"),
+    returns="{'created'}; {'exists'}: the run was there already (its own create, retried); "
+    "{'replay', value}: the idempotency key already maps to a run (value may be this one's)",
+    body="""
+if idem_key then
+  local existing = redis.call('GET', idem_key)
+  if existing then return {'replay', existing} end
+  redis.call('SET', idem_key, idem_value, 'EX', ttl)
+elseif redis.call('HSETNX', run_key, 'run', meta) == 0 then
+  return {'exists'}
 end
-redis.call('HSET', KEYS[1], 'run', ARGV[2], 'st', 'processing', 'done', 0)
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-redis.call('RPUSH', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return ARGV[4] or ''
-"""
+redis.call('HSET', run_key, 'run', meta, 'st', 'processing', 'done', 0)
+redis.call('EXPIRE', run_key, ttl)
+redis.call('RPUSH', events_key, started_item)
+redis.call('EXPIRE', events_key, ttl)
+return {'created'}
+""",
+)
 
-# KEYS: hash, events, log; ARGV: first event wanted (-1: none), last event wanted, tail length
-_READ = """
-local v = redis.call('HMGET', KEYS[1], 'run', 'st')
-if not v[1] then return false end
-local list = KEYS[2]
-if v[2] ~= 'processing' then list = KEYS[3] end
-local fields = redis.call('HGETALL', KEYS[1])
+READ = LuaScript(
+    "read",
+    keys=("run_key", "events_key", "log_key"),
+    args=("first", "last", "tail", "window"),
+    returns="false: no such run; else {event count, the hash's fields (flat), the tail (the "
+    "last `tail` events), the page (events first..last when wanted, first = -1: none, and not "
+    "all in the tail)}, each read as {index of its first event, its items, the nonces of up "
+    "to `window` events before it}",
+    body="""
+local fields = redis.call('HGETALL', run_key)
+local known, status = false, nil
+for i = 1, #fields, 2 do
+  if fields[i] == 'run' then known = true elseif fields[i] == 'st' then status = fields[i + 1] end
+end
+if not known then return false end
+local list = events_key
+if status ~= 'processing' then list = log_key end
 local count = redis.call('LLEN', list)
-local tail_from = math.max(count - tonumber(ARGV[3]), 0)
-local tail = {}
-if tonumber(ARGV[3]) > 0 and count > 0 then tail = redis.call('LRANGE', list, tail_from, -1) end
-local first = tonumber(ARGV[1])
-local out = {count, fields, tail_from, #tail}
-for _, event in ipairs(tail) do out[#out + 1] = event end
-if first >= 0 and (#tail == 0 or first < tail_from) then
-  for _, event in ipairs(redis.call('LRANGE', list, first, ARGV[2])) do out[#out + 1] = event end
+local span = tonumber(window)
+-- One LRANGE from `window` events before `from`: the earlier ones' nonces, then the items.
+local function read(from, to)
+  local start = math.max(from - span, 0)
+  local got = redis.call('LRANGE', list, start, to)
+  local nonces, items = {}, {}
+  for i, item in ipairs(got) do
+    if start + i - 1 < from then
+      nonces[#nonces + 1] = string.sub(item, NONCE_FROM, NONCE_TO)
+    else
+      items[#items + 1] = item
+    end
+  end
+  return {from, items, nonces}
 end
-return out
-"""
+local tail_from = math.max(count - tonumber(tail), 0)
+local recent = {tail_from, {}, {}}
+if tonumber(tail) > 0 and count > 0 then recent = read(tail_from, -1) end
+local from = tonumber(first)
+local page = {from, {}, {}}
+if from >= 0 and (#recent[2] == 0 or from < tail_from) then page = read(from, last) end
+return {count, fields, recent, page}
+""".replace("NONCE_FROM", str(len('{"n":"') + 1)).replace(
+        "NONCE_TO", str(len('{"n":"') + NONCE_CHARS)
+    ),
+)
 
-# A retried append: find the first attempt by its nonce, else append now.
-# KEYS: events; ARGV: nonce of the first item, items…
-_APPEND_AGAIN = """
-local count = redis.call('LLEN', KEYS[1])
-if count == 0 then return -1 end
-local tail = redis.call('LRANGE', KEYS[1], -64, -1)
-local needle = '{"n":"' .. ARGV[1] .. '"'
+APPEND_AGAIN = LuaScript(
+    "append again",
+    keys=("events_key",),
+    args=("nonce",),
+    more_args="items",
+    returns="{'found', first id}: the first attempt is there; {'appended', first id}; "
+    "{'refused'}: no open event list (the run has ended or does not exist)",
+    body="""
+local count = redis.call('LLEN', events_key)
+if count == 0 then return {'refused'} end
+local tail = redis.call('LRANGE', events_key, -64, -1)
+local needle = '{"n":"' .. nonce .. '"'
 for i, item in ipairs(tail) do
-  if string.sub(item, 1, #needle) == needle then return count - #tail + i - 1 end
+  if string.sub(item, 1, #needle) == needle then return {'found', count - #tail + i - 1} end
 end
-return redis.call('RPUSHX', KEYS[1], unpack(ARGV, 2)) - (#ARGV - 1)
-"""
+return {'appended', redis.call('RPUSHX', events_key, unpack(items)) - #items}
+""",
+)
 
-# KEYS: hash, events; ARGV: provider, owner, now-ms, lease-until-ms, alive-since (RFC 3339),
-# first work JSON ('' for none), items… (stored and appended with it when no work is stored yet)
-_CLAIM = """
-local p = ARGV[1]
-local v = redis.call('HMGET', KEYS[1], 'st', 'o:' .. p, 'l:' .. p, 's:' .. p)
+# The rule both backends state (lib/store/base.py, claim_provider): another owner is alive on the
+# provider while its lease runs, or, its lease ended but not released, while the provider's
+# latest event (of the whole run, not a window of it) is newer than alive_since. Times are
+# compared as format_time strings: fixed-width UTC, so their order is the order in time.
+CLAIM = LuaScript(
+    "claim",
+    keys=("run_key", "events_key"),
+    args=("provider", "owner", "now_ms", "lease_until_ms", "alive_since", "first_work"),
+    more_args="first_items",
+    returns="{'claimed', work JSON or '', deliveries}; {'held', lease (or renewal) end ms}; "
+    "{'writing', the holder's latest event time}; {'finished'}; {'ended'}; {'missing'}",
+    body="""
+local v = redis.call('HMGET', run_key, 'st', 'o:' .. provider, 'l:' .. provider,
+  's:' .. provider)
 if not v[1] then return {'missing'} end
 if v[1] ~= 'processing' then return {'ended'} end
 if v[2] then return {'finished'} end
 local deliveries = 0
 if v[3] then
-  local holder, untl, count = string.match(v[3], '^(.*)|(%d+)|(%d+)$')
+  local holder, lease_end, count = string.match(v[3], '^(.*)|(%d+)|(%d+)$')
   deliveries = tonumber(count)
-  if holder == ARGV[2] then
+  if holder == owner then
     deliveries = deliveries - 1
-  elseif tonumber(untl) > tonumber(ARGV[3]) then
-    return {'held', untl}
-  elseif tonumber(untl) > 0 then
-    -- expired, not released: the holder is alive if it wrote an event after alive-since
-    local needle = '"provider":"' .. p .. '"'
-    local tail = redis.call('LRANGE', KEYS[2], -32, -1)
-    for i = #tail, 1, -1 do
-      if string.find(tail[i], needle, 1, true) then
-        local ts = string.match(tail[i], '"ts":"([^"]+)"}$')
-        if ts and ts > ARGV[5] then return {'active', ts} end
+  elseif tonumber(lease_end) > tonumber(now_ms) then
+    return {'held', lease_end}
+  elseif tonumber(lease_end) > 0 then
+    -- Not released: the holder's own renewals (one HSET each) may have moved its lease on.
+    local renewed = redis.call('HGET', run_key, 'r:' .. provider .. ':' .. holder)
+    if renewed and tonumber(renewed) > tonumber(now_ms) then return {'held', renewed} end
+    -- Taken over: the holder's renewals must find their field gone (LeaseLost).
+    redis.call('HDEL', run_key, 'r:' .. provider .. ':' .. holder)
+    local needle = '"provider":"' .. provider .. '"'
+    local events = redis.call('LRANGE', events_key, 0, -1)
+    for i = #events, 1, -1 do
+      if string.find(events[i], needle, 1, true) then
+        local ts = string.match(events[i], '"ts":"([^"]+)"}$')
+        if ts and ts > alive_since then return {'writing', ts} end
         break
       end
     end
   end
 end
 deliveries = deliveries + 1
-local lease = ARGV[2] .. '|' .. ARGV[4] .. '|' .. deliveries
-if v[4] or ARGV[6] == '' then
-  redis.call('HSET', KEYS[1], 'l:' .. p, lease)
+local lease = owner .. '|' .. lease_until_ms .. '|' .. deliveries
+local renewal = 'r:' .. provider .. ':' .. owner
+if v[4] or first_work == '' then
+  redis.call('HSET', run_key, 'l:' .. provider, lease, renewal, lease_until_ms)
   return {'claimed', v[4] or '', tostring(deliveries)}
 end
-redis.call('HSET', KEYS[1], 'l:' .. p, lease, 's:' .. p, ARGV[6])
-if #ARGV > 6 then redis.call('RPUSHX', KEYS[2], unpack(ARGV, 7)) end
-return {'claimed', ARGV[6], tostring(deliveries)}
-"""
+redis.call('HSET', run_key, 'l:' .. provider, lease, renewal, lease_until_ms, 's:' .. provider,
+  first_work)
+if #first_items > 0 then redis.call('RPUSHX', events_key, unpack(first_items)) end
+return {'claimed', first_work, tostring(deliveries)}
+""",
+)
 
-# KEYS: hash, events; ARGV: provider, owner, work JSON ('' keeps it), lease-until-ms ('' keeps
-# it), retry ('1'), items… (appended with the write; on a retry, not again)
-_SAVE_WORK = """
-local p = ARGV[1]
-local v = redis.call('HMGET', KEYS[1], 'st', 'l:' .. p)
-if not v[1] then return -2 end
-if v[1] ~= 'processing' then return -1 end
-local holder, untl, count = string.match(v[2] or '', '^(.*)|(%d+)|(%d+)$')
-if holder ~= ARGV[2] then return -3 end
+SAVE_WORK = LuaScript(
+    "provider write",
+    keys=("run_key", "events_key"),
+    args=("provider", "owner", "work", "lease_until_ms", "retry"),
+    more_args="items",
+    returns="{'saved'}; {'lease_lost'}: owner does not hold the lease; {'ended'}; {'missing'}",
+    body="""
+local v = redis.call('HMGET', run_key, 'st', 'l:' .. provider)
+if not v[1] then return {'missing'} end
+if v[1] ~= 'processing' then return {'ended'} end
+local holder, lease_end, count = string.match(v[2] or '', '^(.*)|(%d+)|(%d+)$')
+if holder ~= owner then return {'lease_lost'} end
 local fields = {}
-if ARGV[3] ~= '' then fields[#fields + 1] = 's:' .. p; fields[#fields + 1] = ARGV[3] end
-if ARGV[4] ~= '' then
-  fields[#fields + 1] = 'l:' .. p
-  fields[#fields + 1] = holder .. '|' .. ARGV[4] .. '|' .. count
+if work ~= '' then fields[#fields + 1] = 's:' .. provider; fields[#fields + 1] = work end
+if lease_until_ms ~= '' then
+  fields[#fields + 1] = 'l:' .. provider
+  fields[#fields + 1] = holder .. '|' .. lease_until_ms .. '|' .. count
+  fields[#fields + 1] = 'r:' .. provider .. ':' .. holder
+  fields[#fields + 1] = lease_until_ms
 end
-if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
-if #ARGV > 5 then
-  if ARGV[5] == '1' then
-    local needle = string.sub(ARGV[6], 1, NEEDLE_LENGTH)
-    for _, item in ipairs(redis.call('LRANGE', KEYS[2], -64, -1)) do
-      if string.sub(item, 1, #needle) == needle then return 0 end
+if #fields > 0 then redis.call('HSET', run_key, unpack(fields)) end
+if #items > 0 then
+  if retry == '1' then
+    local needle = string.sub(items[1], 1, NEEDLE_LENGTH)
+    for _, item in ipairs(redis.call('LRANGE', events_key, -64, -1)) do
+      if string.sub(item, 1, #needle) == needle then return {'saved'} end
     end
   end
-  redis.call('RPUSHX', KEYS[2], unpack(ARGV, 6))
+  redis.call('RPUSHX', events_key, unpack(items))
 end
-return 0
-""".replace("NEEDLE_LENGTH", str(len('{"n":"') + NONCE_CHARS + 1))
+return {'saved'}
+""".replace("NEEDLE_LENGTH", str(len('{"n":"') + NONCE_CHARS + 1)),
+)
 
-# KEYS: hash, events; ARGV: provider, outcome JSON, event item, progress prefix, progress
-# suffix, total
-_OUTCOME = """
-if redis.call('HSETNX', KEYS[1], 'o:' .. ARGV[1], ARGV[2]) == 0 then
-  local v = redis.call('HMGET', KEYS[1], 'st', 'done')
-  if v[1] ~= 'processing' then return {-1, 0} end
-  return {-4, tonumber(v[2] or 0)}
+OUTCOME = LuaScript(
+    "outcome",
+    keys=("run_key", "events_key"),
+    args=("provider", "outcome", "event_item", "progress_prefix", "progress_suffix", "total"),
+    returns="{'recorded', the event's id, providers done}; {'already', providers done}: an "
+    "outcome was stored before; {'ended'}; {'missing'}",
+    body="""
+if redis.call('HSETNX', run_key, 'o:' .. provider, outcome) == 0 then
+  local v = redis.call('HMGET', run_key, 'st', 'done')
+  if v[1] ~= 'processing' then return {'ended'} end
+  return {'already', tonumber(v[2] or 0)}
 end
-local done = redis.call('HINCRBY', KEYS[1], 'done', 1)
-local total = tonumber(ARGV[6])
-local progress = ARGV[4] .. done .. ',"total":' .. total .. ',"percent":'
-  .. math.floor(done * 100 / total) .. ARGV[5]
-local count = redis.call('RPUSHX', KEYS[2], ARGV[3], progress)
+local done = redis.call('HINCRBY', run_key, 'done', 1)
+local of = tonumber(total)
+local progress = progress_prefix .. done .. ',"total":' .. of .. ',"percent":'
+  .. math.floor(done * 100 / of) .. progress_suffix
+local count = redis.call('RPUSHX', events_key, event_item, progress)
 if count == 0 then
-  if redis.call('HEXISTS', KEYS[1], 'run') == 0 then
-    redis.call('DEL', KEYS[1])
-    return {-2, 0}
+  if redis.call('HEXISTS', run_key, 'run') == 0 then
+    redis.call('DEL', run_key)
+    return {'missing'}
   end
-  redis.call('HDEL', KEYS[1], 'o:' .. ARGV[1])
-  redis.call('HINCRBY', KEYS[1], 'done', -1)
-  return {-1, 0}
+  redis.call('HDEL', run_key, 'o:' .. provider)
+  redis.call('HINCRBY', run_key, 'done', -1)
+  return {'ended'}
 end
-return {count - 2, done}
-"""
+return {'recorded', count - 2, done}
+""",
+)
 
-# KEYS: hash, events, log; ARGV: status, end JSON, terminal item, ttl
-_FINISH = """
-local count = redis.call('RPUSHX', KEYS[2], ARGV[3])
+FINISH = LuaScript(
+    "finish",
+    keys=("run_key", "events_key", "log_key"),
+    args=("status", "run_end", "terminal_item", "ttl"),
+    returns="{'finished', the terminal event's id}; {'ended'}: already; {'missing'}",
+    body="""
+local count = redis.call('RPUSHX', events_key, terminal_item)
 if count == 0 then
-  if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
-  return -2
+  if redis.call('EXISTS', log_key) == 1 then return {'ended'} end
+  return {'missing'}
 end
-redis.call('RENAME', KEYS[2], KEYS[3])
-redis.call('HSET', KEYS[1], 'st', ARGV[1], 'end', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[4])
-return count - 1
-"""
+redis.call('RENAME', events_key, log_key)
+-- Every renewal field goes: a renewal after the end finds nothing to renew (RunFinalized).
+local renewals = {}
+for _, name in ipairs(redis.call('HKEYS', run_key)) do
+  if string.sub(name, 1, 2) == 'r:' then renewals[#renewals + 1] = name end
+end
+if #renewals > 0 then redis.call('HDEL', run_key, unpack(renewals)) end
+redis.call('HSET', run_key, 'st', status, 'end', run_end)
+redis.call('EXPIRE', run_key, ttl)
+redis.call('EXPIRE', log_key, ttl)
+return {'finished', count - 1}
+""",
+)
 
-# The run's end by cancel: _FINISH's fence, made only while `done` (providers with their outcome)
+# The run's end by cancel: FINISH's fence, made only while `done` (providers with their outcome)
 # is what the caller read, so the cancelled event lists every quote received. A retry whose first
 # reply was lost finds its own terminal item (by its nonce) and answers as the first would have.
-# 7 billed commands with the EVALSHA.
-_CANCEL = """
-local run_key, events_key, log_key = KEYS[1], KEYS[2], KEYS[3]
-local end_json, terminal_item, ttl, completed = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+CANCEL = LuaScript(
+    "cancel",
+    keys=("run_key", "events_key", "log_key"),
+    args=("run_end", "terminal_item", "ttl", "completed"),
+    returns=(
+        "{'cancelled', the terminal event's id} (also to a retry that finds its own); "
+        "{'outcomes_changed'}: a provider finished since the caller read; {'ended'}; {'missing'}"
+    ),
+    body="""
 local v = redis.call('HMGET', run_key, 'st', 'done')
-if not v[1] then return -2 end
+if not v[1] then return {'missing'} end
 if v[1] ~= 'processing' then
   local last = redis.call('LINDEX', log_key, -1) or ''
   local mine = string.sub(terminal_item, 1, NEEDLE_LENGTH)
   if v[1] == 'cancelled' and string.sub(last, 1, NEEDLE_LENGTH) == mine then
-    return redis.call('LLEN', log_key) - 1
+    return {'cancelled', redis.call('LLEN', log_key) - 1}
   end
-  return -1
+  return {'ended'}
 end
-if tonumber(v[2] or 0) ~= completed then return -5 end
+if tonumber(v[2] or 0) ~= tonumber(completed) then return {'outcomes_changed'} end
 local count = redis.call('RPUSHX', events_key, terminal_item)
-if count == 0 then return -2 end
+if count == 0 then return {'missing'} end
 redis.call('RENAME', events_key, log_key)
-redis.call('HSET', run_key, 'st', 'cancelled', 'end', end_json)
+-- Every renewal field goes: a renewal after the end finds nothing to renew (RunFinalized).
+local renewals = {}
+for _, name in ipairs(redis.call('HKEYS', run_key)) do
+  if string.sub(name, 1, 2) == 'r:' then renewals[#renewals + 1] = name end
+end
+if #renewals > 0 then redis.call('HDEL', run_key, unpack(renewals)) end
+redis.call('HSET', run_key, 'st', 'cancelled', 'end', run_end)
 redis.call('EXPIRE', run_key, ttl)
 redis.call('EXPIRE', log_key, ttl)
-return count - 1
-""".replace("NEEDLE_LENGTH", str(len('{"n":"') + NONCE_CHARS + 1))
+return {'cancelled', count - 1}
+""".replace("NEEDLE_LENGTH", str(len('{"n":"') + NONCE_CHARS + 1)),
+)
 
-# KEYS: idem; ARGV: the value that maps it to the run being forgotten
-_FORGET = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 0
-"""
+# A renewal (one HSET of the owner's renewal field) that created its field: the owner was not
+# holding the lease, or the run has ended or is gone. Takes the field back out (a hash left with
+# no field is deleted, so a renewal of an expired run leaves nothing) and says why.
+RENEWAL_REFUSED = LuaScript(
+    "renewal refused",
+    keys=("run_key",),
+    args=("renewal_field",),
+    returns="{'missing'}; {'ended'}; {'lease_lost'}",
+    body="""
+redis.call('HDEL', run_key, renewal_field)
+local v = redis.call('HMGET', run_key, 'run', 'st')
+if not v[1] then return {'missing'} end
+if v[2] ~= 'processing' then return {'ended'} end
+return {'lease_lost'}
+""",
+)
 
+FORGET = LuaScript(
+    "forget",
+    keys=("idem_key",),
+    args=("idem_value",),
+    returns="{'forgotten'}; {'kept'}: the key maps to another run (or to none)",
+    body="""
+if redis.call('GET', idem_key) ~= idem_value then return {'kept'} end
+redis.call('DEL', idem_key)
+return {'forgotten'}
+""",
+)
 
-_REFUSED, _MISSING, _LEASE_LOST, _ALREADY = -1, -2, -3, -4
+SCRIPTS = (
+    CREATE,
+    READ,
+    APPEND_AGAIN,
+    CLAIM,
+    SAVE_WORK,
+    OUTCOME,
+    FINISH,
+    CANCEL,
+    RENEWAL_REFUSED,
+    FORGET,
+)
+
+# Runs whose last read an instance remembers (a few per open stream).
+_RUNS_REMEMBERED = 512
 # The flags readers need: keyspace events (K) for list (l) and generic (g: RENAME) commands.
 NOTIFY_FLAGS = "Klg"
 
@@ -292,6 +422,10 @@ def _from_ms(raw: str | bytes) -> datetime:
     return datetime.fromtimestamp(int(raw) / 1000, UTC)
 
 
+def _renewal_field(provider: str, owner: str) -> str:
+    return f"r:{provider}:{owner}"
+
+
 def _parse_lease(raw: str) -> ProviderLease | None:
     owner, _, rest = raw.rpartition("|")
     owner, _, until = owner.rpartition("|")
@@ -310,45 +444,22 @@ def _record_from_fields(fields: dict[str, str], tail: list[StoredEvent]) -> RunR
         if raw := fields.get(f"s:{provider}"):
             work[provider] = ProviderWork.model_validate_json(raw)
         if (raw := fields.get(f"l:{provider}")) and (lease := _parse_lease(raw)):
+            renewed = fields.get(_renewal_field(provider, lease.owner), "")
+            if renewed.isdigit() and lease.until > RELEASED:
+                lease = lease.model_copy(update={"until": max(lease.until, _from_ms(renewed))})
             leases[provider] = lease
     return assemble_record(meta, end, outcomes, work, leases, tail)
 
 
-class _Script:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-
-_CREATE_SCRIPT = _Script(_CREATE)
-_READ_SCRIPT = _Script(_READ)
-_APPEND_AGAIN_SCRIPT = _Script(_APPEND_AGAIN)
-_CLAIM_SCRIPT = _Script(_CLAIM)
-_SAVE_WORK_SCRIPT = _Script(_SAVE_WORK)
-_OUTCOME_SCRIPT = _Script(_OUTCOME)
-_FINISH_SCRIPT = _Script(_FINISH)
-_FORGET_SCRIPT = _Script(_FORGET)
-_CANCEL_SCRIPT = _Script(_CANCEL)
-_OUTCOMES_CHANGED = -5
-
-
-class _FateUnknown(Exception):
-    """A write's request failed in a way that leaves unknown whether the server applied it."""
-
-
-def rest_client(url: str, token: str, *, timeout: float = 5.0) -> Redis:
-    """The Upstash REST client of one instance, shared by its store and admission (one pool of
-    connections, so one TLS handshake per connection, not one per component).
-
-    The SDK's own retry would re-send a write whose reply was lost; the callers re-send only
-    what their scripts make idempotent, so it is off. The SDK's httpx client has no timeout at
-    all, and a hung request must not hang an invocation: it is replaced by one that has one."""
-    redis = Redis(url, token, rest_encoding=None, rest_retries=0, allow_telemetry=False)
-    redis._http._client = httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-    )
-    return redis
+def _refuse(status: str, run_id: str, lease_lost: str = "") -> NoReturn:
+    """The one place a script's refusal becomes the store's error."""
+    if status == "ended":
+        raise RunFinalized(f"run {run_id} has ended")
+    if status == "missing":
+        raise RunNotFound(f"run {run_id} does not exist")
+    if status == "lease_lost" and lease_lost:
+        raise LeaseLost(lease_lost)
+    raise StoreUnavailable(f"KV answered run {run_id}'s write with {status!r}")
 
 
 class KVStore(Store):
@@ -363,21 +474,25 @@ class KVStore(Store):
         silence_seconds: float = 16.0,
         timeout: float = 5.0,
         attempts: int = 3,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`transport`: httpx's, for the REST client (tests pass one that loses replies)."""
         self.url = url.rstrip("/")
         self._token = token
         self.ttl_seconds = ttl_seconds
         self.silence_seconds = silence_seconds
         self._attempts = attempts
-        self._redis = rest_client(url, token, timeout=timeout)
+        self._rest = UpstashRest(url, token, transport=transport, timeout=timeout)
         self._stream_client: httpx.AsyncClient | None = None
         self._notifications: asyncio.Task[bool] | None = None
+        # run id -> (the last event id read, the nonces of the REPEAT_WINDOW events up to it)
+        self._read_through: OrderedDict[str, tuple[int, list[str]]] = OrderedDict()
 
     @property
-    def rest(self) -> Redis:
+    def rest(self) -> UpstashRest:
         """This store's REST client, for another component of the instance to share (the store
         closes it)."""
-        return self._redis
+        return self._rest
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -392,20 +507,16 @@ class KVStore(Store):
             try:
                 return await operation()
             except UpstashError as error:
-                text = str(error)
-                if "NOSCRIPT" in text:
-                    raise
-                if "unauthorized" in text.lower() or "WRONGPASS" in text:
+                if error.unauthorized:
                     raise StoreUnavailable(
                         f"KV refused the credentials during {label}", retry_after=None
                     ) from None
                 problem = f"KV answered {label} with an error"
-                log.warning("KV error during %s: %s", label, text[:200])
+                log.warning("KV error during %s: %s", label, str(error)[:200])
             except (httpx.TimeoutException, httpx.TransportError):
                 problem = f"KV did not answer {label} in time"
-            except (ValueError, AttributeError, TypeError, KeyError):
-                # A non-JSON body (a proxy's 5xx page) or, in upstash-redis 1.8, an error body
-                # on a pipeline: the request's fate is unknown, so it is retried.
+            except ValueError:
+                # A non-JSON body (a proxy's 5xx page): the request's fate is unknown.
                 problem = f"KV sent an unreadable reply to {label}"
             if attempt < attempts:
                 await asyncio.sleep(delay * (1 + random.random()))
@@ -415,55 +526,54 @@ class KVStore(Store):
 
     async def _script(
         self,
-        label: str,
-        script: _Script,
-        keys: list[str],
-        args: list[str],
+        script: LuaScript,
+        keys: Mapping[str, str | None],
+        args: Mapping[str, str | None],
         *,
+        more_args: Sequence[str] = (),
         attempts: int | None = None,
     ) -> Any:
-        async def run() -> Any:
-            try:
-                return await self._redis.evalsha(script.sha, keys=keys, args=args)
-            except UpstashError as error:
-                if "NOSCRIPT" not in str(error):
-                    raise
-                return await self._redis.eval(script.source, keys=keys, args=args)
-
-        return await self._call(label, run, attempts=attempts)
+        key_list, arg_list = script.bind(keys, args, more_args=more_args)
+        return await self._call(
+            script.name, lambda: self._rest.run(script, key_list, arg_list), attempts=attempts
+        )
 
     # --- the Store interface -------------------------------------------------------------------
 
     async def create_run(
         self, record: RunRecord, idempotency: IdempotencyClaim | None = None
     ) -> CreateOutcome:
-        hash_key, events_key, _ = _keys(record.run_id)
-        keys = [hash_key, events_key]
-        value = ""
+        run_key, events_key, _ = _keys(record.run_id)
+        idem_key = value = None
         if idempotency is not None:
-            keys.append(f"quote:idem:{idempotency.key_hash}")
+            idem_key = f"quote:idem:{idempotency.key_hash}"
             value = idempotency_value(record.run_id, idempotency.body_hash)
         started = stored_event_json(started_event(record), new_nonce())
-        args = [str(self.ttl_seconds), record.meta.model_dump_json(), started]
-        if value:
-            args.append(value)
-        stored = await self._script("create", _CREATE_SCRIPT, keys, args)
-        if idempotency is None or stored == value:
-            return CreateOutcome(created=True, run_id=record.run_id)
-        run_id, body_hash = parse_idempotency_value(str(stored))
-        return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
+        reply = await self._script(
+            CREATE,
+            {"run_key": run_key, "events_key": events_key, "idem_key": idem_key},
+            {
+                "ttl": str(self.ttl_seconds),
+                "meta": record.meta.model_dump_json(),
+                "started_item": started,
+                "idem_value": value,
+            },
+        )
+        if reply[0] == "replay":
+            return mapped_run(str(reply[1]), record.run_id)
+        # 'exists': run ids are fresh, so the run found is this create's own first attempt.
+        return CreateOutcome(created=True, run_id=record.run_id)
 
     async def find_idempotent_run(self, idempotency: IdempotencyClaim) -> CreateOutcome | None:
         key = f"quote:idem:{idempotency.key_hash}"
-        stored = await self._call("idempotency lookup", lambda: self._redis.get(key))
-        if stored is None:
-            return None
-        run_id, body_hash = parse_idempotency_value(str(stored))
-        return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
+        stored = await self._call("idempotency lookup", lambda: self._rest.command("GET", key))
+        return None if stored is None else mapped_run(str(stored))
 
     async def release_idempotency(self, claim: IdempotencyClaim, run_id: str) -> None:
         value = idempotency_value(run_id, claim.body_hash)
-        await self._script("forget", _FORGET_SCRIPT, [f"quote:idem:{claim.key_hash}"], [value])
+        await self._script(
+            FORGET, {"idem_key": f"quote:idem:{claim.key_hash}"}, {"idem_value": value}
+        )
 
     async def get_run(
         self,
@@ -474,27 +584,29 @@ class KVStore(Store):
         tail: int = TAIL_EVENTS,
     ) -> RunState | None:
         first, last = (-1, -1) if events_after is None else (events_after + 1, events_after + limit)
+        run_key, events_key, log_key = _keys(run_id)
         reply = await self._script(
-            "read", _READ_SCRIPT, _keys(run_id), [str(first), str(last), str(tail)]
+            READ,
+            {"run_key": run_key, "events_key": events_key, "log_key": log_key},
+            {
+                "first": str(first),
+                "last": str(last),
+                "tail": str(tail),
+                "window": str(REPEAT_WINDOW),
+            },
         )
         if not reply:
             return None
-        count, flat, tail_from, tail_count, *items = reply
-        tail_from, tail_count = int(tail_from), int(tail_count)
+        count, flat, (tail_from, tail_items, before_tail), (page_from, page_items, before_page) = (
+            reply
+        )
         fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        recent = [
-            StoredEvent(tail_from + i, wire_event(tail_from + i, item))
-            for i, item in enumerate(items[:tail_count])
-        ]
+        recent = first_copies(int(tail_from), tail_items, before_tail)
         record = _record_from_fields(fields, recent)
         events: list[StoredEvent] = []
         if events_after is not None:
-            if len(items) > tail_count:
-                start = events_after + 1
-                events = [
-                    StoredEvent(start + i, wire_event(start + i, item))
-                    for i, item in enumerate(items[tail_count:])
-                ]
+            if page_items:
+                events = first_copies(int(page_from), page_items, before_page)
             else:
                 events = [e for e in recent if e.id > events_after][:limit]
         return RunState(
@@ -519,22 +631,25 @@ class KVStore(Store):
             if again:
                 raise StoreUnavailable("a caller's retry")  # look for the first attempt
             count = await self._call(
-                "append", lambda: self._redis.rpushx(events_key, *items), attempts=1
+                "append", lambda: self._rest.command("RPUSHX", events_key, *items), attempts=1
             )
-            first = int(count) - len(items)
+            if int(count) > 0:
+                return int(count) - len(items)
         except StoreUnavailable:
             # The first request's fate is unknown: this one finds it by its nonce, or appends.
-            first = int(
-                await self._script(
-                    "append", _APPEND_AGAIN_SCRIPT, [events_key], [batch[0].nonce, *items]
-                )
+            reply = await self._script(
+                APPEND_AGAIN,
+                {"events_key": events_key},
+                {"nonce": batch[0].nonce},
+                more_args=items,
             )
-        if first < 0:
-            await self._raise_refused(run_id, log_key)
-        return first
+            if reply[0] != "refused":
+                return int(reply[1])
+        await self._raise_refused(run_id, log_key)
+        raise AssertionError("unreachable")
 
     async def _raise_refused(self, run_id: str, log_key: str) -> None:
-        if await self._call("read", lambda: self._redis.exists(log_key)):
+        if await self._call("read", lambda: self._rest.command("EXISTS", log_key)):
             raise RunFinalized(f"run {run_id} has ended")
         raise RunNotFound(f"run {run_id} does not exist")
 
@@ -550,32 +665,62 @@ class KVStore(Store):
         first_work: ProviderWork | None = None,
         first_events: Sequence[RunEvent] = (),
     ) -> ProviderClaim:
-        hash_key, events_key, _ = _keys(run_id)
-        # In the events' own format (ms, "Z"), so the script's string comparison is a time's.
-        args = [provider, owner, _ms(now), _ms(lease_until), format_time(alive_since)]
-        if first_work is not None:
-            args.append(first_work.model_dump_json())
-            args += [item.json for item in stored_items(first_events)]
-        else:
-            args.append("")
-        reply = await self._script("claim", _CLAIM_SCRIPT, [hash_key, events_key], args)
-        result = str(reply[0])
-        if result == "claimed":
-            work = ProviderWork.model_validate_json(reply[1]) if reply[1] else ProviderWork()
-            return ProviderClaim("claimed", work=work, deliveries=int(reply[2]))
-        if result == "held":
-            return ProviderClaim("held", busy_until=_from_ms(reply[1]))
-        if result == "active":
-            last = datetime.fromisoformat(str(reply[1]))
-            return ProviderClaim("held", busy_until=last + (lease_until - now))
-        if result in ("finished", "ended", "missing"):
-            return ProviderClaim(result)  # type: ignore[arg-type]
-        raise StoreUnavailable(f"KV answered claim with {result!r}")
+        run_key, events_key, _ = _keys(run_id)
+        first_items = (
+            [item.json for item in stored_items(first_events)] if first_work is not None else []
+        )
+        reply = await self._script(
+            CLAIM,
+            {"run_key": run_key, "events_key": events_key},
+            {
+                "provider": provider,
+                "owner": owner,
+                "now_ms": _ms(now),
+                "lease_until_ms": _ms(lease_until),
+                # In the events' own format, so the script's comparison is one of times.
+                "alive_since": format_time(alive_since),
+                "first_work": first_work.model_dump_json() if first_work is not None else "",
+            },
+            more_args=first_items,
+        )
+        match [str(part) for part in reply]:
+            case ["claimed", work, deliveries]:
+                found = ProviderWork.model_validate_json(work) if work else ProviderWork()
+                return ProviderClaim("claimed", work=found, deliveries=int(deliveries))
+            case ["held", lease_end]:
+                return ProviderClaim("held", busy_until=_from_ms(lease_end))
+            case ["writing", last_event_at]:
+                last = datetime.fromisoformat(last_event_at)
+                return ProviderClaim("held", busy_until=last + (lease_until - now))
+            case ["finished" | "ended" | "missing" as result]:
+                return ProviderClaim(result)
+        raise StoreUnavailable(f"KV answered claim with {reply!r}")
 
     async def renew_lease(
         self, run_id: str, provider: ProviderId, owner: str, until: datetime
     ) -> None:
-        await self._save_work(run_id, provider, owner, "", _ms(until), [])
+        if until <= RELEASED:
+            await self._save_work(run_id, provider, owner, "", _ms(until), [])
+            return
+        # One HSET of the owner's own renewal field, which its claim created and a takeover or
+        # the run's end deletes: 0 (the field was there) means the lease is still the owner's.
+        run_key = _keys(run_id)[0]
+        field = _renewal_field(provider, owner)
+        try:
+            created = await self._call(
+                "renewal",
+                lambda: self._rest.command("HSET", run_key, field, _ms(until)),
+                attempts=1,
+            )
+        except StoreUnavailable:
+            # Its fate is unknown: the script decides exactly, and moves the lease itself.
+            await self._save_work(run_id, provider, owner, "", _ms(until), [])
+            return
+        if int(created):
+            reply = await self._script(
+                RENEWAL_REFUSED, {"run_key": run_key}, {"renewal_field": field}
+            )
+            _refuse(str(reply[0]), run_id, f"{provider} of run {run_id} is no longer {owner}'s")
 
     async def save_provider_work(
         self,
@@ -606,31 +751,30 @@ class KVStore(Store):
         *,
         again: bool = False,
     ) -> None:
-        keys = _keys(run_id)[:2]
+        run_key, events_key, _ = _keys(run_id)
 
-        def args(retry: bool) -> list[str]:
-            return [provider, owner, work_json, until, "1" if retry else "0", *items]
+        async def write(retry: bool, attempts: int) -> Any:
+            return await self._script(
+                SAVE_WORK,
+                {"run_key": run_key, "events_key": events_key},
+                {
+                    "provider": provider,
+                    "owner": owner,
+                    "work": work_json,
+                    "lease_until_ms": until,
+                    "retry": "1" if retry else "0",
+                },
+                more_args=items,
+                attempts=attempts,
+            )
 
         try:
-            result = await self._script(
-                "provider write", _SAVE_WORK_SCRIPT, keys, args(again), attempts=1
-            )
+            reply = await write(again, 1)
         except StoreUnavailable:
             # Its fate is unknown: the retry appends the events only if they are not there.
-            result = await self._script(
-                "provider write",
-                _SAVE_WORK_SCRIPT,
-                keys,
-                args(True),
-                attempts=max(self._attempts - 1, 1),
-            )
-        result = int(result)
-        if result == _REFUSED:
-            raise RunFinalized(f"run {run_id} has ended")
-        if result == _MISSING:
-            raise RunNotFound(f"run {run_id} does not exist")
-        if result == _LEASE_LOST:
-            raise LeaseLost(f"{provider} of run {run_id} is no longer {owner}'s")
+            reply = await write(True, max(self._attempts - 1, 1))
+        if reply[0] != "saved":
+            _refuse(str(reply[0]), run_id, f"{provider} of run {run_id} is no longer {owner}'s")
 
     async def record_outcome(
         self,
@@ -641,67 +785,94 @@ class KVStore(Store):
         *,
         total: int,
     ) -> OutcomeWritten:
-        hash_key, events_key, _ = _keys(run_id)
+        run_key, events_key, _ = _keys(run_id)
         prefix, suffix = progress_event_parts(new_nonce(), event.ts)
-        args = [
-            provider,
-            outcome.model_dump_json(),
-            stored_event_json(event, new_nonce()),
-            prefix,
-            suffix,
-            str(total),
-        ]
-        first, completed = await self._script(
-            "outcome", _OUTCOME_SCRIPT, [hash_key, events_key], args
+        reply = await self._script(
+            OUTCOME,
+            {"run_key": run_key, "events_key": events_key},
+            {
+                "provider": provider,
+                "outcome": outcome.model_dump_json(),
+                "event_item": stored_event_json(event, new_nonce()),
+                "progress_prefix": prefix,
+                "progress_suffix": suffix,
+                "total": str(total),
+            },
         )
-        if int(first) == _REFUSED:
-            raise RunFinalized(f"run {run_id} has ended")
-        if int(first) == _MISSING:
-            raise RunNotFound(f"run {run_id} does not exist")
-        if int(first) == _ALREADY:
-            return OutcomeWritten(first_id=None, completed=int(completed))
-        return OutcomeWritten(first_id=int(first), completed=int(completed))
+        match reply:
+            case ["recorded", first_id, done]:
+                return OutcomeWritten(first_id=int(first_id), completed=int(done))
+            case ["already", done]:
+                return OutcomeWritten(first_id=None, completed=int(done))
+        _refuse(str(reply[0]), run_id)
 
     async def finish_run(self, run_id: str, event: CompleteEvent | ErrorEvent, end: RunEnd) -> int:
-        item = stored_event_json(event, new_nonce())
-        args = [end.status, end.model_dump_json(), item, str(self.ttl_seconds)]
-        result = int(await self._script("finish", _FINISH_SCRIPT, _keys(run_id), args))
-        if result == _REFUSED:
-            raise RunFinalized(f"run {run_id} has already ended")
-        if result == _MISSING:
-            raise RunNotFound(f"run {run_id} does not exist")
-        return result
+        run_key, events_key, log_key = _keys(run_id)
+        reply = await self._script(
+            FINISH,
+            {"run_key": run_key, "events_key": events_key, "log_key": log_key},
+            {
+                "status": end.status,
+                "run_end": end.model_dump_json(),
+                "terminal_item": stored_event_json(event, new_nonce()),
+                "ttl": str(self.ttl_seconds),
+            },
+        )
+        if reply[0] == "finished":
+            return int(reply[1])
+        _refuse(str(reply[0]), run_id)
 
     async def cancel_run(
         self, run_id: str, event: CancelledEvent, end: RunEnd, *, completed: int
     ) -> int:
-        item = stored_event_json(event, new_nonce())
-        args = [end.model_dump_json(), item, str(self.ttl_seconds), str(completed)]
-        result = int(await self._script("cancel", _CANCEL_SCRIPT, _keys(run_id), args))
-        if result == _REFUSED:
-            raise RunFinalized(f"run {run_id} has already ended")
-        if result == _MISSING:
-            raise RunNotFound(f"run {run_id} does not exist")
-        if result == _OUTCOMES_CHANGED:
+        run_key, events_key, log_key = _keys(run_id)
+        reply = await self._script(
+            CANCEL,
+            {"run_key": run_key, "events_key": events_key, "log_key": log_key},
+            {
+                "run_end": end.model_dump_json(),
+                "terminal_item": stored_event_json(event, new_nonce()),
+                "ttl": str(self.ttl_seconds),
+                "completed": str(completed),
+            },
+        )
+        if reply[0] == "cancelled":
+            return int(reply[1])
+        if reply[0] == "outcomes_changed":
             raise OutcomesChanged(f"a provider of run {run_id} finished meanwhile")
-        return result
+        _refuse(str(reply[0]), run_id)
 
     async def read_events(
         self, run_id: str, after: int, limit: int | None = None
     ) -> list[StoredEvent]:
+        # What this instance read last of the run spares re-reading the window before `after`.
+        known = self._read_through.get(run_id)
+        remembered = known[1] if known is not None and known[0] == after else None
+        lookback = 0 if remembered is not None else min(REPEAT_WINDOW, after + 1)
+        start = after + 1 - lookback
         stop = after + limit if limit is not None else -1
         _, events_key, log_key = _keys(run_id)
-        items = await self._call("read", lambda: self._redis.lrange(events_key, after + 1, stop))
+        items = await self._call(
+            "read", lambda: self._rest.command("LRANGE", events_key, start, stop)
+        )
         if not items:
             # An open run's list, or the ended run's: one of the two is there.
-            items = await self._call("read", lambda: self._redis.lrange(log_key, after + 1, stop))
-        return [
-            StoredEvent(after + 1 + i, wire_event(after + 1 + i, e)) for i, e in enumerate(items)
-        ]
+            items = await self._call(
+                "read", lambda: self._rest.command("LRANGE", log_key, start, stop)
+            )
+        items = [str(item) for item in items]
+        earlier = remembered or [stored_nonce(item) for item in items[:lookback]]
+        fresh = items[lookback:]
+        window = [*earlier, *(stored_nonce(item) for item in fresh)][-REPEAT_WINDOW:]
+        self._read_through[run_id] = (after + len(fresh), window)
+        self._read_through.move_to_end(run_id)
+        while len(self._read_through) > _RUNS_REMEMBERED:
+            self._read_through.popitem(last=False)
+        return first_copies(after + 1, fresh, earlier)
 
     async def ping(self) -> None:
         # One attempt: a health check reports what it finds now, within its short maxDuration.
-        await self._call("ping", self._redis.ping, attempts=1)
+        await self._call("ping", lambda: self._rest.command("PING"), attempts=1)
 
     def watch(self, run_id: str) -> EventWatch:
         from lib.store.kv_watch import KVEventWatch
@@ -709,7 +880,7 @@ class KVStore(Store):
         return KVEventWatch(self, run_id)
 
     async def aclose(self) -> None:
-        await self._redis.close()
+        await self._rest.aclose()
         if self._stream_client is not None:
             await self._stream_client.aclose()
 
@@ -729,7 +900,7 @@ class KVStore(Store):
     async def _enable_notifications(self) -> bool:
         try:
             reply = await self._call(
-                "config", lambda: self._redis.execute(["CONFIG", "GET", "notify-keyspace-events"])
+                "config", lambda: self._rest.command("CONFIG", "GET", "notify-keyspace-events")
             )
             current = str(reply[1]) if isinstance(reply, list) and len(reply) > 1 else ""
             expanded = current.replace("A", "g$lshzxe")
@@ -738,7 +909,7 @@ class KVStore(Store):
             wanted = current + "".join(f for f in NOTIFY_FLAGS if f not in expanded)
             await self._call(
                 "config",
-                lambda: self._redis.execute(["CONFIG", "SET", "notify-keyspace-events", wanted]),
+                lambda: self._rest.command("CONFIG", "SET", "notify-keyspace-events", wanted),
             )
             log.info("enabled keyspace notifications (%s) for push delivery", wanted)
             return True

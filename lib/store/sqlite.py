@@ -41,8 +41,8 @@ from lib.store.base import (
     StoredEvent,
     assemble_record,
     idempotency_value,
+    mapped_run,
     new_nonce,
-    parse_idempotency_value,
     progress_event_parts,
     started_event,
     stored_event_json,
@@ -230,8 +230,7 @@ class SQLiteStore(Store):
                     (idempotency.key_hash, time.time()),
                 ).fetchone()
                 if row:
-                    run_id, body_hash = parse_idempotency_value(row[0])
-                    return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
+                    return mapped_run(row[0], record.run_id)
                 db.execute(
                     "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?)",
                     (
@@ -271,10 +270,7 @@ class SQLiteStore(Store):
                 "SELECT value FROM idempotency WHERE key_hash = ? AND expires_at > ?",
                 (idempotency.key_hash, time.time()),
             ).fetchone()
-            if row is None:
-                return None
-            run_id, body_hash = parse_idempotency_value(row[0])
-            return CreateOutcome(created=False, run_id=run_id, body_hash=body_hash)
+            return None if row is None else mapped_run(row[0])
 
         return await self._run(find)
 
