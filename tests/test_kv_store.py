@@ -13,7 +13,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,22 +24,9 @@ import redis.asyncio as redis_asyncio
 from lib.models import ActivityEvent, ProviderWork, utc_now
 from lib.store import IdempotencyClaim, RunNotFound
 from lib.store.kv import KVStore
-from tests.conftest import make_record
+from tests.conftest import eventually, make_record
 from tests.test_store_contract import LEASE, activity, claim, completed, lost, quoted
 from tests.upstash_rest import UpstashRestServer, kv_redis_url
-
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.02)
-
 
 # --- expiry ------------------------------------------------------------------------------------
 

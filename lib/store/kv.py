@@ -1,4 +1,5 @@
-"""The Vercel KV (Upstash Redis REST) backend; its push watch is in lib/store/kv_watch.py.
+"""The Vercel KV (Upstash Redis REST) backend; its push (`KVPush`, which the store owns) is in
+lib/store/kv_watch.py.
 
 Layout (keys get the TTL when the run is created and again with its terminal event, the run's
 last write; QUOTE_RUN_TTL_SECONDS is at least RUN_MAX_SECONDS, so nothing expires mid-run):
@@ -68,6 +69,8 @@ from lib.store.base import (
     wire_event,
 )
 from lib.store.errors import LeaseLost, RunFinalized, RunNotFound, StoreUnavailable
+from lib.store.kv_watch import KVPush, PushTimings
+from lib.store.kv_watch import keyspace_channel as keyspace_channel
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -236,18 +239,11 @@ return 0
 
 
 _REFUSED, _MISSING, _LEASE_LOST, _ALREADY = -1, -2, -3, -4
-# The flags readers need: keyspace events (K) for list (l) and generic (g: RENAME) commands.
-NOTIFY_FLAGS = "Klg"
 
 
 def _keys(run_id: str) -> list[str]:
     base = f"quote:{run_id}"
     return [base, f"{base}:events", f"{base}:log"]
-
-
-def keyspace_channel(run_id: str) -> str:
-    """The channel on which Redis announces every change to the run's open event list."""
-    return f"__keyspace@0__:quote:{run_id}:events"
 
 
 def _ms(moment: datetime) -> str:
@@ -327,15 +323,21 @@ class KVStore(Store):
         silence_seconds: float = 16.0,
         timeout: float = 5.0,
         attempts: int = 3,
+        push_timings: PushTimings | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self._token = token
         self.ttl_seconds = ttl_seconds
-        self.silence_seconds = silence_seconds
         self._attempts = attempts
         self._redis = rest_client(url, token, timeout=timeout)
-        self._stream_client: httpx.AsyncClient | None = None
-        self._notifications: asyncio.Task[bool] | None = None
+        self.push = KVPush(
+            self.url,
+            token,
+            read_events=self.read_events,
+            command=lambda command: self._call(
+                command[0].lower(), lambda: self._redis.execute(command)
+            ),
+            timings=push_timings or PushTimings(silence_seconds=silence_seconds),
+        )
 
     @property
     def rest(self) -> Redis:
@@ -654,60 +656,8 @@ class KVStore(Store):
         await self._call("ping", self._redis.ping, attempts=1)
 
     def watch(self, run_id: str) -> EventWatch:
-        from lib.store.kv_watch import KVEventWatch
-
-        return KVEventWatch(self, run_id)
+        return self.push.watch(run_id)
 
     async def aclose(self) -> None:
+        await self.push.aclose()
         await self._redis.close()
-        if self._stream_client is not None:
-            await self._stream_client.aclose()
-
-    # --- push ----------------------------------------------------------------------------------
-
-    async def notifications_enabled(self) -> bool:
-        """Make sure Redis announces list changes on keyspace channels (once per instance):
-        readers subscribe to them instead of writers publishing every event."""
-        if self._notifications is None:
-            self._notifications = asyncio.ensure_future(self._enable_notifications())
-        try:
-            return await asyncio.shield(self._notifications)
-        except Exception:
-            self._notifications = None
-            return False
-
-    async def _enable_notifications(self) -> bool:
-        try:
-            reply = await self._call(
-                "config", lambda: self._redis.execute(["CONFIG", "GET", "notify-keyspace-events"])
-            )
-            current = str(reply[1]) if isinstance(reply, list) and len(reply) > 1 else ""
-            expanded = current.replace("A", "g$lshzxe")
-            if all(flag in expanded for flag in NOTIFY_FLAGS):
-                return True
-            wanted = current + "".join(f for f in NOTIFY_FLAGS if f not in expanded)
-            await self._call(
-                "config",
-                lambda: self._redis.execute(["CONFIG", "SET", "notify-keyspace-events", wanted]),
-            )
-            log.info("enabled keyspace notifications (%s) for push delivery", wanted)
-            return True
-        except StoreUnavailable as error:
-            log.warning("keyspace notifications unavailable (%s): readers poll", error)
-            return False
-
-    @property
-    def stream_client(self) -> httpx.AsyncClient:
-        if self._stream_client is None:
-            # Subscriptions stay open for minutes: no read timeout, but a bounded connect.
-            self._stream_client = httpx.AsyncClient(
-                timeout=httpx.Timeout(None, connect=3.0),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
-            )
-        return self._stream_client
-
-    def subscribe_request(self, run_id: str) -> tuple[str, dict[str, str]]:
-        return (
-            f"{self.url}/subscribe/{keyspace_channel(run_id)}",
-            {"Authorization": f"Bearer {self._token}", "Accept": "text/event-stream"},
-        )
