@@ -37,6 +37,8 @@ SHORT_RUN_SECONDS = 20.0
 # heartbeat): opening 500 streams on a busy machine took longer than the default 45 s, and a
 # stream's stale check then finalized the run worker_lost under the benchmark's feet.
 RUN_LEASE_SECONDS = 600
+# What `--only` can pick (all of them by default).
+GROUPS = ("delivery", "streams", "writers", "replica", "polling", "imports")
 
 
 def progress(message: str) -> None:
@@ -62,7 +64,11 @@ class Scenarios:
 
 
 async def measure(
-    setup: Setup, scenarios_run: Scenarios, streams_target: int, base: float
+    setup: Setup,
+    scenarios_run: Scenarios,
+    streams_target: int,
+    base: float,
+    only: frozenset[str] = frozenset(GROUPS),
 ) -> tuple[list[report.Section], dict[DeliveryKey, Delivery]]:
     long = 2 * base
     runs: dict[DeliveryKey, Delivery] = {}
@@ -73,6 +79,8 @@ async def measure(
     )
     scenarios_run.failures.pop("warm-up run (not reported)", None)
     plan = [(n, base) for n in CLIENTS] + [(CLIENTS[0], long), (CLIENTS[0], SHORT_RUN_SECONDS)]
+    if "delivery" not in only:
+        plan = []
     for clients, duration in plan:
         for design, run in (
             ("this", scenarios.project_delivery),
@@ -82,31 +90,48 @@ async def measure(
             result = await scenarios_run.attempt(name, run(setup, clients, duration))
             if result is not None:
                 runs[design, clients, duration] = result
-    sections = [
-        report.delivery_section(runs, CLIENTS, base, long, SHORT_RUN_SECONDS),
-    ]
-    # Before the reconnecting readers: streams they drop can outlive them (see that row).
-    streams = await scenarios_run.attempt(
-        f"{streams_target} concurrent streams on a fresh stream-function instance",
-        scenarios.concurrent_streams(setup, streams_target),
-    )
-    if streams is not None:
-        for failure, times in streams.failures.items():
-            progress(f"  a stream was not held ({times}×): {failure}")
-    writers_this = await scenarios_run.attempt(
-        "50 concurrent writers: this design", scenarios.project_writers(setup)
-    )
-    writers_seed = await scenarios_run.attempt(
-        "50 concurrent writers: seed", scenarios.seed_writers(setup)
-    )
-    writers_readers = await scenarios_run.attempt(
-        "50 concurrent writers with 4 reconnecting readers: this design",
-        scenarios.project_writers(setup, readers=4),
-    )
-    if writers_this is not None and writers_seed is not None and writers_readers is not None:
-        sections.append(report.writers_section(writers_this, writers_seed, writers_readers))
+    sections = []
+    if "delivery" in only:
+        sections.append(report.delivery_section(runs, CLIENTS, base, long, SHORT_RUN_SECONDS))
+    streams = None
+    if "streams" in only:
+        # Before the reconnecting readers: streams they drop can outlive them (see that row).
+        streams = await scenarios_run.attempt(
+            f"{streams_target} concurrent streams on a fresh stream-function instance",
+            scenarios.concurrent_streams(setup, streams_target),
+        )
+        if streams is not None:
+            for failure, times in streams.failures.items():
+                progress(f"  a stream was not held ({times}×): {failure}")
+    if "writers" in only:
+        writers_this = await scenarios_run.attempt(
+            "50 concurrent writers: this design", scenarios.project_writers(setup)
+        )
+        writers_seed = await scenarios_run.attempt(
+            "50 concurrent writers: seed", scenarios.seed_writers(setup)
+        )
+        writers_readers = await scenarios_run.attempt(
+            "50 concurrent writers with 4 reconnecting readers: this design",
+            scenarios.project_writers(setup, readers=4),
+        )
+        if writers_this is not None and writers_seed is not None and writers_readers is not None:
+            sections.append(report.writers_section(writers_this, writers_seed, writers_readers))
     if streams is not None:
         sections.append(report.streams_section(streams))
+    replica = polling = None
+    if "replica" in only:
+        replica = await scenarios_run.attempt(
+            f"delivery, 1 client, {SHORT_RUN_SECONDS:.0f} s run, reads from a replica "
+            f"{scenarios.REPLICA_LAG_MS} ms behind",
+            scenarios.replica_delivery(setup, SHORT_RUN_SECONDS),
+        )
+    if "polling" in only:
+        polling = await scenarios_run.attempt(
+            "200 viewers of one run with push refused, on a fresh stream-function instance",
+            scenarios.shared_polling(setup),
+        )
+    if replica is not None or polling is not None:
+        sections.append(report.push_fallback_section(replica, polling))
     return sections, runs
 
 
@@ -159,7 +184,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--duration", type=float, default=30.0, help="the base run's length in seconds"
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=GROUPS,
+        help="run only these scenario groups (repeatable; default: all)",
+    )
     args = parser.parse_args(argv)
+    only = frozenset(args.only or GROUPS)
     began = time.monotonic()
     logs = log_directory()
     fd_limit = raise_fd_limit()
@@ -193,16 +225,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"(the hosted processes' output is in {logs})", file=sys.stderr)
             return 2
         setup = Setup(endpoint, stream, env, logs, url)
-        sections, runs = asyncio.run(measure(setup, scenarios_run, args.streams, args.duration))
-    functions = [spec.file for spec in discover_functions(ROOT)]
-    imports = asyncio.run(
-        scenarios_run.attempt(
-            "cold imports",
-            asyncio.to_thread(scenarios.cold_imports, functions, args.import_repeats),
+        sections, runs = asyncio.run(
+            measure(setup, scenarios_run, args.streams, args.duration, only)
         )
-    )
-    if imports is not None:
-        sections.append(report.imports_section(imports))
+    functions = [spec.file for spec in discover_functions(ROOT)]
+    if "imports" in only:
+        imports = asyncio.run(
+            scenarios_run.attempt(
+                "cold imports",
+                asyncio.to_thread(scenarios.cold_imports, functions, args.import_repeats),
+            )
+        )
+        if imports is not None:
+            sections.append(report.imports_section(imports))
     if scenarios_run.failures:
         sections.append(report.failures_section(scenarios_run.failures))
     header = [
@@ -212,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     notes_lines = notes(runs, args.duration, redis_note)
     print(report.render_text(sections, header, notes_lines))
-    report.write_markdown(RESULTS_PATH, report.render_markdown(sections, header, notes_lines))
-    print(f"(also written to {RESULTS_PATH.relative_to(ROOT)})")
+    if only == frozenset(GROUPS):  # a partial run does not replace the last full one
+        report.write_markdown(RESULTS_PATH, report.render_markdown(sections, header, notes_lines))
+        print(f"(also written to {RESULTS_PATH.relative_to(ROOT)})")
     if scenarios_run.failures:
         print(f"(the hosted processes' output is in {logs})", file=sys.stderr)
     return 1 if scenarios_run.failures else 0

@@ -338,8 +338,13 @@ async def test_a_refused_config_set_is_asked_again_after_a_few_minutes(
             assert await collect(watch, 1) == [0]
             assert watch.delivery is Delivery.POLL
             await asyncio.to_thread(upstash_server.set_refuse_config, False)
-            await asyncio.sleep(0.3)  # polls meanwhile: the refusal is still remembered
-            assert watch.delivery is Delivery.POLL
+            polled = await stats_of(upstash_server, "command")
+
+            async def polled_again() -> bool:
+                return await stats_of(upstash_server, "command") >= polled + 4
+
+            await eventually(polled_again, "the run is polled meanwhile")
+            assert watch.delivery is Delivery.POLL, "the refusal is remembered until rechecked"
             now[0] += reader.push.timings.refusal_recheck_seconds
             await eventually(lambda: watch.delivery is Delivery.PUSH, "asked again, subscribed")
     finally:

@@ -20,6 +20,7 @@ What Upstash does not promise, the feed checks:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import logging
@@ -67,8 +68,7 @@ class PushTimings:
         poll_min: float = 0.05,
         # Two billed commands an idle poll (the open list, then the ended run's): ≤ 1 a second.
         poll_max: float = 2.5,
-        lag_min: float = 0.02,
-        lag_max: float = 0.4,
+        lag_min: float = 0.01,
         lag_give_up: float = 2.0,
         clock: Clock = time.monotonic,
     ) -> None:
@@ -76,7 +76,7 @@ class PushTimings:
         self.probe_seconds = probe_seconds
         self.refusal_recheck_seconds = refusal_recheck_seconds
         self.poll_min, self.poll_max = poll_min, poll_max
-        self.lag_min, self.lag_max, self.lag_give_up = lag_min, lag_max, lag_give_up
+        self.lag_min, self.lag_give_up = lag_min, lag_give_up
         self.clock = clock
 
 
@@ -211,7 +211,11 @@ class RunFeed:
         self.cursor = -1
         # The highest event id a notice implies is stored (each push notice: one more item).
         self._announced = -1
+        # When each announced id was announced, oldest first, until it has been read.
+        self._announced_at: collections.deque[tuple[int, float]] = collections.deque()
         self._catch_up = False
+        self._read_at = 0.0  # no read before this clock() time (a lagging replica's pace)
+        self._lag = push.timings.lag_min  # what the replica took last time
         self._probe_sent: float | None = None
         self._connecting_since: float | None = None  # a subscribe request awaits confirmation
         self._last_signal = push.timings.clock()
@@ -274,8 +278,7 @@ class RunFeed:
         while it is not; probe a silent subscription and reopen one found wanting."""
         timings = self._push.timings
         clock = timings.clock
-        poll_delay, lag_delay, short_read = timings.poll_min, timings.lag_min, False
-        lag_waited = 0.0
+        poll_delay, retries = timings.poll_min, 0
         if await self._push.enabled():
             self._open_subscription()
             # Not polling while the first subscription is being confirmed: the watches read
@@ -300,24 +303,25 @@ class RunFeed:
                     await self._sleep(poll_delay)
                 continue
             if self._catch_up or self._announced > self.cursor:
+                if self._read_at > clock():
+                    await self._sleep(self._read_at - clock())  # a notice wakes it to look
+                    continue
                 self._catch_up = False
+                oldest = self._unspent_since()
                 await self._read()
                 if self._announced > self.cursor:
                     # Announced, not yet readable: a replica behind the primary. Not spent.
-                    short_read = True
-                    if lag_waited >= timings.lag_give_up:
-                        # A notice that arrived after a watch's own read had taken its item.
-                        self._announced = self.cursor
-                    else:
-                        await self._sleep(lag_delay)
-                        lag_waited += lag_delay
-                        lag_delay = min(lag_delay * 2, timings.lag_max)
-                elif short_read:
+                    retries += 1
+                    self._read_at = self._retry_at(oldest, retries)
+                    if self._announced <= self.cursor:
+                        retries = 0  # given up: spent
+                elif retries:
+                    # How long the replica took: where the next lagging notice is read first.
+                    took = clock() - oldest
+                    self._lag = max(timings.lag_min, took if retries > 1 else self._lag * 0.95)
                     # A lagging round may hide a later item behind one it did return.
-                    short_read, self._catch_up = False, True
-                    await self._sleep(lag_delay)
-                else:
-                    lag_delay, lag_waited = timings.lag_min, 0.0
+                    retries, self._catch_up = 0, True
+                    self._read_at = clock() + self._lag
                 continue
             now = clock()
             if self._probe_sent is None:
@@ -337,6 +341,24 @@ class RunFeed:
                     self._reopen_subscription()
                     continue
             await self._sleep(wait)
+
+    def _unspent_since(self) -> float:
+        """When the oldest notice not yet read was heard (now when none is)."""
+        while self._announced_at and self._announced_at[0][0] <= self.cursor:
+            self._announced_at.popleft()
+        return self._announced_at[0][1] if self._announced_at else self._push.timings.clock()
+
+    def _retry_at(self, oldest: float, retries: int) -> float:
+        """When to read again for a notice heard at `oldest`: after what the replica took last
+        time, then twice as long each time; past `lag_give_up` the notice is spent (it came
+        after a watch's own read had taken its item)."""
+        timings = self._push.timings
+        now = timings.clock()
+        if now - oldest >= timings.lag_give_up:
+            self._announced = self.cursor
+            self._announced_at.clear()
+            return now
+        return max(oldest + self._lag * 2.0 ** (retries - 1), now + timings.lag_min)
 
     async def _read(self) -> list[StoredEvent]:
         try:
@@ -385,6 +407,7 @@ class RunFeed:
             self._notices += 1
             if "push" in payload:  # rpush (RPUSHX) adds at least one item; others add none
                 self._announced = max(self._announced, self.cursor) + 1
+                self._announced_at.append((self._announced, self._last_signal))
         self._wake.set()
 
     def _on_subscribed(self) -> None:
