@@ -244,7 +244,7 @@ async def test_a_quiet_healthy_subscription_costs_one_probe_per_silence(
     finally:
         await reader.aclose()
     assert await stats_of(upstash_server, "subscribe") <= subscribed, "never reopened"
-    # One PUBLISH per 0.2 s of silence heard back; no reads.
+    # One PUBLISH per 0.2 s of silence heard back; no reads (no notice came to check).
     assert 2 <= probes <= 7, probes
 
 

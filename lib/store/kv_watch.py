@@ -13,23 +13,26 @@ What Upstash does not promise, the feed checks:
   `silence_seconds` without a message the feed PUBLISHes a probe on the run's channel; a probe
   not heard back within `probe_seconds` means the subscription is closed and opened again;
 - a notice may be read from a replica that has not yet applied what it announced: a notice is
-  not spent until the list has grown by the item it implies (re-read with short backoff), and a
-  round that saw a short read ends with one confirming read.
+  not spent until the list has grown by the item it implies. A read that comes back short is
+  made again on the primary (a script, which Upstash runs there: 2 billed commands, not 1), and
+  while the replica is seen to lag, notices are read there first. A probe heard back is followed
+  by one read, for what a notice of two items may have hidden behind a lagging read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import enum
+import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 import httpx
+from upstash_redis.errors import UpstashError
 
-from lib.store.base import EventWatch, StoredEvent
+from lib.store.base import EventWatch, StoredEvent, wire_event
 from lib.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,14 @@ NOTIFY_FLAGS = "Klg"
 CONFIRM_WAIT_SECONDS = 2.0
 # The payload of a liveness probe published on a run's channel (never a Redis notice's).
 PROBE = "probe"
+
+# KEYS: the run's open event list, its ended one; ARGV: the first index wanted.
+_READ_ON_PRIMARY = """
+local items = redis.call('LRANGE', KEYS[1], ARGV[1], -1)
+if #items == 0 then items = redis.call('LRANGE', KEYS[2], ARGV[1], -1) end
+return items
+"""
+_READ_ON_PRIMARY_SHA = hashlib.sha1(_READ_ON_PRIMARY.encode()).hexdigest()
 
 ReadEvents = Callable[[str, int], Awaitable[list[StoredEvent]]]
 Command = Callable[[list[str]], Awaitable[object]]
@@ -68,15 +79,15 @@ class PushTimings:
         poll_min: float = 0.05,
         # Two billed commands an idle poll (the open list, then the ended run's): ≤ 1 a second.
         poll_max: float = 2.5,
-        lag_min: float = 0.01,
-        lag_give_up: float = 2.0,
+        # How long notices are read on the primary after a replica was seen behind.
+        primary_seconds: float = 30.0,
         clock: Clock = time.monotonic,
     ) -> None:
         self.silence_seconds = silence_seconds
         self.probe_seconds = probe_seconds
         self.refusal_recheck_seconds = refusal_recheck_seconds
         self.poll_min, self.poll_max = poll_min, poll_max
-        self.lag_min, self.lag_give_up = lag_min, lag_give_up
+        self.primary_seconds = primary_seconds
         self.clock = clock
 
 
@@ -165,6 +176,22 @@ class KVPush:
         """How many runs this instance follows (for tests and the benchmark)."""
         return len(self._feeds)
 
+    async def read_on_primary(self, run_id: str, after: int) -> list[StoredEvent]:
+        """The events after `after` as the primary has them: Upstash serves a script there
+        (a read region can be behind a notice), at 2 billed commands instead of 1."""
+        base = f"quote:{run_id}"
+        args = ["2", f"{base}:events", f"{base}:log", str(after + 1)]
+        try:
+            items = await self._command(["EVALSHA", _READ_ON_PRIMARY_SHA, *args])
+        except UpstashError as error:  # NOSCRIPT (the store's plumbing lets only that through)
+            if "NOSCRIPT" not in str(error):
+                raise StoreUnavailable("KV answered a read on the primary with an error") from None
+            items = await self._command(["EVAL", _READ_ON_PRIMARY, *args])
+        stored = [str(item) for item in items] if isinstance(items, list) else []
+        return [
+            StoredEvent(after + 1 + i, wire_event(after + 1 + i, e)) for i, e in enumerate(stored)
+        ]
+
     async def probe(self, run_id: str) -> None:
         """Publish a probe on the run's channel: a live subscription hears it back (1 billed
         command)."""
@@ -211,11 +238,9 @@ class RunFeed:
         self.cursor = -1
         # The highest event id a notice implies is stored (each push notice: one more item).
         self._announced = -1
-        # When each announced id was announced, oldest first, until it has been read.
-        self._announced_at: collections.deque[tuple[int, float]] = collections.deque()
         self._catch_up = False
-        self._read_at = 0.0  # no read before this clock() time (a lagging replica's pace)
-        self._lag = push.timings.lag_min  # what the replica took last time
+        self._primary_until = 0.0  # notices are read on the primary until this clock() time
+        self._unverified = False  # the last read followed notices, on a replica
         self._probe_sent: float | None = None
         self._connecting_since: float | None = None  # a subscribe request awaits confirmation
         self._last_signal = push.timings.clock()
@@ -278,7 +303,7 @@ class RunFeed:
         while it is not; probe a silent subscription and reopen one found wanting."""
         timings = self._push.timings
         clock = timings.clock
-        poll_delay, retries = timings.poll_min, 0
+        poll_delay = timings.poll_min
         if await self._push.enabled():
             self._open_subscription()
             # Not polling while the first subscription is being confirmed: the watches read
@@ -289,7 +314,7 @@ class RunFeed:
         while True:
             self._wake.clear()
             if not self.live:
-                events = await self._read()
+                events = await self._read() or []
                 poll_delay = timings.poll_min if events else min(poll_delay * 2, timings.poll_max)
                 if self._subscription is None and await self._push.enabled():
                     self._open_subscription()  # a refusal asked again, and now granted
@@ -303,25 +328,16 @@ class RunFeed:
                     await self._sleep(poll_delay)
                 continue
             if self._catch_up or self._announced > self.cursor:
-                if self._read_at > clock():
-                    await self._sleep(self._read_at - clock())  # a notice wakes it to look
-                    continue
                 self._catch_up = False
-                oldest = self._unspent_since()
-                await self._read()
-                if self._announced > self.cursor:
-                    # Announced, not yet readable: a replica behind the primary. Not spent.
-                    retries += 1
-                    self._read_at = self._retry_at(oldest, retries)
-                    if self._announced <= self.cursor:
-                        retries = 0  # given up: spent
-                elif retries:
-                    # How long the replica took: where the next lagging notice is read first.
-                    took = clock() - oldest
-                    self._lag = max(timings.lag_min, took if retries > 1 else self._lag * 0.95)
-                    # A lagging round may hide a later item behind one it did return.
-                    retries, self._catch_up = 0, True
-                    self._read_at = clock() + self._lag
+                on_primary = clock() < self._primary_until
+                read = await self._read(on_primary=on_primary)
+                if read is not None and not on_primary and self._announced > self.cursor:
+                    # The replica lacks what was announced: the primary has it.
+                    log.info("a read region is behind its notices: reading on the primary")
+                    self._primary_until = clock() + timings.primary_seconds
+                    read = await self._read(on_primary=True)
+                if read is None:
+                    await self._sleep(timings.poll_min)  # failed: read again shortly
                 continue
             now = clock()
             if self._probe_sent is None:
@@ -342,36 +358,31 @@ class RunFeed:
                     continue
             await self._sleep(wait)
 
-    def _unspent_since(self) -> float:
-        """When the oldest notice not yet read was heard (now when none is)."""
-        while self._announced_at and self._announced_at[0][0] <= self.cursor:
-            self._announced_at.popleft()
-        return self._announced_at[0][1] if self._announced_at else self._push.timings.clock()
-
-    def _retry_at(self, oldest: float, retries: int) -> float:
-        """When to read again for a notice heard at `oldest`: after what the replica took last
-        time, then twice as long each time; past `lag_give_up` the notice is spent (it came
-        after a watch's own read had taken its item)."""
-        timings = self._push.timings
-        now = timings.clock()
-        if now - oldest >= timings.lag_give_up:
-            self._announced = self.cursor
-            self._announced_at.clear()
-            return now
-        return max(oldest + self._lag * 2.0 ** (retries - 1), now + timings.lag_min)
-
-    async def _read(self) -> list[StoredEvent]:
+    async def _read(self, *, on_primary: bool = False) -> list[StoredEvent] | None:
+        """Read the events after the cursor and hand them to every watch: the new ones, or None
+        if the read failed.
+        On the primary, the read also spends every notice heard before it was sent."""
+        heard = self._announced
+        pending = heard > self.cursor
         try:
-            events = await self._push.read_events(self.run_id, self.cursor)
+            if on_primary:
+                events = await self._push.read_on_primary(self.run_id, self.cursor)
+            else:
+                events = await self._push.read_events(self.run_id, self.cursor)
         except StoreUnavailable as error:  # the next round reads again
             log.info("reading the run's events failed: %s", error)
-            return []
+            return None
         # A watch's own catch-up may have read past some of these meanwhile.
         fresh = [e for e in events if e.id > self.cursor]
         if fresh:
             self.cursor = fresh[-1].id
             for watcher in tuple(self.watchers):
                 watcher.on_events(fresh)
+        if on_primary and self._announced == heard:
+            # Nothing left unread (a notice counted for an item a watch had already read).
+            self._announced = self.cursor
+        # A replica's read can hold all that was counted and still lack a write's last item.
+        self._unverified = pending and not on_primary
         return fresh
 
     async def _sleep(self, seconds: float) -> None:
@@ -402,12 +413,14 @@ class RunFeed:
 
     def _on_message(self, payload: str) -> None:
         self._last_signal = self._push.timings.clock()
+        if payload == PROBE and self._probe_sent is not None and self._unverified:
+            # The channel is sound; what the notices since the last look counted is checked once.
+            self._catch_up = True
         self._probe_sent = None
         if payload != PROBE:
             self._notices += 1
             if "push" in payload:  # rpush (RPUSHX) adds at least one item; others add none
                 self._announced = max(self._announced, self.cursor) + 1
-                self._announced_at.append((self._announced, self._last_signal))
         self._wake.set()
 
     def _on_subscribed(self) -> None:
