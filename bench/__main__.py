@@ -163,6 +163,13 @@ def notes(runs: dict[DeliveryKey, Delivery], base: float, redis_note: str) -> li
         "stream function (its writers do not heartbeat), so no stale check finalizes them.",
         "Budgets: ARCHITECTURE.md 'Budgets' and issue #10; 'a few per connection' is read as "
         "≤ 5 KV requests.",
+        "Issue 22's rows: the replica row is the 1-client 20 s delivery with the endpoint's read "
+        "region on (tests/upstash_rest.py: every read-only request served by a replica that "
+        f"applies each write {scenarios.REPLICA_LAG_MS} ms after the primary, with Upstash's "
+        "sync token for a client's own writes; its writes are applied, and counted, twice). "
+        "The 200-viewer row refuses CONFIG and /subscribe on a fresh stream-function instance "
+        "and counts billed commands over 20 s with nothing appended, after the poll has backed "
+        "off; the seed's figure is its design's 200 × one GET every 500 ms, not measured.",
     ]
     one = runs.get(("this", 1, base))
     if one is not None:
