@@ -419,8 +419,9 @@ class _ReadRegion:
                 protocol=2,
                 parser_class=_VerbatimErrorParser,
             )
-            await _roundtrip(self.pool, [["FLUSHDB"]])
             self._applier = asyncio.create_task(self._apply())
+        if lag > 0 and self.lag == 0 and self.pool is not None:
+            await _roundtrip(self.pool, [["FLUSHDB"]])  # it missed what was written meanwhile
         self.lag = lag
 
     def written(self, batch: list[list[Arg]]) -> int:
