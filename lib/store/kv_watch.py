@@ -332,10 +332,12 @@ class RunFeed:
                 on_primary = clock() < self._primary_until
                 read = await self._read(on_primary=on_primary)
                 if read is not None and not on_primary and self._announced > self.cursor:
-                    # The replica lacks what was announced: the primary has it.
-                    log.info("a read region is behind its notices: reading on the primary")
-                    self._primary_until = clock() + timings.primary_seconds
+                    # The replica lacks what was announced: the primary has it (or nothing was
+                    # missing: a notice counted for an item a watch's own read had taken).
                     read = await self._read(on_primary=True)
+                    if read:
+                        log.info("a read region is behind its notices: reading on the primary")
+                        self._primary_until = clock() + timings.primary_seconds
                 if read is None:
                     await self._sleep(timings.poll_min)  # failed: read again shortly
                 continue
