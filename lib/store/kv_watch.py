@@ -303,7 +303,7 @@ class RunFeed:
         while it is not; probe a silent subscription and reopen one found wanting."""
         timings = self._push.timings
         clock = timings.clock
-        poll_delay = timings.poll_min
+        poll_delay, short_rounds = timings.poll_min, 0
         if await self._push.enabled():
             self._open_subscription()
             # Not polling while the first subscription is being confirmed: the watches read
@@ -331,13 +331,19 @@ class RunFeed:
                 self._catch_up = False
                 on_primary = clock() < self._primary_until
                 read = await self._read(on_primary=on_primary)
-                if read is not None and not on_primary and self._announced > self.cursor:
-                    # The replica lacks what was announced: the primary has it (or nothing was
-                    # missing: a notice counted for an item a watch's own read had taken).
-                    read = await self._read(on_primary=True)
-                    if read:
-                        log.info("a read region is behind its notices: reading on the primary")
-                        self._primary_until = clock() + timings.primary_seconds
+                if read is not None and not on_primary:
+                    if self._announced <= self.cursor:
+                        short_rounds = 0
+                    else:
+                        # The replica lacks what was announced: the primary has it (or nothing
+                        # was missing: a notice counted for an item a watch had already read).
+                        read = await self._read(on_primary=True)
+                        short_rounds = short_rounds + 1 if read else 0
+                        # Twice in a row, not a race with a write: notices go to the primary.
+                        if short_rounds >= 2:
+                            log.info("a read region is behind its notices: reading on primary")
+                            self._primary_until = clock() + timings.primary_seconds
+                            short_rounds = 0
                 if read is None:
                     await self._sleep(timings.poll_min)  # failed: read again shortly
                 continue
