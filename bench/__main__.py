@@ -37,6 +37,8 @@ SHORT_RUN_SECONDS = 20.0
 # heartbeat): opening 500 streams on a busy machine took longer than the default 45 s, and a
 # stream's stale check then finalized the run worker_lost under the benchmark's feet.
 RUN_LEASE_SECONDS = 600
+# What `--only` can pick (all of them by default).
+GROUPS = ("delivery", "streams", "writers", "replica", "polling", "imports")
 
 
 def progress(message: str) -> None:
@@ -62,7 +64,12 @@ class Scenarios:
 
 
 async def measure(
-    setup: Setup, scenarios_run: Scenarios, streams_target: int, base: float, cost_only: bool
+    setup: Setup,
+    scenarios_run: Scenarios,
+    streams_target: int,
+    base: float,
+    only: frozenset[str] = frozenset(GROUPS),
+    cost_only: bool = False,
 ) -> tuple[list[report.Section], dict[DeliveryKey, Delivery]]:
     long = 2 * base
     runs: dict[DeliveryKey, Delivery] = {}
@@ -76,6 +83,8 @@ async def measure(
     plan.append((1, report.FOUR_MINUTES))
     if cost_only:
         plan = [(1, base), (1, report.FOUR_MINUTES)]
+    if "delivery" not in only:
+        plan = []
     for clients, duration in plan:
         for design, run in (
             ("this", scenarios.project_delivery),
@@ -85,34 +94,51 @@ async def measure(
             result = await scenarios_run.attempt(name, run(setup, clients, duration))
             if result is not None:
                 runs[design, clients, duration] = result
-    sections = [
-        report.cost_section(runs, base),
-        report.delivery_section(runs, CLIENTS, base, long, SHORT_RUN_SECONDS),
-    ]
+    sections = []
+    if "delivery" in only:
+        sections.append(report.cost_section(runs, base))
+        sections.append(report.delivery_section(runs, CLIENTS, base, long, SHORT_RUN_SECONDS))
     if cost_only:
         return sections, runs
-    # Before the reconnecting readers: streams they drop can outlive them (see that row).
-    streams = await scenarios_run.attempt(
-        f"{streams_target} concurrent streams on a fresh stream-function instance",
-        scenarios.concurrent_streams(setup, streams_target),
-    )
-    if streams is not None:
-        for failure, times in streams.failures.items():
-            progress(f"  a stream was not held ({times}×): {failure}")
-    writers_this = await scenarios_run.attempt(
-        "50 concurrent writers: this design", scenarios.project_writers(setup)
-    )
-    writers_seed = await scenarios_run.attempt(
-        "50 concurrent writers: seed", scenarios.seed_writers(setup)
-    )
-    writers_readers = await scenarios_run.attempt(
-        "50 concurrent writers with 4 reconnecting readers: this design",
-        scenarios.project_writers(setup, readers=4),
-    )
-    if writers_this is not None and writers_seed is not None and writers_readers is not None:
-        sections.append(report.writers_section(writers_this, writers_seed, writers_readers))
+    streams = None
+    if "streams" in only:
+        # Before the reconnecting readers: streams they drop can outlive them (see that row).
+        streams = await scenarios_run.attempt(
+            f"{streams_target} concurrent streams on a fresh stream-function instance",
+            scenarios.concurrent_streams(setup, streams_target),
+        )
+        if streams is not None:
+            for failure, times in streams.failures.items():
+                progress(f"  a stream was not held ({times}×): {failure}")
+    if "writers" in only:
+        writers_this = await scenarios_run.attempt(
+            "50 concurrent writers: this design", scenarios.project_writers(setup)
+        )
+        writers_seed = await scenarios_run.attempt(
+            "50 concurrent writers: seed", scenarios.seed_writers(setup)
+        )
+        writers_readers = await scenarios_run.attempt(
+            "50 concurrent writers with 4 reconnecting readers: this design",
+            scenarios.project_writers(setup, readers=4),
+        )
+        if writers_this is not None and writers_seed is not None and writers_readers is not None:
+            sections.append(report.writers_section(writers_this, writers_seed, writers_readers))
     if streams is not None:
         sections.append(report.streams_section(streams))
+    replica = polling = None
+    if "replica" in only:
+        replica = await scenarios_run.attempt(
+            f"delivery, 1 client, {SHORT_RUN_SECONDS:.0f} s run, reads from a replica "
+            f"{scenarios.REPLICA_LAG_MS} ms behind",
+            scenarios.replica_delivery(setup, SHORT_RUN_SECONDS),
+        )
+    if "polling" in only:
+        polling = await scenarios_run.attempt(
+            "200 viewers of one run with push refused, on a fresh stream-function instance",
+            scenarios.shared_polling(setup),
+        )
+    if replica is not None or polling is not None:
+        sections.append(report.push_fallback_section(replica, polling))
     return sections, runs
 
 
@@ -150,6 +176,13 @@ def notes(runs: dict[DeliveryKey, Delivery], base: float, redis_note: str) -> li
         "stream function (its writers do not heartbeat), so no stale check finalizes them.",
         "Budgets: ARCHITECTURE.md 'Budgets' and issue #10; 'a few per connection' is read as "
         "≤ 5 KV requests.",
+        "Issue 22's rows: the replica row is the 1-client 20 s delivery with the endpoint's read "
+        "region on (tests/upstash_rest.py: every read-only request served by a replica that "
+        f"applies each write {scenarios.REPLICA_LAG_MS} ms after the primary, with Upstash's "
+        "sync token for a client's own writes; its writes are applied, and counted, twice). "
+        "The 200-viewer row refuses CONFIG and /subscribe on a fresh stream-function instance "
+        "and counts billed commands over 20 s with nothing appended, after the poll has backed "
+        "off; the seed's figure is its design's 200 × one GET every 500 ms, not measured.",
     ]
     one = runs.get(("this", 1, base))
     if one is not None:
@@ -172,11 +205,18 @@ def main(argv: list[str] | None = None) -> int:
         "--duration", type=float, default=30.0, help="the base run's length in seconds"
     )
     parser.add_argument(
+        "--only",
+        action="append",
+        choices=GROUPS,
+        help="run only these scenario groups (repeatable; default: all)",
+    )
+    parser.add_argument(
         "--cost-only",
         action="store_true",
         help="only the cost rows: the base and the 4-minute 1-client runs, this design and seed",
     )
     args = parser.parse_args(argv)
+    only = frozenset({"delivery"} if args.cost_only else (args.only or GROUPS))
     began = time.monotonic()
     logs = log_directory()
     fd_limit = raise_fd_limit()
@@ -211,19 +251,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         setup = Setup(endpoint, stream, env, logs, url)
         sections, runs = asyncio.run(
-            measure(setup, scenarios_run, args.streams, args.duration, args.cost_only)
+            measure(setup, scenarios_run, args.streams, args.duration, only, args.cost_only)
         )
     functions = [spec.file for spec in discover_functions(ROOT)]
-    imports = None
-    if not args.cost_only:
+    if "imports" in only:
         imports = asyncio.run(
             scenarios_run.attempt(
                 "cold imports",
                 asyncio.to_thread(scenarios.cold_imports, functions, args.import_repeats),
             )
         )
-    if imports is not None:
-        sections.append(report.imports_section(imports))
+        if imports is not None:
+            sections.append(report.imports_section(imports))
     if scenarios_run.failures:
         sections.append(report.failures_section(scenarios_run.failures))
     header = [
@@ -233,8 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     notes_lines = notes(runs, args.duration, redis_note)
     print(report.render_text(sections, header, notes_lines))
-    report.write_markdown(RESULTS_PATH, report.render_markdown(sections, header, notes_lines))
-    print(f"(also written to {RESULTS_PATH.relative_to(ROOT)})")
+    if only == frozenset(GROUPS):  # a partial run does not replace the last full one
+        report.write_markdown(RESULTS_PATH, report.render_markdown(sections, header, notes_lines))
+        print(f"(also written to {RESULTS_PATH.relative_to(ROOT)})")
     if scenarios_run.failures:
         print(f"(the hosted processes' output is in {logs})", file=sys.stderr)
     return 1 if scenarios_run.failures else 0

@@ -244,6 +244,11 @@ class UpstashEndpoint:
     def reset_stats(self) -> None:
         self._http.post(f"{self.url}/_stats/reset").raise_for_status()
 
+    def configure(self, **settings: Any) -> None:
+        """The endpoint's fault and region switches (tests/upstash_rest.py): fail_subscribe,
+        refuse_config, replica_lag_ms."""
+        self._http.post(f"{self.url}/_control/subscriptions", json=settings).raise_for_status()
+
     def wait_for_subscriptions(self, count: int, within: float) -> int:
         """Poll until exactly `count` subscriptions are open (or `within` passes); the number."""
         deadline = time.monotonic() + within

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.scenarios import Delivery, Imports, Streams, Writers
+from bench.scenarios import REPLICA_LAG_MS, Delivery, Imports, Polling, Streams, Writers
 
 HEADERS = ("what", "this design", "seed", "this/seed", "budget", "ok?")
 LATENCY_BUDGET_MS = 50.0
@@ -19,6 +19,8 @@ BYTES_PER_EVENT_FACTOR = 2.0
 STREAMS_BUDGET = 500
 RSS_BUDGET_MIB = 256.0
 FANOUT_BUDGET_MS = 100.0
+REPLICA_P99_BUDGET_MS = 300.0
+IDLE_POLL_BUDGET_PER_SECOND = 1.0
 IMPORT_BUDGET = 1.3  # × a bare Starlette app's cold import
 COMMANDS_PER_EVENT_BUDGET = 2.5
 FOUR_MINUTES = 240.0  # the seed's own example run
@@ -397,6 +399,53 @@ def streams_section(streams: Streams) -> Section:
             ),
         ],
     )
+
+
+def push_fallback_section(replica: Delivery | None, polling: Polling | None) -> Section:
+    """Issue 22's delivery budgets: a lagging read region, and many viewers without push."""
+    rows: list[Row] = []
+    if replica is not None:
+        complete = replica.missing == 0 and replica.duplicated == 0
+        rows.append(
+            Row(
+                f"append → client p99, reads from a replica {REPLICA_LAG_MS} ms behind "
+                f"({replica.delivered} events, 1 client)",
+                ms(replica.p99),
+                budget=f"≤ {REPLICA_P99_BUDGET_MS:.0f} ms, none lost",
+                ok=replica.p99 <= REPLICA_P99_BUDGET_MS and complete,
+            )
+        )
+        rows.append(Row("  … p50", ms(replica.p50)))
+        rows.append(
+            Row(
+                "  … events missing / duplicated",
+                f"{replica.missing} / {replica.duplicated}",
+            )
+        )
+    if polling is not None:
+        idle = polling.idle_per_second
+        rows.append(
+            Row(
+                f"{polling.viewers} viewers of one run on one instance, push refused: billed "
+                f"commands/s while idle ({polling.idle_seconds:.0f} s)",
+                f"{idle:.2f}",
+                seed=f"{polling.seed_idle_per_second:.0f}",
+                ratio=ratio(idle, polling.seed_idle_per_second),
+                budget=f"≤ {IDLE_POLL_BUDGET_PER_SECOND:.0f} per run",
+                ok=idle <= IDLE_POLL_BUDGET_PER_SECOND,
+            )
+        )
+        rows.append(
+            Row(
+                f"  … of {polling.events} events × {polling.viewers} viewers: missing / duplicated",
+                f"{polling.missing} / {polling.duplicated}",
+                budget="0 / 0",
+                ok=polling.missing == 0 and polling.duplicated == 0,
+            )
+        )
+        spent = ", ".join(f"{name} {n}" for name, n in polling.idle_by_command.most_common())
+        rows.append(Row("  … idle commands by name", spent or "none"))
+    return Section("Delivery without a fresh primary or without push (issue 22)", rows)
 
 
 def imports_section(imports: Imports) -> Section:

@@ -644,6 +644,111 @@ async def concurrent_streams(setup: Setup, target: int = 500) -> Streams:
     )
 
 
+# --- reads served by a replica behind the primary ---
+
+REPLICA_LAG_MS = 100
+
+
+async def replica_delivery(setup: Setup, duration: float) -> Delivery:
+    """`project_delivery` with 1 client while every read is served by a read region
+    REPLICA_LAG_MS behind the primary (the stream learns of an append from the primary's
+    notice before its replica has it)."""
+    await asyncio.to_thread(setup.endpoint.configure, replica_lag_ms=REPLICA_LAG_MS)
+    try:
+        return await project_delivery(setup, 1, duration)
+    finally:
+        await asyncio.to_thread(setup.endpoint.configure, replica_lag_ms=0)
+
+
+# --- many viewers of one run, without push ---
+
+
+@dataclass
+class Polling:
+    viewers: int
+    idle_seconds: float
+    idle_billed: int  # billed commands while nothing was appended
+    idle_by_command: Counter[str]
+    events: int  # appended after the idle span
+    missing: int  # (viewer, event) pairs never received
+    duplicated: int
+    seed_idle_per_second: float  # the seed's: every viewer GETs the blob every 500 ms
+
+    @property
+    def idle_per_second(self) -> float:
+        return self.idle_billed / self.idle_seconds
+
+
+async def shared_polling(
+    setup: Setup, viewers: int = 200, idle_seconds: float = 20.0, events: int = 5
+) -> Polling:
+    """A fresh stream-function instance with push refused (CONFIG answered with an error and
+    /subscribe failing): `viewers` SSE clients on one run; billed commands while the run is
+    idle, then `events` appends every viewer must receive."""
+    await asyncio.to_thread(setup.endpoint.configure, refuse_config=True, fail_subscribe=True)
+    host = FunctionHost(STREAM_FUNCTION, setup.function_env, setup.log_dir)
+    store = setup.kv_store()
+    run_id = new_run_id()
+    receipts = Receipts(viewers)
+    first = [asyncio.Event() for _ in range(viewers)]
+    total = 1 + events + 1  # started, the appends, the terminal event
+    gate = asyncio.Semaphore(50)
+
+    async def view(viewer: int, http: httpx.AsyncClient, url: str) -> None:
+        async with gate:
+            source_cm = aconnect_sse(http, "GET", url)
+            source = await source_cm.__aenter__()
+        try:
+            source.response.raise_for_status()
+            async for sse in source.aiter_sse():
+                if not sse.data:
+                    continue
+                receipts.note(viewer, int(sse.id))
+                first[viewer].set()
+                if is_terminal_data(sse.data):
+                    return
+        finally:
+            await source_cm.__aexit__(None, None, None)
+
+    await asyncio.to_thread(host.start)
+    try:
+        async with sse_client() as http:
+            await store.create_run(new_record(run_id))
+            url = stream_url(host.base_url, run_id)
+            tasks = [asyncio.create_task(view(v, http, url)) for v in range(viewers)]
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(e.wait() for e in first))
+            await asyncio.sleep(8.0)  # the poll backs off to its idle pace
+            before = await setup.command_calls()
+            await asyncio.sleep(idle_seconds)
+            idle = await setup.command_calls()
+            idle.subtract(before)
+            for n in range(events):
+                await store.append_event(run_id, _writer_event(0, n))
+                await asyncio.sleep(0.5)
+            await store.append_event(run_id, CompleteEvent(quotes=[], best=None, failed=[]))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    await asyncio.gather(*tasks, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+    finally:
+        await store.aclose()
+        await asyncio.to_thread(host.stop)
+        await asyncio.to_thread(setup.endpoint.configure, refuse_config=False, fail_subscribe=False)
+    spent = Counter({name: n for name, n in idle.items() if n > 0})
+    return Polling(
+        viewers=viewers,
+        idle_seconds=idle_seconds,
+        idle_billed=sum(spent.values()),
+        idle_by_command=spent,
+        events=total,
+        missing=receipts.missing(total),
+        duplicated=receipts.duplicated,
+        seed_idle_per_second=viewers / 0.5,
+    )
+
+
 # --- cold import time ---
 
 _IMPORT_CHILD = """\

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -48,6 +49,22 @@ def make_quote(provider: ProviderId = "geico", monthly: float = 120.0) -> Quote:
         source="simulated",
         quoted_at=utc_now(),
     )
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[object] | object], what: str = "", within: float = 15.0
+) -> None:
+    """Wait for `condition` (sync or async) to hold, looking again whenever the loop has run
+    others; `within` only bounds a broken build."""
+    give_up = time.monotonic() + within
+    while True:
+        value = condition()
+        if isinstance(value, Awaitable):
+            value = await value
+        if value:
+            return
+        assert time.monotonic() < give_up, f"never happened: {what or condition}"
+        await asyncio.sleep(0.01)
 
 
 class ActivityRecorder:

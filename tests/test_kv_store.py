@@ -13,7 +13,7 @@ import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,22 +30,9 @@ from lib.store import kv as kv_backend
 from lib.store.base import REPEAT_WINDOW, first_copies, stored_event_json
 from lib.store.kv import KVStore
 from lib.store.upstash import KEY_LOCKING
-from tests.conftest import make_record
+from tests.conftest import eventually, make_record
 from tests.test_store_contract import LEASE, activity, claim, completed, lost, quoted
 from tests.upstash_rest import UpstashRestServer, kv_redis_url
-
-
-async def eventually(check: Callable[[], Awaitable[bool] | bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if isinstance(result, Awaitable):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.02)
-
 
 # --- expiry ------------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import json
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -489,10 +489,49 @@ async def test_unknown_run_is_404(api) -> None:
 async def test_since_and_limit_page_through_events(api) -> None:
     run_id = await finished_run(api)
     response = await api.get(f"/api/quotes/{run_id}?since=2&limit=3")
-    assert response.headers["cache-control"] == "no-store"
     assert [e["id"] for e in response.json()["events"]] == [3, 4, 5]
     plain = (await api.get(f"/api/quotes/{run_id}")).json()
     assert "events" not in plain
+
+
+async def test_a_running_runs_snapshot_is_never_stored(api, store) -> None:
+    record = make_record()
+    await store.create_run(record)
+    for path in (f"/api/quotes/{record.run_id}", f"/api/quotes/{record.run_id}?since=-1"):
+        response = await api.get(path)
+        assert response.status_code == 200
+        assert response.headers["cache-control"] == "no-store"
+        assert "etag" not in response.headers
+
+
+async def test_a_finished_runs_snapshot_is_cached_until_it_expires_and_revalidates_to_304(
+    api, configure
+) -> None:
+    run_id = await finished_run(api)
+    ttl = get_settings().run_ttl_seconds
+    tags = set()
+    for path in (f"/api/quotes/{run_id}", f"/api/quotes/{run_id}?since=2&limit=3"):
+        response = await api.get(path)
+        assert response.status_code == 200
+        expires = datetime.fromisoformat(response.json()["expiresAt"])
+        left = (expires - datetime.now(UTC)).total_seconds()
+        cache = response.headers["cache-control"]
+        assert cache.startswith("public, max-age=0, s-maxage="), cache
+        assert left - 5 <= int(cache.rsplit("=", 1)[1]) <= min(left, ttl)
+        etag = response.headers["etag"]
+        assert etag.startswith('"') and not etag.startswith("W/"), "a strong ETag"
+        tags.add(etag)
+        again = await api.get(path)
+        assert again.headers["etag"] == etag and again.content == response.content
+        for header in (etag, f"W/{etag}", f'"other", {etag}', "*"):
+            revalidated = await api.get(path, headers={"If-None-Match": header})
+            assert revalidated.status_code == 304, header
+            assert revalidated.content == b""
+            assert revalidated.headers["etag"] == etag
+            assert revalidated.headers["cache-control"] == cache
+        changed = await api.get(path, headers={"If-None-Match": '"something-else"'})
+        assert changed.status_code == 200 and changed.content == response.content
+    assert len(tags) == 2, "a page of events is its own representation"
 
 
 @pytest.mark.parametrize(

@@ -580,3 +580,43 @@ async def test_the_projects_client_speaks_the_protocol_and_takes_a_transport(
     assert refused.value.unauthorized
     verbs = [json.loads(body)[0] for body in sent]
     assert verbs == ["SET", "GET", "LPUSH", "EVALSHA", "EVAL", "EVALSHA"]
+
+
+# --- a read region, and a database that refuses CONFIG ------------------------------------------
+
+
+def test_a_read_region_serves_reads_behind_the_primary_and_a_clients_own_writes_at_once(
+    upstash_env: UpstashRestServer, key: str
+) -> None:
+    upstash_env.set_replica_lag(300)
+    written = post(upstash_env, "/", ["RPUSH", f"{key}:list", "a"])
+    token = written.headers["upstash-sync-token"]
+    assert written.json() == {"result": 1}
+    # Another client (no token): the replica has not applied the write yet.
+    stale = post(upstash_env, "/", ["LRANGE", f"{key}:list", 0, -1])
+    assert stale.json() == {"result": []}
+    assert int(stale.headers["upstash-sync-token"]) < int(token)
+    # The writer, with its token: served once the replica has caught up to its write.
+    own = post(upstash_env, "/", ["LRANGE", f"{key}:list", 0, -1], **{"Upstash-Sync-Token": token})
+    assert own.json() == {"result": ["a"]}
+    # A script is served by the primary, fresh, whoever sends it.
+    script = "return redis.call('LRANGE', KEYS[1], 0, -1)"
+    post(upstash_env, "/", ["RPUSH", f"{key}:list", "b"])
+    fresh = post(upstash_env, "/", ["EVAL", script, 1, f"{key}:list"])
+    assert fresh.json() == {"result": ["a", "b"]}
+    # Written with the SDK (read-your-writes on by default), read back at once.
+    client = sdk(upstash_env, encoding=None)
+    client.rpush(f"{key}:sdk", "x")
+    assert client.lrange(f"{key}:sdk", 0, -1) == ["x"]
+
+
+def test_refused_config_answers_every_config_command_with_an_error(
+    upstash_env: UpstashRestServer,
+) -> None:
+    upstash_env.set_refuse_config(True)
+    for command in (["CONFIG", "GET", "notify-keyspace-events"], ["CONFIG", "SET", "x", "y"]):
+        refused = post(upstash_env, "/", command)
+        assert refused.status_code == 400
+        assert "CONFIG" in refused.json()["error"]
+    upstash_env.set_refuse_config(False)
+    assert post(upstash_env, "/", ["CONFIG", "GET", "notify-keyspace-events"]).status_code == 200

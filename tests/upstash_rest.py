@@ -26,7 +26,17 @@ Wire formats (from https://upstash.com/docs/redis/features/restapi, the @upstash
 
 Test-only extras (same bearer token): ``GET /_stats``, ``POST /_stats/reset`` and
 ``POST /_control/subscriptions`` with ``{"mode": "normal" | "silent" | "drop",
-"fail_subscribe": bool}``.
+"fail_subscribe": bool, "refuse_config": bool, "replica_lag_ms": int}``.
+
+A read region, when ``replica_lag_ms`` > 0 (Upstash's global databases; its docs and the SDKs'
+``readYourWrites``): every write is served by the primary and applied again to a replica (the
+next Redis database number) ``replica_lag_ms`` later, in order, so it is also counted again, as
+Upstash bills each read region; a request whose every command only reads is served by the
+replica. Each response carries ``upstash-sync-token`` (the primary's write count after a write,
+the replica's applied count after a read); a read sent with a token waits until the replica has
+applied that much, so a client reads its own writes and no one else's sooner. The replica starts
+empty when the lag is turned on. ``refuse_config`` answers every ``CONFIG`` with an error, as a
+database that does not let keyspace notifications be turned on.
 
 Run it standalone with ``python -m tests.upstash_rest --port 0 --token T --redis-url URL``: it
 prints ``READY http://127.0.0.1:<port>`` once it accepts connections.
@@ -73,6 +83,13 @@ Arg = str | int | float
 _UNAVAILABLE = {"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE"}
 _UNAVAILABLE |= {"SUNSUBSCRIBE", "MONITOR", "MULTI", "EXEC", "DISCARD", "WATCH", "UNWATCH"}
 _UNAVAILABLE |= {"SELECT", "SWAPDB", "AUTH", "HELLO", "RESET", "QUIT", "SYNC", "PSYNC"}
+# What a read region serves: commands that only read keys.
+_READS = {"GET", "MGET", "EXISTS", "TYPE", "TTL", "PTTL", "STRLEN", "GETRANGE", "KEYS", "SCAN"}
+_READS |= {"LRANGE", "LLEN", "LINDEX", "HGET", "HMGET", "HGETALL", "HEXISTS", "HLEN", "HKEYS"}
+_READS |= {"HVALS", "SMEMBERS", "SISMEMBER", "SCARD", "ZRANGE", "ZCARD", "ZSCORE", "DBSIZE"}
+# Not applied again to the replica: server-wide, or nothing to apply.
+_PRIMARY_ONLY = {"CONFIG", "PUBLISH", "PING", "ECHO", "INFO", "SCRIPT", "TIME", "FLUSHALL"}
+SYNC_TOKEN = "upstash-sync-token"
 
 
 class _VerbatimErrorParser(_AsyncRESP2Parser):
@@ -260,6 +277,18 @@ async def _read(conn: AbstractConnection) -> Any:
         return exc
 
 
+async def _roundtrip(pool: BlockingConnectionPool, commands: list[list[Arg]]) -> list[Any]:
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        await conn.send_packed_command(conn.pack_commands(commands))
+        return [await _read(conn) for _ in commands]
+    except BaseException:
+        await conn.disconnect()  # never hand back a connection with unread replies
+        raise
+    finally:
+        await pool.release(conn)
+
+
 async def _first_of(*aws: Awaitable[object]) -> None:
     """Run all until one finishes (or fails), then cancel the rest."""
     tasks = [asyncio.ensure_future(aw) for aw in aws]
@@ -283,10 +312,12 @@ class _Api:
         self.counters = {kind: Counters() for kind in KINDS}
         self.mode: Literal["normal", "silent"] = "normal"
         self.fail_subscribe = False
+        self.refuse_config = False
         self.open_streams: set[_SubscriptionStream] = set()
         self.scripts = _Scripts()
         self._commands: BlockingConnectionPool | None = None
         self._pubsub: ConnectionPool | None = None
+        self.region = _ReadRegion(redis_url)
 
     # -- lifecycle -------------------------------------------------------------------------------
     @asynccontextmanager
@@ -307,25 +338,38 @@ class _Api:
         finally:
             await self._commands.aclose()
             await self._pubsub.aclose()
+            await self.region.stop()
 
     @property
     def pubsub_pool(self) -> ConnectionPool:
         assert self._pubsub is not None, "the app's lifespan has not started"
         return self._pubsub
 
-    async def roundtrip(self, commands: list[list[Arg]]) -> list[Any]:
+    async def execute(
+        self, request: Request, commands: list[list[Arg]], *, multi: bool = False
+    ) -> tuple[list[Any], dict[str, str]]:
+        """Run one request's commands where Upstash would: on the primary, or (every command a
+        read, a read region on) on the replica; the headers carry the sync token."""
+        if self.refuse_config and any(str(c[0]).upper() == "CONFIG" for c in commands):
+            error = ResponseError("ERR CONFIG is not allowed on this database (injected)")
+            return [error] * len(commands), {}
+        batch = [["MULTI"], *commands, ["EXEC"]] if multi else commands
+        region = self.region
+        if not region.on:
+            return await self.roundtrip(batch), {}
+        if all(str(c[0]).upper() in _READS for c in commands):
+            applied = await region.caught_up(request.headers.get(SYNC_TOKEN, ""))
+            return await self.roundtrip(batch, region.pool), {SYNC_TOKEN: str(applied)}
+        replies = await self.roundtrip(batch)
+        return replies, {SYNC_TOKEN: str(region.written(batch))}
+
+    async def roundtrip(
+        self, commands: list[list[Arg]], pool: BlockingConnectionPool | None = None
+    ) -> list[Any]:
         """Send commands on one connection and read one reply each (errors as ResponseError)."""
-        pool = self._commands
+        pool = pool or self._commands
         assert pool is not None, "the app's lifespan has not started"
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_packed_command(conn.pack_commands(commands))
-            return [await _read(conn) for _ in commands]
-        except BaseException:
-            await conn.disconnect()  # never hand back a connection with unread replies
-            raise
-        finally:
-            await pool.release(conn)
+        return await _roundtrip(pool, commands)
 
     # -- helpers -------------------------------------------------------------------------------
     def authorized(self, request: Request) -> bool:
@@ -334,11 +378,17 @@ class _Api:
             given = request.query_params.get("_token", "")
         return given == self.token
 
-    def respond(self, status: int, payload: object, kind: Kind | None = None) -> Response:
+    def respond(
+        self,
+        status: int,
+        payload: object,
+        kind: Kind | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
         content = _dumps(payload)
         if kind is not None:
             self.counters[kind].bytes_out += len(content)
-        return Response(content, status, media_type="application/json")
+        return Response(content, status, headers=headers, media_type="application/json")
 
     def stats(self) -> dict[str, Any]:
         by_kind = {kind: asdict(c) for kind, c in self.counters.items()}
@@ -370,20 +420,21 @@ class _Api:
             counters.commands += len(commands)
             sent = [self.scripts.command(command) for command in commands]
             if kind == "multi-exec":
-                replies = (await self.roundtrip([["MULTI"], *sent, ["EXEC"]]))[-1]
+                replies, sync = await self.execute(request, sent, multi=True)
+                replies = replies[-1]
                 if not isinstance(replies, list):  # EXECABORT: discarded as a whole
-                    return self.respond(400, {"error": str(replies)}, kind)
+                    return self.respond(400, {"error": str(replies)}, kind, sync)
             else:
-                replies = await self.roundtrip(sent)
+                replies, sync = await self.execute(request, sent)
             replies = [self.scripts.reply(c, r) for c, r in zip(commands, replies, strict=True)]
         except _BadRequest as exc:
             return self.respond(400, {"error": str(exc)}, kind)
         except RedisError as exc:
             return self.respond(500, {"error": f"ERR {exc}"}, kind)
         if kind != "command":
-            return self.respond(200, [_entry(reply, b64) for reply in replies], kind)
+            return self.respond(200, [_entry(reply, b64) for reply in replies], kind, sync)
         entry = _entry(replies[0], b64)
-        return self.respond(400 if "error" in entry else 200, entry, kind)
+        return self.respond(400 if "error" in entry else 200, entry, kind, sync)
 
     def command_of(self, request: Request, body: bytes) -> list[Arg]:
         if request.url.path == "/":
@@ -425,12 +476,24 @@ class _Api:
             return self.respond(400, {"error": str(exc)})
         if "fail_subscribe" in settings:
             self.fail_subscribe = bool(settings["fail_subscribe"])
+        if "refuse_config" in settings:
+            self.refuse_config = bool(settings["refuse_config"])
+        if "replica_lag_ms" in settings:
+            await self.region.set_lag(float(settings["replica_lag_ms"]) / 1000)
         if mode == "drop":
             self.mode = "normal"
             await self.drop_streams()
         elif mode is not None:
             self.mode = mode
-        return self.respond(200, {"mode": self.mode, "fail_subscribe": self.fail_subscribe})
+        return self.respond(
+            200,
+            {
+                "mode": self.mode,
+                "fail_subscribe": self.fail_subscribe,
+                "refuse_config": self.refuse_config,
+                "replica_lag_ms": self.region.lag * 1000,
+            },
+        )
 
     async def drop_streams(self) -> None:
         doomed = list(self.open_streams)
@@ -450,6 +513,75 @@ class _Api:
         self.counters = {kind: Counters() for kind in KINDS}
         self.scripts.global_lock = 0
         return self.respond(200, self.stats())
+
+
+class _ReadRegion:
+    """A replica of the primary's database that applies each write `lag` seconds after it,
+    in order (see the module's docstring)."""
+
+    def __init__(self, primary_url: str) -> None:
+        self._primary_url = primary_url
+        self.lag = 0.0
+        self.pool: BlockingConnectionPool | None = None
+        self._sent = 0  # writes the primary has served
+        self._applied = 0  # writes the replica has applied
+        self._caught_up = asyncio.Condition()
+        self._pending: asyncio.Queue[tuple[float, int, list[list[Arg]]]] = asyncio.Queue()
+        self._applier: asyncio.Task[None] | None = None
+
+    @property
+    def on(self) -> bool:
+        return self.lag > 0 and self.pool is not None
+
+    async def set_lag(self, lag: float) -> None:
+        if lag > 0 and self.pool is None:
+            scheme, _, rest = self._primary_url.partition("://")
+            address, _, db = rest.partition("/")
+            replica_db = int(db.split("?")[0] or 0) + 1
+            self.pool = BlockingConnectionPool.from_url(
+                f"{scheme}://{address}/{replica_db}",
+                max_connections=256,
+                timeout=30,
+                protocol=2,
+                parser_class=_VerbatimErrorParser,
+            )
+            self._applier = asyncio.create_task(self._apply())
+        if lag > 0 and self.lag == 0 and self.pool is not None:
+            await _roundtrip(self.pool, [["FLUSHDB"]])  # it missed what was written meanwhile
+        self.lag = lag
+
+    def written(self, batch: list[list[Arg]]) -> int:
+        """Note a write the primary has served; the replica applies it `lag` from now."""
+        self._sent += 1
+        replay = [c for c in batch if str(c[0]).upper() not in _PRIMARY_ONLY]
+        self._pending.put_nowait((time.monotonic() + self.lag, self._sent, replay))
+        return self._sent
+
+    async def caught_up(self, token: str) -> int:
+        """Wait until the replica has applied the writes a client's sync token names."""
+        wanted = int(token) if token.isdigit() else 0
+        async with self._caught_up:
+            await self._caught_up.wait_for(lambda: self._applied >= min(wanted, self._sent))
+        return self._applied
+
+    async def _apply(self) -> None:
+        assert self.pool is not None
+        while True:
+            due, seq, commands = await self._pending.get()
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            if commands:
+                await _roundtrip(self.pool, commands)
+            async with self._caught_up:
+                self._applied = seq
+                self._caught_up.notify_all()
+
+    async def stop(self) -> None:
+        if self._applier is not None:
+            self._applier.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._applier
+        if self.pool is not None:
+            await self.pool.aclose()
 
 
 class _SubscriptionStream:
@@ -606,6 +738,13 @@ class UpstashRestServer:
     def set_fail_subscribe(self, fail: bool) -> None:
         self.configure_subscriptions(fail_subscribe=fail)
 
+    def set_replica_lag(self, milliseconds: float) -> None:
+        """Serve reads from a replica `milliseconds` behind the primary (0: from the primary)."""
+        self.configure_subscriptions(replica_lag_ms=milliseconds)
+
+    def set_refuse_config(self, refuse: bool) -> None:
+        self.configure_subscriptions(refuse_config=refuse)
+
 
 def kv_redis_url() -> str:
     return os.environ.get("TEST_REDIS_URL", DEFAULT_REDIS_URL)
@@ -637,7 +776,9 @@ def upstash_env(
     monkeypatch.setenv("KV_REST_API_URL", upstash_server.url)
     monkeypatch.setenv("KV_REST_API_TOKEN", upstash_server.token)
     yield upstash_server
-    upstash_server.configure_subscriptions("normal", fail_subscribe=False)
+    upstash_server.configure_subscriptions(
+        "normal", fail_subscribe=False, refuse_config=False, replica_lag_ms=0
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -156,6 +156,17 @@ HEADERS: dict[str, Any] = {
         "schema": {"type": "string"},
     },
     "Allow": {"description": "The methods this path allows.", "schema": {"type": "string"}},
+    "ETag": {
+        "description": "A finished run's snapshot only: a strong validator of this response.",
+        "schema": {"type": "string"},
+    },
+    "Cache-Control": {
+        "description": (
+            "no-store while the run is processing; once it has finished, public, max-age=0, "
+            "s-maxage=<seconds until the run expires> (shared caches keep it until then)."
+        ),
+        "schema": {"type": "string"},
+    },
 }
 
 PARAMETERS: dict[str, Any] = {
@@ -240,7 +251,10 @@ GET_RUN: dict[str, Any] = {
     "description": (
         "The run's status, progress, providers and quotes so far (cheapest first). With "
         "?since=N also its events after N, for clients that poll instead of streaming. "
-        "Cache-Control: no-store."
+        "A processing run's answer is Cache-Control: no-store. A finished run never changes "
+        "until it expires: its answer (and each ?since= page of it) carries a strong ETag and "
+        "Cache-Control: public, max-age=0, s-maxage=<seconds until it expires>, and a request "
+        "whose If-None-Match names that ETag is answered 304."
     ),
     "tags": ["quote runs"],
     "parameters": [
@@ -259,9 +273,24 @@ GET_RUN: dict[str, Any] = {
             "description": "At most this many events with ?since=.",
             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
         },
+        {
+            "name": "If-None-Match",
+            "in": "header",
+            "required": False,
+            "description": "The ETag of a finished run's snapshot already held: 304 if unchanged.",
+            "schema": {"type": "string"},
+        },
     ],
     "responses": {
-        "200": _json("RunSnapshot", "The run's state."),
+        "200": _json(
+            "RunSnapshot",
+            "The run's state.",
+            {"Cache-Control": _header("Cache-Control"), "ETag": _header("ETag")},
+        ),
+        "304": {
+            "description": "A finished run whose snapshot is the one If-None-Match names.",
+            "headers": {"Cache-Control": _header("Cache-Control"), "ETag": _header("ETag")},
+        },
         "400": _problem("since or limit is not an integer in range."),
         "404": _problem(NOT_FOUND),
         "503": _problem(UNAVAILABLE, "Retry-After"),

@@ -1,4 +1,5 @@
-"""The Vercel KV (Upstash Redis REST) backend; its push watch is in lib/store/kv_watch.py.
+"""The Vercel KV (Upstash Redis REST) backend; its push (`KVPush`, which the store owns) is in
+lib/store/kv_watch.py.
 
 Layout (keys get the TTL when the run is created and again with its terminal event, the run's
 last write; QUOTE_RUN_TTL_SECONDS is at least RUN_MAX_SECONDS, so nothing expires mid-run):
@@ -81,6 +82,8 @@ from lib.store.errors import (
     RunNotFound,
     StoreUnavailable,
 )
+from lib.store.kv_watch import KVPush, PushTimings
+from lib.store.kv_watch import keyspace_channel as keyspace_channel
 from lib.store.upstash import LuaScript, UpstashError, UpstashRest
 
 log = logging.getLogger(__name__)
@@ -385,9 +388,23 @@ return {'forgotten'}
 """,
 )
 
+# Upstash runs a script on the primary: what a read region has not applied yet is read here.
+READ_ON_PRIMARY = LuaScript(
+    "read on primary",
+    keys=("events_key", "log_key"),
+    args=("start", "stop"),
+    returns="the open list's items from start to stop, else the ended list's",
+    body="""
+local items = redis.call('LRANGE', events_key, start, stop)
+if #items == 0 then items = redis.call('LRANGE', log_key, start, stop) end
+return items
+""",
+)
+
 SCRIPTS = (
     CREATE,
     READ,
+    READ_ON_PRIMARY,
     APPEND_AGAIN,
     CLAIM,
     SAVE_WORK,
@@ -400,18 +417,11 @@ SCRIPTS = (
 
 # Runs whose last read an instance remembers (a few per open stream).
 _RUNS_REMEMBERED = 512
-# The flags readers need: keyspace events (K) for list (l) and generic (g: RENAME) commands.
-NOTIFY_FLAGS = "Klg"
 
 
 def _keys(run_id: str) -> list[str]:
     base = f"quote:{run_id}"
     return [base, f"{base}:events", f"{base}:log"]
-
-
-def keyspace_channel(run_id: str) -> str:
-    """The channel on which Redis announces every change to the run's open event list."""
-    return f"__keyspace@0__:quote:{run_id}:events"
 
 
 def _ms(moment: datetime) -> str:
@@ -475,18 +485,25 @@ class KVStore(Store):
         timeout: float = 5.0,
         attempts: int = 3,
         transport: httpx.AsyncBaseTransport | None = None,
+        push_timings: PushTimings | None = None,
     ) -> None:
         """`transport`: httpx's, for the REST client (tests pass one that loses replies)."""
         self.url = url.rstrip("/")
-        self._token = token
         self.ttl_seconds = ttl_seconds
-        self.silence_seconds = silence_seconds
         self._attempts = attempts
         self._rest = UpstashRest(url, token, transport=transport, timeout=timeout)
-        self._stream_client: httpx.AsyncClient | None = None
-        self._notifications: asyncio.Task[bool] | None = None
         # run id -> (the last event id read, the nonces of the REPEAT_WINDOW events up to it)
         self._read_through: OrderedDict[str, tuple[int, list[str]]] = OrderedDict()
+        self.push = KVPush(
+            self.url,
+            token,
+            read_events=self.read_events,
+            read_on_primary=lambda run_id, after: self.read_events(run_id, after, on_primary=True),
+            command=lambda command: self._call(
+                command[0].lower(), lambda: self._rest.command(*command)
+            ),
+            timings=push_timings or PushTimings(silence_seconds=silence_seconds),
+        )
 
     @property
     def rest(self) -> UpstashRest:
@@ -843,7 +860,7 @@ class KVStore(Store):
         _refuse(str(reply[0]), run_id)
 
     async def read_events(
-        self, run_id: str, after: int, limit: int | None = None
+        self, run_id: str, after: int, limit: int | None = None, *, on_primary: bool = False
     ) -> list[StoredEvent]:
         # What this instance read last of the run spares re-reading the window before `after`.
         known = self._read_through.get(run_id)
@@ -852,10 +869,17 @@ class KVStore(Store):
         start = after + 1 - lookback
         stop = after + limit if limit is not None else -1
         _, events_key, log_key = _keys(run_id)
-        items = await self._call(
-            "read", lambda: self._rest.command("LRANGE", events_key, start, stop)
-        )
-        if not items:
+        if on_primary:
+            items = await self._script(
+                READ_ON_PRIMARY,
+                {"events_key": events_key, "log_key": log_key},
+                {"start": str(start), "stop": str(stop)},
+            )
+        else:
+            items = await self._call(
+                "read", lambda: self._rest.command("LRANGE", events_key, start, stop)
+            )
+        if not items and not on_primary:
             # An open run's list, or the ended run's: one of the two is there.
             items = await self._call(
                 "read", lambda: self._rest.command("LRANGE", log_key, start, stop)
@@ -875,60 +899,8 @@ class KVStore(Store):
         await self._call("ping", lambda: self._rest.command("PING"), attempts=1)
 
     def watch(self, run_id: str) -> EventWatch:
-        from lib.store.kv_watch import KVEventWatch
-
-        return KVEventWatch(self, run_id)
+        return self.push.watch(run_id)
 
     async def aclose(self) -> None:
+        await self.push.aclose()
         await self._rest.aclose()
-        if self._stream_client is not None:
-            await self._stream_client.aclose()
-
-    # --- push ----------------------------------------------------------------------------------
-
-    async def notifications_enabled(self) -> bool:
-        """Make sure Redis announces list changes on keyspace channels (once per instance):
-        readers subscribe to them instead of writers publishing every event."""
-        if self._notifications is None:
-            self._notifications = asyncio.ensure_future(self._enable_notifications())
-        try:
-            return await asyncio.shield(self._notifications)
-        except Exception:
-            self._notifications = None
-            return False
-
-    async def _enable_notifications(self) -> bool:
-        try:
-            reply = await self._call(
-                "config", lambda: self._rest.command("CONFIG", "GET", "notify-keyspace-events")
-            )
-            current = str(reply[1]) if isinstance(reply, list) and len(reply) > 1 else ""
-            expanded = current.replace("A", "g$lshzxe")
-            if all(flag in expanded for flag in NOTIFY_FLAGS):
-                return True
-            wanted = current + "".join(f for f in NOTIFY_FLAGS if f not in expanded)
-            await self._call(
-                "config",
-                lambda: self._rest.command("CONFIG", "SET", "notify-keyspace-events", wanted),
-            )
-            log.info("enabled keyspace notifications (%s) for push delivery", wanted)
-            return True
-        except StoreUnavailable as error:
-            log.warning("keyspace notifications unavailable (%s): readers poll", error)
-            return False
-
-    @property
-    def stream_client(self) -> httpx.AsyncClient:
-        if self._stream_client is None:
-            # Subscriptions stay open for minutes: no read timeout, but a bounded connect.
-            self._stream_client = httpx.AsyncClient(
-                timeout=httpx.Timeout(None, connect=3.0),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=20),
-            )
-        return self._stream_client
-
-    def subscribe_request(self, run_id: str) -> tuple[str, dict[str, str]]:
-        return (
-            f"{self.url}/subscribe/{keyspace_channel(run_id)}",
-            {"Authorization": f"Bearer {self._token}", "Accept": "text/event-stream"},
-        )

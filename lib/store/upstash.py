@@ -79,6 +79,9 @@ def _positional(script: str, names: tuple[str, ...], given: Mapping[str, str | N
     return [value for value in values if value is not None]
 
 
+SYNC_TOKEN = "upstash-sync-token"
+
+
 class UpstashError(Exception):
     """Upstash answered with an error: the Redis error's text, verbatim (`NOSCRIPT …`)."""
 
@@ -115,11 +118,16 @@ class UpstashRest:
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
             transport=transport,
         )
+        # Read-your-writes across read regions, as Upstash's SDKs do: each reply names the
+        # primary's state, and a request sending it is served by a replica that has applied it.
+        self._sync_token = ""
 
     async def command(self, *args: Arg) -> Any:
         """One command; raises UpstashError for a Redis error, httpx's errors for the network,
         ValueError for a body that is not Upstash's JSON (a proxy's error page)."""
-        response = await self._client.post(self.url, json=list(args))
+        headers = {SYNC_TOKEN: self._sync_token} if self._sync_token else None
+        response = await self._client.post(self.url, json=list(args), headers=headers)
+        self._sync_token = response.headers.get(SYNC_TOKEN, self._sync_token)
         try:
             body = response.json()
         except ValueError:

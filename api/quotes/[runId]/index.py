@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from lib.cancel_tokens import bearer_token, is_cancel_token
 from lib.http import FunctionContext, Problem, function_app, run_id_from, run_not_found
+from lib.replay_cache import NO_STORE, finished_headers, matches, not_modified
 from lib.staleness import finalize_if_lost
 from lib.store import RunState
 from lib.terms import is_run_id, percent
@@ -86,10 +87,16 @@ async def get_quote_run(request: Request, context: FunctionContext) -> Response:
         if state is None:
             raise run_not_found()
     body = snapshot(state, context.settings.run_ttl_seconds, with_events=since is not None)
-    return JSONResponse(
-        body.model_dump(mode="json", exclude_none=True),
-        headers={"Cache-Control": "no-store"},
-    )
+    response = JSONResponse(body.model_dump(mode="json", exclude_none=True), headers=NO_STORE)
+    if state.finalized:
+        # Unchanging until it expires: the CDN may serve repeats, a revalidation gets a 304.
+        from lib.models import utc_now
+
+        headers = finished_headers(bytes(response.body), body.expires_at, utc_now())
+        if "ETag" in headers and matches(request, headers["ETag"]):
+            return not_modified(headers)
+        response.headers.update(headers)
+    return response
 
 
 def _check_cancel_token(request: Request, run_id: str, secret: bytes) -> None:
