@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import secrets
 from collections.abc import Awaitable, Callable
@@ -69,11 +70,17 @@ class DeliveriesExhausted(ProviderUnavailable):
 
 
 class HandBack(Exception):
-    """Give the message back to the queue, to be delivered again after `delay` seconds."""
+    """Give the message back to the queue, to be delivered again after `delay` whole seconds."""
 
     def __init__(self, delay: float, reason: str) -> None:
         super().__init__(reason)
-        self.delay = max(delay, 0.0)
+        # The queue takes whole seconds and truncates: a fraction rounds up, never down to 0.
+        self.delay = whole_seconds(delay)
+
+
+def whole_seconds(delay: float) -> int:
+    """A delay as the queue can hold it: whole seconds, rounded up, at least 1."""
+    return max(1, math.ceil(delay))
 
 
 @dataclass(frozen=True, slots=True)
