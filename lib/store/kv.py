@@ -711,3 +711,37 @@ class KVStore(Store):
             f"{self.url}/subscribe/{keyspace_channel(run_id)}",
             {"Authorization": f"Bearer {self._token}", "Accept": "text/event-stream"},
         )
+
+    # --- the deployment's agent slots ----------------------------------------------------------
+
+    async def take_agent_slot(
+        self, holder: str, *, limit: int, now: datetime, until: datetime
+    ) -> bool:
+        args = [holder, str(limit), _ms(now), _ms(until)]
+        taken = await self._script("agent-slot", _AGENT_SLOT_SCRIPT, [AGENT_SLOTS_KEY], args)
+        return int(taken) == 1
+
+    async def release_agent_slot(self, holder: str) -> None:
+        await self._call("agent-slot", lambda: self._redis.zrem(AGENT_SLOTS_KEY, holder))
+
+
+# The deployment's agent runs in flight: holder ("{runId}:{provider}") scored by its lease's end.
+AGENT_SLOTS_KEY = "quote:agent-slots"
+# Returns 1 when the holder has its slot (renewed or newly taken), 0 when all are held.
+_AGENT_SLOT = """
+local slots_key = KEYS[1]
+local holder = ARGV[1]
+local limit = tonumber(ARGV[2])
+local now_ms = tonumber(ARGV[3])
+local until_ms = tonumber(ARGV[4])
+redis.call('ZREMRANGEBYSCORE', slots_key, '-inf', now_ms)
+local held = redis.call('ZSCORE', slots_key, holder)
+if not held and redis.call('ZCARD', slots_key) >= limit then
+  return 0
+end
+redis.call('ZADD', slots_key, until_ms, holder)
+local last = redis.call('ZRANGE', slots_key, -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', slots_key, last[2])
+return 1
+"""
+_AGENT_SLOT_SCRIPT = _Script(_AGENT_SLOT)
