@@ -84,6 +84,7 @@ class RecordingSource:
         self.attempts: list[tuple[ProviderId, AgentAttempt]] = []
         self.started: list[str] = []
         self.cancelled: list[str] = []
+        self.read_backs: list[AgentAttempt] = []
         self._start = asyncio.Event()
 
     def record_start(self, agent_run_id: str) -> None:
@@ -117,6 +118,19 @@ class RecordingSource:
                 listener.agent_steps(steps)
 
         quote: Quote = await self.inner.quote(request, provider, attempt, Spy())
+        return quote
+
+    async def read_back(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
+    ) -> Quote | None:
+        self.read_backs.append(attempt)
+        if self.inner is None or attempt.agent_run_id in self.cancelled:
+            return None
+        quote: Quote | None = await self.inner.read_back(request, provider, attempt, listener)
         return quote
 
     async def cancel(self, agent_run_id: str) -> None:
