@@ -15,6 +15,7 @@ SDK's `RetryAfter`.
 - `policy`: the retry policy, one value, and its pure `next_step`.
 - `attempt`: one attempt, returning what it came to (`Quoted | Failed | HandOff | OutOfTime …`).
 - `provider`: the delivery loop (`ProviderTask`) that acts on each of those.
+- `endings`: how a delivery ends (quote, failure, hand-back), and the last look at a paid run.
 - `deadline`: the run's own deadline (`enforce_deadline`).
 - `clock`: the one clock, injected.
 """

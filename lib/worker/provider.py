@@ -10,12 +10,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from lib.config import Settings
-from lib.models import PROVIDER_NAMES, ActivityEvent, ProviderWork, Quote
+from lib.models import PROVIDER_NAMES, ActivityEvent, ProviderWork
 from lib.providers.base import (
-    AgentAttempt,
     ProviderError,
-    ProviderTimeout,
-    ProviderUnavailable,
     QuoteSource,
 )
 from lib.queue.messages import ProviderWorkMessage
@@ -32,6 +29,7 @@ from lib.worker.attempt import (
 )
 from lib.worker.clock import SYSTEM_CLOCK, Clock
 from lib.worker.delivery import Delivery, HandBack
+from lib.worker.endings import Endings
 from lib.worker.journal import Journal, StorageDown
 from lib.worker.lease import AgentSlot, ProviderLease
 from lib.worker.policy import (
@@ -43,13 +41,9 @@ from lib.worker.policy import (
     WaitForAgent,
     next_step,
 )
-from lib.workflow import complete_if_done, fail_run
+from lib.workflow import complete_if_done
 
 log = logging.getLogger(__name__)
-
-WAITING_FOR_AN_AGENT = "Waiting for a free agent"
-OUT_OF_TIME = "The insurer's site did not produce a quote in time."
-OUT_OF_DELIVERIES = "The provider's queued work ran out of deliveries before it finished."
 
 
 class ProviderTask:
@@ -109,17 +103,27 @@ class ProviderTask:
         journal = Journal(
             self._store, self._source, message, self._lease, claim.work or first_work, self._clock
         )
+        endings = Endings(
+            self._store,
+            self._source,
+            message,
+            self._delivery,
+            journal,
+            self._lease,
+            self._slot,
+            self._clock,
+        )
         try:
-            return await self._work_on(journal)
+            return await self._work_on(journal, endings)
         except (RunFinalized, RunNotFound):
-            await self._run_ended(journal)
+            await endings.run_ended()
         except LeaseLost:
-            self._lost()
+            endings.lost()
         except StorageDown:
             return HandBack(STORE_RETRY_SECONDS, "storage unavailable")
         return None
 
-    async def _work_on(self, journal: Journal) -> HandBack | None:
+    async def _work_on(self, journal: Journal, endings: Endings) -> HandBack | None:
         deadline = self._provider_deadline(journal.work)
         runner = AttemptRunner(
             self._source, self._message, journal, self._lease, self._slot, self._clock
@@ -128,18 +132,18 @@ class ProviderTask:
             stop_at = min(deadline, self._delivery.handoff_at(self._clock.now()))
             match await runner.run(deadline, stop_at):
                 case Quoted(quote):
-                    await self._quoted(journal, quote)
+                    await endings.quoted(quote)
                     return None
                 case OutOfTime():
-                    await self._out_of_time(journal, deadline)
+                    await endings.out_of_time(deadline)
                     return None
                 case HandOff(delay, reason):
-                    return await self._hand_off(journal, delay, reason)
+                    return await endings.hand_off(delay, reason)
                 case Ended():
-                    await self._run_ended(journal)
+                    await endings.run_ended()
                     return None
                 case Lost():
-                    self._lost()
+                    endings.lost()
                     return None
                 case Failed(error):
                     ms_left = (deadline - self._clock.now()) // timedelta(milliseconds=1)
@@ -152,11 +156,9 @@ class ProviderTask:
                         case Retry(wait_ms, same_attempt):
                             await self._retry(journal, error, wait_ms, same_attempt)
                         case WaitForAgent(wait_ms):
-                            return await self._wait_for_agent(journal, wait_ms)
+                            return await endings.wait_for_agent(wait_ms)
                         case GiveUp():
-                            await journal.give_up_on(error)
-                            await self._slot.release()
-                            await journal.failed(error)
+                            await endings.gave_up(error)
                             return None
 
     def _provider_deadline(self, work: ProviderWork) -> datetime:
@@ -193,88 +195,3 @@ class ProviderTask:
         name = PROVIDER_NAMES[self._message.provider]
         of = self._policy.max_attempts
         await journal.save(f"Retrying {name} (attempt {journal.work.attempt} of {of})")
-
-    async def _wait_for_agent(self, journal: Journal, wait_ms: int) -> HandBack | None:
-        """No agent is free (the deployment's budget, or the agent API's 429): give the slot
-        and the message back; the wait counts against the provider's time, not its attempts."""
-        await self._slot.release()
-        if journal.work.last_activity != WAITING_FOR_AN_AGENT:
-            await journal.activity(WAITING_FOR_AN_AGENT)
-        return await self._hand_off(journal, wait_ms / 1000, "no free agent")
-
-    async def _hand_off(self, journal: Journal, delay: float, reason: str) -> HandBack | None:
-        """Release the lease so the next delivery can claim at once, and give the message back;
-        the last delivery cannot, and ends the provider with what its agent run has."""
-        if self._delivery.last:
-            if not await self._read_back(journal):
-                await journal.cancel_agent_run()
-                await self._slot.release()
-                await journal.failed(ProviderUnavailable(OUT_OF_DELIVERIES))
-            return None
-        await self._lease.release(journal.work)
-        log.info(
-            "run %s %s: handing back to the queue (delivery %d): %s",
-            self._message.run_id,
-            self._message.provider,
-            self._delivery.count,
-            reason,
-        )
-        return HandBack(delay, reason)
-
-    async def _out_of_time(self, journal: Journal, deadline: datetime) -> None:
-        if await self._read_back(journal):
-            return
-        await journal.cancel_agent_run()
-        await self._slot.release()
-        if deadline < self._message.deadline:
-            await journal.failed(ProviderTimeout(OUT_OF_TIME))
-            return
-        # The run's own deadline, not the provider's: the run ends, and every other worker's
-        # next write is refused (each cancels its agent run).
-        if await fail_run(self._store, self._message.run_id, "deadline_exceeded"):
-            log.error("run %s ended at its deadline", self._message.run_id)
-
-    async def _read_back(self, journal: Journal) -> bool:
-        """A paid result is never thrown away: before the provider is declared out of time or
-        of deliveries, its agent run is read once, and a quote it finished is used."""
-        work, now = journal.work, self._clock.now()
-        if work.agent_run_id is None or work.agent_run_id in work.cancelled_agent_run_ids:
-            return False
-        attempt = AgentAttempt(
-            number=work.attempt,
-            started_at=work.attempt_started_at or now,
-            deadline=now,
-            agent_run_id=work.agent_run_id,
-        )
-        try:
-            request, provider = self._message.request, self._message.provider
-            quote = await self._source.read_back(request, provider, attempt, journal)
-        except Exception:
-            log.exception("run %s: reading the agent run back failed", self._message.run_id)
-            return False
-        if quote is None:
-            return False
-        log.info(
-            "run %s %s: the agent run had finished: its quote is used",
-            self._message.run_id,
-            self._message.provider,
-        )
-        await self._quoted(journal, quote)
-        return True
-
-    async def _quoted(self, journal: Journal, quote: Quote) -> None:
-        await self._slot.release()
-        await journal.quoted(quote)
-
-    async def _run_ended(self, journal: Journal) -> None:
-        # The run ended elsewhere (its deadline, or it failed as a whole): stop paying.
-        await journal.cancel_agent_run()
-        await self._slot.release()
-
-    def _lost(self) -> None:
-        # Judged dead and replaced: the new owner reattaches to the same agent run.
-        log.warning(
-            "run %s %s: lease lost; another delivery took over",
-            self._message.run_id,
-            self._message.provider,
-        )
