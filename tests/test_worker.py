@@ -27,6 +27,7 @@ from lib.queue.messages import ProviderWorkMessage, RunDeadlineMessage
 from lib.store import Store
 from lib.worker import Delivery, HandBack, ProviderTask, enforce_deadline
 from lib.workflow import new_run_record, run_deadline
+from tests.clock import ClockedStore, VirtualClock
 from tests.conftest import make_quote
 
 REQUEST = QuoteRequest.model_validate(
@@ -68,9 +69,24 @@ def message(
     )
 
 
-def delivery(count: int = 1, *, deadline_in: float | None = None) -> Delivery:
-    deadline = utc_now() + timedelta(seconds=deadline_in) if deadline_in is not None else None
+def delivery(
+    count: int = 1, *, deadline_in: float | None = None, clock: VirtualClock | None = None
+) -> Delivery:
+    now = clock.now() if clock else utc_now()
+    deadline = now + timedelta(seconds=deadline_in) if deadline_in is not None else None
     return Delivery(message_id=f"m-{new_run_id()}", count=count, invocation_deadline=deadline)
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    """The worker's and the simulated agents' time, moved on by the test, not the wall."""
+    return VirtualClock()
+
+
+@pytest.fixture
+def timed_store(store: Store, clock: VirtualClock) -> Store:
+    """The store, its calls taking no time on `clock`."""
+    return ClockedStore(store, clock)  # type: ignore[return-value]
 
 
 class RecordingSource:
@@ -168,8 +184,11 @@ class ScriptedSource(RecordingSource):
         return make_quote(provider, 99.0)
 
 
-def simulated(**options: float) -> RecordingSource:
-    return RecordingSource(SimulatedQuoteSource(delay_scale=0.01, **options))
+def simulated(clock: VirtualClock | None = None, **options: float) -> RecordingSource:
+    if clock is None:
+        return RecordingSource(SimulatedQuoteSource(delay_scale=0.01, **options))
+    inner = SimulatedQuoteSource(delay_scale=0.01, sleep=clock.sleep, clock=clock.now, **options)
+    return RecordingSource(inner)
 
 
 async def events_of(store: Store, run_id: str) -> list[dict[str, Any]]:
@@ -207,35 +226,44 @@ async def test_a_replayed_delivery_of_a_finished_provider_does_no_work(store: St
     assert len(source.attempts) == 1
 
 
-async def test_a_delivery_that_finds_a_live_lease_hands_back_and_does_nothing(store: Store) -> None:
+async def test_a_delivery_that_finds_a_live_lease_hands_back_and_does_nothing(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
-    source = simulated(min_seconds=3)
+    source = simulated(clock, min_seconds=3)
     work = message(run_id, "geico", 1, deadline)
-    first = asyncio.create_task(ProviderTask(store, source, settings(), work, delivery()).run())
+    first = asyncio.create_task(
+        ProviderTask(store, source, settings(), work, delivery(), clock=clock).run()
+    )
     await source.wait_for_starts()
-    with pytest.raises(HandBack) as handed:
-        await ProviderTask(store, source, settings(), work, delivery()).run()
+    with clock.held(), pytest.raises(HandBack) as handed:
+        await ProviderTask(store, source, settings(), work, delivery(), clock=clock).run()
     assert 0 < handed.value.delay <= 60
     assert len(source.attempts) == 1
     await first
 
 
-async def test_work_longer_than_an_invocation_is_handed_back_and_resumed(store: Store) -> None:
+async def test_work_longer_than_an_invocation_is_handed_back_and_resumed(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
-    source = simulated(min_seconds=3)
+    source = simulated(clock, min_seconds=3)
     work = message(run_id, "geico", 1, deadline)
     deliveries = 0
     delays: list[float] = []
     while True:
         deliveries += 1
         # Each invocation may run 16.5 s: its hand-off comes 15 s before that, after 1.5 s.
-        task = ProviderTask(store, source, settings(), work, delivery(deliveries, deadline_in=16.5))
+        each = delivery(deliveries, deadline_in=16.5, clock=clock)
+        task = ProviderTask(store, source, settings(), work, each, clock=clock)
         try:
             await task.run()
             break
         except HandBack as directive:
             delays.append(directive.delay)
-            await asyncio.sleep(min(directive.delay, 1))  # the queue's redelivery delay
+            await clock.sleep(directive.delay)  # the queue's redelivery delay
     state = await store.get_run(run_id)
     assert state is not None and state.record.status == "completed"
     assert deliveries >= 2
@@ -246,11 +274,16 @@ async def test_work_longer_than_an_invocation_is_handed_back_and_resumed(store: 
     assert state.record.agent_steps == {"geico": steps}  # the outcome's, across the hand-offs
 
 
-async def test_a_dead_workers_provider_is_resumed_after_its_lease(store: Store) -> None:
+async def test_a_dead_workers_provider_is_resumed_after_its_lease(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
-    source = simulated(min_seconds=4)
+    source = simulated(clock, min_seconds=4)
     work = message(run_id, "geico", 1, deadline)
-    doomed = asyncio.create_task(ProviderTask(store, source, settings(), work, delivery()).run())
+    doomed = asyncio.create_task(
+        ProviderTask(store, source, settings(), work, delivery(), clock=clock).run()
+    )
     await source.wait_for_starts()
     doomed.cancel()  # the instance died: no release, no outcome
     with pytest.raises(asyncio.CancelledError):
@@ -258,11 +291,11 @@ async def test_a_dead_workers_provider_is_resumed_after_its_lease(store: Store) 
     resumed = False
     for count in range(2, MAX_DELIVERIES + 1):
         try:
-            await ProviderTask(store, source, settings(), work, delivery(count)).run()
+            await ProviderTask(store, source, settings(), work, delivery(count), clock=clock).run()
             resumed = True
             break
         except HandBack as directive:
-            await asyncio.sleep(min(directive.delay, 0.5))
+            await clock.sleep(min(directive.delay, 0.5))
     state = await store.get_run(run_id)
     assert resumed
     assert state is not None and state.record.status == "completed"
@@ -271,12 +304,13 @@ async def test_a_dead_workers_provider_is_resumed_after_its_lease(store: Store) 
 
 
 async def test_a_blip_is_retried_as_a_new_paid_attempt_after_cancelling_the_old(
-    store: Store,
+    timed_store: Store, clock: VirtualClock
 ) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
     source = ScriptedSource([lambda: ProviderUnavailable("blip"), None])
     await ProviderTask(
-        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery(), clock=clock
     ).run()
     state = await store.get_run(run_id)
     assert state is not None and state.record.provider("geico").status == "quoted"
@@ -300,25 +334,30 @@ async def test_an_agent_failure_is_not_retried_and_says_why(store: Store) -> Non
     assert events[-1]["type"] == "complete" and events[-1]["failed"] == ["geico"]
 
 
-async def test_attempts_stop_at_three(store: Store) -> None:
+async def test_attempts_stop_at_three(timed_store: Store, clock: VirtualClock) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
     source = ScriptedSource([lambda: ProviderUnavailable("blip")] * 3)
     await ProviderTask(
-        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery(), clock=clock
     ).run()
     assert len(source.started) == 3
     assert set(source.cancelled) == set(source.started)
 
 
-async def test_the_last_delivery_fails_the_provider_instead_of_handing_back(store: Store) -> None:
+async def test_the_last_delivery_fails_the_provider_instead_of_handing_back(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
-    source = simulated(min_seconds=20)
+    source = simulated(clock, min_seconds=20)
     task = ProviderTask(
         store,
         source,
         settings(),
         message(run_id, "geico", 1, deadline),
-        delivery(MAX_DELIVERIES, deadline_in=16),
+        delivery(MAX_DELIVERIES, deadline_in=16, clock=clock),
+        clock=clock,
     )
     await task.run()
     events = await events_of(store, run_id)
@@ -384,8 +423,9 @@ async def test_run_deadline_is_the_runs_own(store: Store) -> None:
 
 
 async def test_a_bug_in_a_source_is_a_retried_blip_whose_text_never_reaches_the_run(
-    store: Store,
+    timed_store: Store, clock: VirtualClock
 ) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
 
     def crash() -> ProviderError:
@@ -393,7 +433,7 @@ async def test_a_bug_in_a_source_is_a_retried_blip_whose_text_never_reaches_the_
 
     source = ScriptedSource([crash, None])
     task = ProviderTask(
-        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery(), clock=clock
     )
     await task.run()
     events = await events_of(store, run_id)
