@@ -13,15 +13,28 @@ from typing import Any
 import pytest
 
 from lib.config import settings_from_env
-from lib.models import PROVIDER_IDS, ProviderId, Quote, QuoteRequest, new_run_id, utc_now
+from lib.models import (
+    PROVIDER_IDS,
+    ProviderId,
+    ProviderWork,
+    Quote,
+    QuoteRequest,
+    new_run_id,
+    utc_now,
+)
 from lib.providers.base import (
     AgentAttempt,
     AttemptListener,
     ProviderAgentFailed,
+    ProviderBusy,
     ProviderError,
     ProviderUnavailable,
 )
-from lib.providers.simulated import SimulatedQuoteSource, simulated_timeline
+from lib.providers.simulated import (
+    SimulatedQuoteSource,
+    simulated_agent_run_id,
+    simulated_timeline,
+)
 from lib.queue import MAX_DELIVERIES
 from lib.queue.messages import ProviderWorkMessage, RunDeadlineMessage
 from lib.store import Store
@@ -37,6 +50,9 @@ REQUEST = QuoteRequest.model_validate(
         "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
     }
 )
+
+
+MINUTE = timedelta(seconds=60)
 
 
 def settings(**env: str) -> Any:
@@ -458,3 +474,180 @@ async def test_an_agent_run_the_agent_api_reported_over_is_not_cancelled(store: 
     await task.run()
     assert source.started == ["agent-geico-1"]
     assert source.cancelled == []
+
+
+# --- the deployment's agent budget, the same attempt again, a paid result read back ------------
+
+
+class BusyOnceSource(RecordingSource):
+    """The agent API answers 429 (ProviderBusy, with Retry-After) to the first call, then
+    quotes: no agent run is started by the refused call."""
+
+    def __init__(self, retry_after: float | None) -> None:
+        super().__init__(None)
+        self.retry_after = retry_after
+
+    async def quote(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
+    ) -> Quote:
+        self.attempts.append((provider, attempt))
+        if len(self.attempts) == 1:
+            raise ProviderBusy("TinyFish is at capacity", retry_after=self.retry_after)
+        await listener.agent_run_started(f"agent-{provider}-{attempt.number}")
+        self.record_start(f"agent-{provider}-{attempt.number}")
+        return make_quote(provider, 99.0)
+
+
+async def deliver_until_done(
+    store: Store, source: Any, work: ProviderWorkMessage, clock: VirtualClock, **env: str
+) -> list[int]:
+    """Deliveries of one message as the queue makes them; the hand-back delays they asked."""
+    delays: list[int] = []
+    for count in range(1, MAX_DELIVERIES + 1):
+        try:
+            task = ProviderTask(store, source, settings(**env), work, delivery(count), clock=clock)
+            await task.run()
+            return delays
+        except HandBack as directive:
+            delays.append(directive.delay)
+            await clock.sleep(directive.delay)
+    raise AssertionError("the deliveries ran out")
+
+
+async def test_with_every_agent_slot_taken_a_provider_waits_without_spending_an_attempt(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
+    run_id, _, deadline = await new_run(store, ["geico"])
+    now = clock.now()
+    assert await store.take_agent_slot("other-run:geico", limit=1, now=now, until=now + MINUTE)
+    source = ScriptedSource([None])
+    work = message(run_id, "geico", 1, deadline)
+    with pytest.raises(HandBack) as handed:
+        await ProviderTask(
+            store, source, settings(TINYFISH_MAX_CONCURRENCY="1"), work, delivery(), clock=clock
+        ).run()
+    assert handed.value.delay == 10
+    assert source.attempts == []  # no agent run was asked for
+    await store.release_agent_slot("other-run:geico")  # the other run's agent finished
+
+    delays = await deliver_until_done(store, source, work, clock, TINYFISH_MAX_CONCURRENCY="1")
+    state = await store.get_run(run_id)
+    assert delays == [] and state is not None
+    assert state.record.provider("geico").status == "quoted"
+    assert state.record.work["geico"].attempt == 1
+    texts = [e.get("message") for e in await events_of(store, run_id)]
+    assert texts.count("Waiting for a free agent") == 1
+    # Its agent run over, the provider's slot is free for the next.
+    now = clock.now()
+    assert await store.take_agent_slot("next:geico", limit=1, now=now, until=now + MINUTE)
+    await store.release_agent_slot("next:geico")
+
+
+async def test_a_429_hands_the_work_back_for_its_retry_after_in_whole_seconds(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
+    run_id, _, deadline = await new_run(store, ["geico"])
+    source = BusyOnceSource(retry_after=2.2)
+    delays = await deliver_until_done(store, source, message(run_id, "geico", 1, deadline), clock)
+    state = await store.get_run(run_id)
+    assert delays == [3]  # 2.2 s rounded up, never down to an immediate redelivery
+    assert state is not None and state.record.provider("geico").status == "quoted"
+    assert [a.number for _, a in source.attempts] == [1, 1]  # waiting is not an attempt
+    texts = [e.get("message") for e in await events_of(store, run_id)]
+    assert "Waiting for a free agent" in texts
+    assert not any("Retrying" in str(t) for t in texts)
+
+
+async def test_an_attempt_whose_agent_run_may_exist_unseen_is_tried_again_as_the_same_attempt(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
+    run_id, _, deadline = await new_run(store, ["geico"])
+
+    def dropped_before_started() -> ProviderError:
+        error = ProviderUnavailable("The connection dropped before the run was reported")
+        error.same_attempt = True
+        return error
+
+    class UnseenThenQuoted(ScriptedSource):
+        async def quote(
+            self,
+            request: QuoteRequest,
+            provider: ProviderId,
+            attempt: AgentAttempt,
+            listener: AttemptListener,
+        ) -> Quote:
+            self.attempts.append((provider, attempt))
+            if len(self.attempts) <= 3:  # more often than MAX_ATTEMPTS: none of them counts
+                raise dropped_before_started()
+            await listener.agent_run_started("agent-geico-1")
+            return make_quote(provider, 99.0)
+
+    source = UnseenThenQuoted([])
+    await ProviderTask(
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery(), clock=clock
+    ).run()
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.provider("geico").status == "quoted"
+    attempts = [a for _, a in source.attempts]
+    assert {(a.number, a.started_at, a.agent_run_id) for a in attempts} == {
+        (1, attempts[0].started_at, None)
+    }
+    assert source.cancelled == []
+    assert state.record.work["geico"].attempt == 1
+
+
+async def resumed_after_the_providers_deadline(
+    store: Store, clock: VirtualClock, source: RecordingSource
+) -> str:
+    """A provider whose agent run was started 70 s ago (its budget is 60 s) by a delivery that
+    died; a new delivery comes now."""
+    run_id, _, deadline = await new_run(store, ["geico"])
+    began = clock.now() - timedelta(seconds=70)
+    agent_run_id = simulated_agent_run_id(REQUEST, "geico", began)
+    work = ProviderWork(
+        attempt=1,
+        attempt_started_at=began,
+        first_started_at=began,
+        agent_run_id=agent_run_id,
+        agent_run_ids=[agent_run_id],
+    )
+    now = clock.now()
+    await store.claim_provider(
+        run_id, "geico", "dead", now=now, lease_until=now, alive_since=now, first_work=work
+    )
+    work_message = message(run_id, "geico", 1, deadline)
+    await ProviderTask(store, source, settings(), work_message, delivery(2), clock=clock).run()
+    return run_id
+
+
+async def test_an_agent_run_that_finished_after_its_providers_deadline_is_read_back_and_used(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
+    source = simulated(clock)  # its agent run finished long ago: the result is there, paid for
+    run_id = await resumed_after_the_providers_deadline(store, clock, source)
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.provider("geico").status == "quoted"
+    assert len(source.read_backs) == 1
+    assert source.cancelled == []
+    assert source.attempts == []  # read once, not resumed nor bought again
+
+
+async def test_an_agent_run_still_going_at_its_providers_deadline_is_cancelled(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
+    source = simulated(clock, min_seconds=600)
+    run_id = await resumed_after_the_providers_deadline(store, clock, source)
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.provider("geico").status == "failed"
+    assert state.record.provider("geico").error.code == "provider_timeout"  # type: ignore[union-attr]
+    assert len(source.read_backs) == 1
+    assert source.cancelled == [state.record.work["geico"].agent_run_ids[0]]
