@@ -1,5 +1,5 @@
 """POST /api/work: the queue-triggered worker; each delivery is one provider of one run, or a
-run's deadline (lib/worker.py does the work). Vercel Queues pushes each message of the
+run's deadline (lib/worker/ does the work). Vercel Queues pushes each message of the
 `quote-provider-work` topic here (vercel.json `experimentalTriggers`); the `vercel-queue` SDK
 accepts the delivery, runs the subscriber, and acknowledges the message when it returns. A
 subscriber that raises leaves the message unacknowledged (the queue redelivers it after the
@@ -16,6 +16,8 @@ not at cold start (the trigger itself is declared in vercel.json).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 from functools import cache
@@ -77,6 +79,7 @@ async def work(message: Message[Any]) -> None:
             count=meta.delivery_count,
             invocation_deadline=invocation_deadline(),
         )
+        visible = asyncio.ensure_future(keep_held(message, queue_lease_seconds(context.settings)))
         try:
             if isinstance(payload, ProviderWorkMessage):
                 task = ProviderTask(
@@ -91,6 +94,29 @@ async def work(message: Message[Any]) -> None:
             # Logged here, with the run and provider; the queue redelivers the message.
             log.exception("delivery %d failed unexpectedly", meta.delivery_count)
             raise SubscriberFailed(type(error).__name__) from error
+        finally:
+            # Stopped before the SDK acknowledges or applies RetryAfter's visibility.
+            visible.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await visible
+
+
+async def keep_held(message: Message[Any], seconds: int) -> None:
+    """Hold the message for `seconds` from now, renewed every third of that while the work
+    runs. The SDK's own renewal starts only near the push's visibility deadline (up to
+    maxDuration away); this way a delivery whose instance died is visible again within a lease
+    even where the platform honours visibility alone."""
+    if message.metadata.receipt_handle is None:
+        return
+    from vercel.queue import QueueClient
+
+    client = QueueClient()
+    while True:
+        try:
+            await client.extend_lease(message, seconds)
+        except Exception as error:  # best effort: the SDK's own renewal still runs
+            log.info("holding the message for %d s failed: %s", seconds, type(error).__name__)
+        await asyncio.sleep(seconds / 3)
 
 
 async def deliver(request: Request, context: FunctionContext) -> Response:

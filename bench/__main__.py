@@ -120,7 +120,7 @@ def notes(runs: dict[DeliveryKey, Delivery], base: float, redis_note: str) -> li
         "of its own to Redis but connection set-up; INFO, HELLO, SELECT, CLIENT and CONFIG "
         "commands (no REST request carries them) are left out. SUBSCRIBE counts 1 per "
         "subscription; messages pushed to a subscriber are not counted.",
-        "Run: bench/workload.py, written as lib/worker.py writes it (started with create_run; five "
+        "Run: bench/workload.py, written as lib/worker/ writes it (started with create_run; five "
         "provider workers at once: each claims its provider, the claim storing its first "
         "attempt with an activity (claim_provider), saves its agent run's id with an activity "
         "(save_provider_work), agent activity "

@@ -117,3 +117,59 @@ async def test_a_push_with_a_malformed_header_is_a_400_not_a_500(embedded_queue:
         response = await client.post("/api/work", content=delivery.body, headers=headers)
     assert response.status_code == 400, response.text
     assert response.json()["type"].endswith("/not-a-queue-delivery")
+
+
+async def test_a_working_delivery_holds_its_message_for_a_run_lease_not_the_pushs_300_s(
+    embedded_queue: object, tmp_path: object
+) -> None:
+    """Where the platform honours visibility alone, a delivery whose instance died comes back
+    when its hold ends: about RUN_LEASE_SECONDS (30 s, the SDK's least), not maxDuration."""
+    import asyncio
+
+    from vercel.queue import QueueClient
+
+    from lib.config import settings_from_env
+    from lib.http import FunctionContext
+    from lib.queue.messages import ProviderWorkMessage
+    from lib.workflow import new_run_record
+    from tests.test_worker import REQUEST
+
+    server = embedded_queue
+    module = load_function("api/work.py")
+    settings = settings_from_env(
+        {
+            "QUOTES_DB_PATH": f"{tmp_path}/q.sqlite3",
+            "SIMULATED_MIN_SECONDS": "3",
+            "SIMULATED_DELAY_SCALE": "0",
+            "RUN_LEASE_SECONDS": "30",
+        }
+    )
+    module.app._context = FunctionContext(settings)
+    deadline = utc_now() + timedelta(seconds=120)
+    await module.app.context.store.create_run(new_run_record("r1", REQUEST, ["geico"], deadline))
+    work = ProviderWorkMessage(
+        run_id="r1", provider="geico", total=1, deadline=deadline, request=REQUEST
+    )
+    message_id = await QueueClient().send(TOPIC, seal(work, settings.secret))
+    (push,) = server.iter_push_deliveries(TOPIC, CONSUMER, region="dev1", lease_seconds=300)  # type: ignore[attr-defined]
+    stored = server.state.by_id[message_id]  # type: ignore[attr-defined]
+    pushed_for = (stored.lease_deadline_by_consumer[CONSUMER] - utc_now()).total_seconds()
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=module.app), base_url="http://worker"
+    ) as client:
+        posting = asyncio.create_task(
+            client.post("/api/work", content=push.body, headers=push.headers)
+        )
+        held_for: list[float] = []
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            held_for.append(
+                (stored.lease_deadline_by_consumer[CONSUMER] - utc_now()).total_seconds()
+            )
+            if held_for[-1] < 60:
+                break
+        response = await posting
+    assert response.status_code == 204, response.text
+    assert pushed_for > 200  # the push's own lease
+    assert 25 < held_for[-1] <= 30  # the worker's hold, within the agent's 3 s of work
+    assert stored.acknowledged_for(CONSUMER)
