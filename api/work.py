@@ -79,7 +79,9 @@ async def work(message: Message[Any]) -> None:
             count=meta.delivery_count,
             invocation_deadline=invocation_deadline(),
         )
-        visible = asyncio.ensure_future(keep_held(message, queue_lease_seconds(context.settings)))
+        lease = queue_lease_seconds(context.settings)
+        await hold(message, lease)  # before any work: a death from here on costs one lease
+        visible = asyncio.ensure_future(keep_held(message, lease))
         try:
             if isinstance(payload, ProviderWorkMessage):
                 task = ProviderTask(
@@ -101,22 +103,26 @@ async def work(message: Message[Any]) -> None:
                 await visible
 
 
-async def keep_held(message: Message[Any], seconds: int) -> None:
-    """Hold the message for `seconds` from now, renewed every third of that while the work
-    runs. The SDK's own renewal starts only near the push's visibility deadline (up to
-    maxDuration away); this way a delivery whose instance died is visible again within a lease
-    even where the platform honours visibility alone."""
+async def hold(message: Message[Any], seconds: int) -> None:
+    """Hold the message for `seconds` from now (best effort: the SDK's own renewal still runs).
+    The SDK renews only near the push's visibility deadline (up to maxDuration away): held this
+    way, a delivery whose instance died is visible again within a lease even where the platform
+    honours visibility alone."""
     if message.metadata.receipt_handle is None:
         return
     from vercel.queue import QueueClient
 
-    client = QueueClient()
+    try:
+        await QueueClient().extend_lease(message, seconds)
+    except Exception as error:
+        log.info("holding the message for %d s failed: %s", seconds, type(error).__name__)
+
+
+async def keep_held(message: Message[Any], seconds: int) -> None:
+    """Renew the hold every third of it while the work runs."""
     while True:
-        try:
-            await client.extend_lease(message, seconds)
-        except Exception as error:  # best effort: the SDK's own renewal still runs
-            log.info("holding the message for %d s failed: %s", seconds, type(error).__name__)
         await asyncio.sleep(seconds / 3)
+        await hold(message, seconds)
 
 
 async def deliver(request: Request, context: FunctionContext) -> Response:

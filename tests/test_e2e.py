@@ -206,6 +206,30 @@ async def test_a_worker_killed_mid_run_is_resumed_and_the_run_completes(client, 
     assert all(pid not in host.instance_pids("api/work.py") for pid in killed)
 
 
+async def test_where_visibility_alone_brings_a_dead_delivery_back_it_is_back_within_a_lease(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A host that honours visibility alone (no redelivery after a failed push): the killed
+    worker's messages come back when their hold ends, about RUN_LEASE_SECONDS (3 s), not when
+    the push's own lease does (api/work.py's maxDuration, 300 s)."""
+    env = {**host_env("sqlite", tmp_path, request), "SIMULATED_MIN_SECONDS": "4"}
+    with start_devhost_process(
+        ROOT, instances=2, env=env, queue_visibility_only=True
+    ) as visibility_host:
+        async with httpx.AsyncClient(base_url=visibility_host.url, timeout=30) as client:
+            run_id, _ = await start_run(client)
+            first = await visit_stream(client, run_id, None, max_events=4)
+            killed = visibility_host.instance_pids("api/work.py")
+            assert killed
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+            began = time.monotonic()
+            events = await read_run_reconnecting(client, run_id, first.events)
+            took = time.monotonic() - began
+    assert events[-1]["type"] == "complete"
+    assert took < 60, f"the run took {took:.0f} s to finish after its worker was killed"
+
+
 async def test_twenty_runs_survive_every_worker_being_killed_once(client, host) -> None:
     runs = [(await start_run(client))[0] for _ in range(20)]
     readers = [asyncio.create_task(read_run_reconnecting(client, run_id)) for run_id in runs]
