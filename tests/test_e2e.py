@@ -210,21 +210,39 @@ async def test_where_visibility_alone_brings_a_dead_delivery_back_it_is_back_wit
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     """A host that honours visibility alone (no redelivery after a failed push): the killed
-    worker's messages come back when their hold ends, about RUN_LEASE_SECONDS (3 s), not when
+    worker's messages come back when their hold ends, about RUN_LEASE_SECONDS (10 s), not when
     the push's own lease does (api/work.py's maxDuration, 300 s)."""
-    env = {**host_env("sqlite", tmp_path, request), "SIMULATED_MIN_SECONDS": "4"}
+    # A lease long enough for the killed instances to be restarted before it ends: a push to an
+    # instance still down fails, and on this host waits out the push's own 300 s lease.
+    env = {
+        **host_env("sqlite", tmp_path, request),
+        "SIMULATED_MIN_SECONDS": "4",
+        "RUN_LEASE_SECONDS": "10",
+    }
     with start_devhost_process(
         ROOT, instances=2, env=env, queue_visibility_only=True
     ) as visibility_host:
         async with httpx.AsyncClient(base_url=visibility_host.url, timeout=30) as client:
             run_id, _ = await start_run(client)
-            first = await visit_stream(client, run_id, None, max_events=4)
+            # Every insurer's "Starting" line: each delivery has held its message by then.
+            first = await visit_stream(client, run_id, None, max_events=6)
+            assert sum(e["type"] == "activity" for e in first.events) == 5
             killed = visibility_host.instance_pids("api/work.py")
             assert killed
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
             began = time.monotonic()
-            events = await read_run_reconnecting(client, run_id, first.events)
+            try:
+                events = await asyncio.wait_for(
+                    read_run_reconnecting(client, run_id, first.events), 60
+                )
+            except TimeoutError:
+                lines = [
+                    line
+                    for line in visibility_host.output_lines()
+                    if "queue:" in line or "holding" in line
+                ]
+                pytest.fail("the run did not end; the queue said:\n" + "\n".join(lines))
             took = time.monotonic() - began
     assert events[-1]["type"] == "complete"
     assert took < 60, f"the run took {took:.0f} s to finish after its worker was killed"
