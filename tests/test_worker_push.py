@@ -139,7 +139,7 @@ async def test_a_working_delivery_holds_its_message_for_a_run_lease_not_the_push
     settings = settings_from_env(
         {
             "QUOTES_DB_PATH": f"{tmp_path}/q.sqlite3",
-            "SIMULATED_MIN_SECONDS": "3",
+            "SIMULATED_MIN_SECONDS": "1",
             "SIMULATED_DELAY_SCALE": "0",
             "RUN_LEASE_SECONDS": "30",
         }
@@ -171,5 +171,5 @@ async def test_a_working_delivery_holds_its_message_for_a_run_lease_not_the_push
         response = await posting
     assert response.status_code == 204, response.text
     assert pushed_for > 200  # the push's own lease
-    assert 25 < held_for[-1] <= 30  # the worker's hold, within the agent's 3 s of work
+    assert 25 < held_for[-1] <= 30  # the worker's hold, within the agent's 1 s of work
     assert stored.acknowledged_for(CONSUMER)
