@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 CLOUD_EVENT_TYPE = "com.vercel.queue.v2beta"  # what every Vercel Queues push carries as ce-type
 log = logging.getLogger(__name__)
+HOLD_TIMEOUT_SECONDS = 5.0
 
 
 class SubscriberFailed(Exception):
@@ -113,7 +114,9 @@ async def hold(message: Message[Any], seconds: int) -> None:
     from vercel.queue import QueueClient
 
     try:
-        await QueueClient().extend_lease(message, seconds)
+        # Bounded: the SDK retries a failing call, and the work must not wait on the hold.
+        async with asyncio.timeout(HOLD_TIMEOUT_SECONDS):
+            await QueueClient().extend_lease(message, seconds)
     except Exception as error:
         log.info("holding the message for %d s failed: %s", seconds, type(error).__name__)
 
