@@ -1,7 +1,7 @@
 """How the system writes one run, as `make bench` replays it: THE place to change when the write
 path changes (which writer appends what, with which record, when).
 
-A run of five insurers, as the queue workers write it (lib/worker.py): `started` with the run
+A run of five insurers, as the queue workers write it (lib/worker/): `started` with the run
 (`create_run`), then five provider workers at once, each claiming its provider (the claim stores
 its first attempt with a "Starting" activity in the same write: `claim_provider`), storing its
 agent run's id with an "agent started" activity (`save_provider_work`), appending its agent's

@@ -54,6 +54,8 @@ class Settings:
     quotes_public: bool = False
     runs_per_day: int = 200
     runs_per_day_total: int = 200
+    # Agent runs in flight across the deployment (all runs, all instances); None: no limit.
+    tinyfish_max_concurrency: int | None = None
 
     @property
     def queue_backend(self) -> Literal["vercel", "local"] | None:
@@ -108,6 +110,17 @@ def _max_steps(raw: str) -> int | None:
         return None
     if not raw.strip().isascii() or not raw.strip().isdigit() or not 1 <= int(raw) <= 500:
         raise ConfigError(f"TINYFISH_MAX_STEPS must be a whole number from 1 to 500, got {raw!r}")
+    return int(raw)
+
+
+def _max_concurrency(raw: str) -> int | None:
+    """TINYFISH_MAX_CONCURRENCY: a whole number of agent runs, at least 1; unset is no limit."""
+    if not raw.strip():
+        return None
+    if not raw.strip().isascii() or not raw.strip().isdigit() or int(raw) < 1:
+        raise ConfigError(
+            f"TINYFISH_MAX_CONCURRENCY must be a whole number of at least 1, got {raw!r}"
+        )
     return int(raw)
 
 
@@ -210,6 +223,7 @@ def settings_from_env(env: Mapping[str, str]) -> Settings:
         simulated_delay_scale=_number(env, "SIMULATED_DELAY_SCALE", 1.0),
         simulated_min_seconds=_number(env, "SIMULATED_MIN_SECONDS", 0),
         tinyfish_max_steps=_max_steps(env.get("TINYFISH_MAX_STEPS", "")),
+        tinyfish_max_concurrency=_max_concurrency(env.get("TINYFISH_MAX_CONCURRENCY", "")),
         rate_limit_per_minute=int(_number(env, "QUOTE_RATE_LIMIT_PER_MINUTE", 30)),
         on_vercel_deployment=env.get("VERCEL") == "1"
         and env.get("VERCEL_ENV") in ("production", "preview"),

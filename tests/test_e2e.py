@@ -206,6 +206,53 @@ async def test_a_worker_killed_mid_run_is_resumed_and_the_run_completes(client, 
     assert all(pid not in host.instance_pids("api/work.py") for pid in killed)
 
 
+def is_a_start(event: dict[str, Any]) -> bool:
+    return event["type"] == "activity" and event["message"].startswith("Starting ")
+
+
+async def test_where_visibility_alone_brings_a_dead_delivery_back_it_is_back_within_a_lease(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A host that honours visibility alone (no redelivery after a failed push): the killed
+    worker's messages come back when their hold ends, about RUN_LEASE_SECONDS (10 s), not when
+    the push's own lease does (api/work.py's maxDuration, 300 s)."""
+    # A lease long enough for the killed instances to be restarted before it ends: a push to an
+    # instance still down fails, and on this host waits out the push's own 300 s lease.
+    env = {
+        **host_env("sqlite", tmp_path, request),
+        "SIMULATED_MIN_SECONDS": "4",
+        "RUN_LEASE_SECONDS": "10",
+    }
+    with start_devhost_process(
+        ROOT, instances=2, env=env, queue_visibility_only=True
+    ) as visibility_host:
+        async with httpx.AsyncClient(base_url=visibility_host.url, timeout=30) as client:
+            run_id, _ = await start_run(client)
+            # Every insurer's "Starting" line: each delivery has held its message by then.
+            seen: list[dict[str, Any]] = []
+            while len({e["provider"] for e in seen if is_a_start(e)}) < 5:
+                cursor = seen[-1]["id"] if seen else None
+                visit = await visit_stream(client, run_id, cursor, max_events=2)
+                seen.extend(visit.events)
+            killed = visibility_host.instance_pids("api/work.py")
+            assert killed
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+            began = time.monotonic()
+            try:
+                events = await asyncio.wait_for(read_run_reconnecting(client, run_id, seen), 60)
+            except TimeoutError:
+                lines = [
+                    line
+                    for line in visibility_host.output_lines()
+                    if "queue:" in line or "holding" in line
+                ]
+                pytest.fail("the run did not end; the queue said:\n" + "\n".join(lines))
+            took = time.monotonic() - began
+    assert events[-1]["type"] == "complete"
+    assert took < 60, f"the run took {took:.0f} s to finish after its worker was killed"
+
+
 async def test_twenty_runs_survive_every_worker_being_killed_once(client, host) -> None:
     runs = [(await start_run(client))[0] for _ in range(20)]
     readers = [asyncio.create_task(read_run_reconnecting(client, run_id)) for run_id in runs]

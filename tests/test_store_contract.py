@@ -1106,3 +1106,60 @@ def test_many_instances_opening_a_fresh_sqlite_file_at_once_all_open_it(tmp_path
     for round_ in range(40):
         modes = open_at_once(str(tmp_path / f"fresh-{round_}.sqlite3"), 12)
         assert modes == ["wal"] * 12
+
+
+# --- the deployment's agent slots (TINYFISH_MAX_CONCURRENCY) -----------------------------------
+
+# Slot times far ahead of any other test's, so slots other tests left behind have ended by then.
+SLOTS_EPOCH = datetime(2999, 1, 1, tzinfo=utc_now().tzinfo)
+
+
+@asynccontextmanager
+async def agent_slots(store: Store, *holders: str) -> AsyncIterator[datetime]:
+    """A moment in the slots' own time line, with every earlier test's slots swept out; the
+    slots of `holders` are released after the test (slots are deployment-wide)."""
+    moment = SLOTS_EPOCH + timedelta(days=time.time() % 100_000 / 10)
+    sweep = f"sweep-{uuid.uuid4().hex}"
+    assert await store.take_agent_slot(sweep, limit=1 << 30, now=moment, until=moment + LEASE)
+    await store.release_agent_slot(sweep)
+    try:
+        yield moment
+    finally:
+        for holder in holders:
+            await store.release_agent_slot(holder)
+
+
+async def test_agent_slots_admit_up_to_the_limit_and_a_holder_renews_its_own(store: Store) -> None:
+    take = store.take_agent_slot
+    async with agent_slots(store, "r1:geico", "r1:progressive", "r2:geico") as now:
+        assert await take("r1:geico", limit=2, now=now, until=now + LEASE)
+        assert await take("r1:progressive", limit=2, now=now, until=now + LEASE)
+        assert not await take("r2:geico", limit=2, now=now, until=now + LEASE)
+        assert await take("r1:geico", limit=2, now=now, until=now + LEASE)  # renewed, no third
+        await store.release_agent_slot("r1:geico")
+        assert await take("r2:geico", limit=2, now=now, until=now + LEASE)
+        assert not await take("r1:geico", limit=2, now=now, until=now + LEASE)
+
+
+async def test_an_agent_slot_nobody_renews_frees_itself_when_its_lease_ends(store: Store) -> None:
+    async with agent_slots(store, "dead:geico", "live:geico") as now:
+        assert await store.take_agent_slot("dead:geico", limit=1, now=now, until=now + LEASE)
+        assert not await store.take_agent_slot(
+            "live:geico", limit=1, now=now + LEASE - timedelta(seconds=1), until=now + 2 * LEASE
+        )
+        later = now + LEASE + timedelta(milliseconds=1)
+        assert await store.take_agent_slot("live:geico", limit=1, now=later, until=later + LEASE)
+
+
+async def test_concurrent_takers_get_exactly_the_limits_worth_of_agent_slots(
+    store_factory,
+) -> None:
+    holders = [f"r{i}:geico" for i in range(8)]
+    async with instances(store_factory, 8) as stores, agent_slots(stores[0], *holders) as now:
+        taken = await asyncio.gather(
+            *(
+                s.take_agent_slot(holder, limit=3, now=now, until=now + LEASE)
+                for holder, s in zip(holders, stores, strict=True)
+            )
+        )
+    assert sum(taken) == 3

@@ -13,20 +13,34 @@ from typing import Any
 import pytest
 
 from lib.config import settings_from_env
-from lib.models import PROVIDER_IDS, ProviderId, Quote, QuoteRequest, new_run_id, utc_now
+from lib.models import (
+    PROVIDER_IDS,
+    ProviderId,
+    ProviderWork,
+    Quote,
+    QuoteRequest,
+    new_run_id,
+    utc_now,
+)
 from lib.providers.base import (
     AgentAttempt,
     AttemptListener,
     ProviderAgentFailed,
+    ProviderBusy,
     ProviderError,
     ProviderUnavailable,
 )
-from lib.providers.simulated import SimulatedQuoteSource, simulated_timeline
+from lib.providers.simulated import (
+    SimulatedQuoteSource,
+    simulated_agent_run_id,
+    simulated_timeline,
+)
 from lib.queue import MAX_DELIVERIES
 from lib.queue.messages import ProviderWorkMessage, RunDeadlineMessage
 from lib.store import Store
 from lib.worker import Delivery, HandBack, ProviderTask, enforce_deadline
 from lib.workflow import new_run_record, run_deadline
+from tests.clock import ClockedStore, VirtualClock
 from tests.conftest import make_quote
 
 REQUEST = QuoteRequest.model_validate(
@@ -36,6 +50,9 @@ REQUEST = QuoteRequest.model_validate(
         "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
     }
 )
+
+
+MINUTE = timedelta(seconds=60)
 
 
 def settings(**env: str) -> Any:
@@ -68,9 +85,24 @@ def message(
     )
 
 
-def delivery(count: int = 1, *, deadline_in: float | None = None) -> Delivery:
-    deadline = utc_now() + timedelta(seconds=deadline_in) if deadline_in is not None else None
+def delivery(
+    count: int = 1, *, deadline_in: float | None = None, clock: VirtualClock | None = None
+) -> Delivery:
+    now = clock.now() if clock else utc_now()
+    deadline = now + timedelta(seconds=deadline_in) if deadline_in is not None else None
     return Delivery(message_id=f"m-{new_run_id()}", count=count, invocation_deadline=deadline)
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    """The worker's and the simulated agents' time, moved on by the test, not the wall."""
+    return VirtualClock()
+
+
+@pytest.fixture
+def timed_store(store: Store, clock: VirtualClock) -> Store:
+    """The store, its calls taking no time on `clock`."""
+    return ClockedStore(store, clock)  # type: ignore[return-value]
 
 
 class RecordingSource:
@@ -84,6 +116,7 @@ class RecordingSource:
         self.attempts: list[tuple[ProviderId, AgentAttempt]] = []
         self.started: list[str] = []
         self.cancelled: list[str] = []
+        self.read_backs: list[AgentAttempt] = []
         self._start = asyncio.Event()
 
     def record_start(self, agent_run_id: str) -> None:
@@ -117,6 +150,19 @@ class RecordingSource:
                 listener.agent_steps(steps)
 
         quote: Quote = await self.inner.quote(request, provider, attempt, Spy())
+        return quote
+
+    async def read_back(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
+    ) -> Quote | None:
+        self.read_backs.append(attempt)
+        if self.inner is None or attempt.agent_run_id in self.cancelled:
+            return None
+        quote: Quote | None = await self.inner.read_back(request, provider, attempt, listener)
         return quote
 
     async def cancel(self, agent_run_id: str) -> None:
@@ -154,8 +200,11 @@ class ScriptedSource(RecordingSource):
         return make_quote(provider, 99.0)
 
 
-def simulated(**options: float) -> RecordingSource:
-    return RecordingSource(SimulatedQuoteSource(delay_scale=0.01, **options))
+def simulated(clock: VirtualClock | None = None, **options: float) -> RecordingSource:
+    if clock is None:
+        return RecordingSource(SimulatedQuoteSource(delay_scale=0.01, **options))
+    inner = SimulatedQuoteSource(delay_scale=0.01, sleep=clock.sleep, clock=clock.now, **options)
+    return RecordingSource(inner)
 
 
 async def events_of(store: Store, run_id: str) -> list[dict[str, Any]]:
@@ -193,35 +242,44 @@ async def test_a_replayed_delivery_of_a_finished_provider_does_no_work(store: St
     assert len(source.attempts) == 1
 
 
-async def test_a_delivery_that_finds_a_live_lease_hands_back_and_does_nothing(store: Store) -> None:
+async def test_a_delivery_that_finds_a_live_lease_hands_back_and_does_nothing(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
-    source = simulated(min_seconds=3)
+    source = simulated(clock, min_seconds=3)
     work = message(run_id, "geico", 1, deadline)
-    first = asyncio.create_task(ProviderTask(store, source, settings(), work, delivery()).run())
+    first = asyncio.create_task(
+        ProviderTask(store, source, settings(), work, delivery(), clock=clock).run()
+    )
     await source.wait_for_starts()
-    with pytest.raises(HandBack) as handed:
-        await ProviderTask(store, source, settings(), work, delivery()).run()
+    with clock.held(), pytest.raises(HandBack) as handed:
+        await ProviderTask(store, source, settings(), work, delivery(), clock=clock).run()
     assert 0 < handed.value.delay <= 60
     assert len(source.attempts) == 1
     await first
 
 
-async def test_work_longer_than_an_invocation_is_handed_back_and_resumed(store: Store) -> None:
+async def test_work_longer_than_an_invocation_is_handed_back_and_resumed(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
-    source = simulated(min_seconds=3)
+    source = simulated(clock, min_seconds=3)
     work = message(run_id, "geico", 1, deadline)
     deliveries = 0
     delays: list[float] = []
     while True:
         deliveries += 1
         # Each invocation may run 16.5 s: its hand-off comes 15 s before that, after 1.5 s.
-        task = ProviderTask(store, source, settings(), work, delivery(deliveries, deadline_in=16.5))
+        each = delivery(deliveries, deadline_in=16.5, clock=clock)
+        task = ProviderTask(store, source, settings(), work, each, clock=clock)
         try:
             await task.run()
             break
         except HandBack as directive:
             delays.append(directive.delay)
-            await asyncio.sleep(min(directive.delay, 1))  # the queue's redelivery delay
+            await clock.sleep(directive.delay)  # the queue's redelivery delay
     state = await store.get_run(run_id)
     assert state is not None and state.record.status == "completed"
     assert deliveries >= 2
@@ -232,11 +290,16 @@ async def test_work_longer_than_an_invocation_is_handed_back_and_resumed(store: 
     assert state.record.agent_steps == {"geico": steps}  # the outcome's, across the hand-offs
 
 
-async def test_a_dead_workers_provider_is_resumed_after_its_lease(store: Store) -> None:
+async def test_a_dead_workers_provider_is_resumed_after_its_lease(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
-    source = simulated(min_seconds=4)
+    source = simulated(clock, min_seconds=4)
     work = message(run_id, "geico", 1, deadline)
-    doomed = asyncio.create_task(ProviderTask(store, source, settings(), work, delivery()).run())
+    doomed = asyncio.create_task(
+        ProviderTask(store, source, settings(), work, delivery(), clock=clock).run()
+    )
     await source.wait_for_starts()
     doomed.cancel()  # the instance died: no release, no outcome
     with pytest.raises(asyncio.CancelledError):
@@ -244,11 +307,11 @@ async def test_a_dead_workers_provider_is_resumed_after_its_lease(store: Store) 
     resumed = False
     for count in range(2, MAX_DELIVERIES + 1):
         try:
-            await ProviderTask(store, source, settings(), work, delivery(count)).run()
+            await ProviderTask(store, source, settings(), work, delivery(count), clock=clock).run()
             resumed = True
             break
         except HandBack as directive:
-            await asyncio.sleep(min(directive.delay, 0.5))
+            await clock.sleep(min(directive.delay, 0.5))
     state = await store.get_run(run_id)
     assert resumed
     assert state is not None and state.record.status == "completed"
@@ -257,12 +320,13 @@ async def test_a_dead_workers_provider_is_resumed_after_its_lease(store: Store) 
 
 
 async def test_a_blip_is_retried_as_a_new_paid_attempt_after_cancelling_the_old(
-    store: Store,
+    timed_store: Store, clock: VirtualClock
 ) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
     source = ScriptedSource([lambda: ProviderUnavailable("blip"), None])
     await ProviderTask(
-        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery(), clock=clock
     ).run()
     state = await store.get_run(run_id)
     assert state is not None and state.record.provider("geico").status == "quoted"
@@ -286,25 +350,30 @@ async def test_an_agent_failure_is_not_retried_and_says_why(store: Store) -> Non
     assert events[-1]["type"] == "complete" and events[-1]["failed"] == ["geico"]
 
 
-async def test_attempts_stop_at_three(store: Store) -> None:
+async def test_attempts_stop_at_three(timed_store: Store, clock: VirtualClock) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
     source = ScriptedSource([lambda: ProviderUnavailable("blip")] * 3)
     await ProviderTask(
-        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery(), clock=clock
     ).run()
     assert len(source.started) == 3
     assert set(source.cancelled) == set(source.started)
 
 
-async def test_the_last_delivery_fails_the_provider_instead_of_handing_back(store: Store) -> None:
+async def test_the_last_delivery_fails_the_provider_instead_of_handing_back(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
-    source = simulated(min_seconds=20)
+    source = simulated(clock, min_seconds=20)
     task = ProviderTask(
         store,
         source,
         settings(),
         message(run_id, "geico", 1, deadline),
-        delivery(MAX_DELIVERIES, deadline_in=16),
+        delivery(MAX_DELIVERIES, deadline_in=16, clock=clock),
+        clock=clock,
     )
     await task.run()
     events = await events_of(store, run_id)
@@ -370,8 +439,9 @@ async def test_run_deadline_is_the_runs_own(store: Store) -> None:
 
 
 async def test_a_bug_in_a_source_is_a_retried_blip_whose_text_never_reaches_the_run(
-    store: Store,
+    timed_store: Store, clock: VirtualClock
 ) -> None:
+    store = timed_store
     run_id, _, deadline = await new_run(store, ["geico"])
 
     def crash() -> ProviderError:
@@ -379,7 +449,7 @@ async def test_a_bug_in_a_source_is_a_retried_blip_whose_text_never_reaches_the_
 
     source = ScriptedSource([crash, None])
     task = ProviderTask(
-        store, source, settings(), message(run_id, "geico", 1, deadline), delivery()
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery(), clock=clock
     )
     await task.run()
     events = await events_of(store, run_id)
@@ -404,3 +474,180 @@ async def test_an_agent_run_the_agent_api_reported_over_is_not_cancelled(store: 
     await task.run()
     assert source.started == ["agent-geico-1"]
     assert source.cancelled == []
+
+
+# --- the deployment's agent budget, the same attempt again, a paid result read back ------------
+
+
+class BusyOnceSource(RecordingSource):
+    """The agent API answers 429 (ProviderBusy, with Retry-After) to the first call, then
+    quotes: no agent run is started by the refused call."""
+
+    def __init__(self, retry_after: float | None) -> None:
+        super().__init__(None)
+        self.retry_after = retry_after
+
+    async def quote(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
+    ) -> Quote:
+        self.attempts.append((provider, attempt))
+        if len(self.attempts) == 1:
+            raise ProviderBusy("TinyFish is at capacity", retry_after=self.retry_after)
+        await listener.agent_run_started(f"agent-{provider}-{attempt.number}")
+        self.record_start(f"agent-{provider}-{attempt.number}")
+        return make_quote(provider, 99.0)
+
+
+async def deliver_until_done(
+    store: Store, source: Any, work: ProviderWorkMessage, clock: VirtualClock, **env: str
+) -> list[int]:
+    """Deliveries of one message as the queue makes them; the hand-back delays they asked."""
+    delays: list[int] = []
+    for count in range(1, MAX_DELIVERIES + 1):
+        try:
+            task = ProviderTask(store, source, settings(**env), work, delivery(count), clock=clock)
+            await task.run()
+            return delays
+        except HandBack as directive:
+            delays.append(directive.delay)
+            await clock.sleep(directive.delay)
+    raise AssertionError("the deliveries ran out")
+
+
+async def test_with_every_agent_slot_taken_a_provider_waits_without_spending_an_attempt(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
+    run_id, _, deadline = await new_run(store, ["geico"])
+    now = clock.now()
+    assert await store.take_agent_slot("other-run:geico", limit=1, now=now, until=now + MINUTE)
+    source = ScriptedSource([None])
+    work = message(run_id, "geico", 1, deadline)
+    with pytest.raises(HandBack) as handed:
+        await ProviderTask(
+            store, source, settings(TINYFISH_MAX_CONCURRENCY="1"), work, delivery(), clock=clock
+        ).run()
+    assert handed.value.delay == 10
+    assert source.attempts == []  # no agent run was asked for
+    await store.release_agent_slot("other-run:geico")  # the other run's agent finished
+
+    delays = await deliver_until_done(store, source, work, clock, TINYFISH_MAX_CONCURRENCY="1")
+    state = await store.get_run(run_id)
+    assert delays == [] and state is not None
+    assert state.record.provider("geico").status == "quoted"
+    assert state.record.work["geico"].attempt == 1
+    texts = [e.get("message") for e in await events_of(store, run_id)]
+    assert texts.count("Waiting for a free agent") == 1
+    # Its agent run over, the provider's slot is free for the next.
+    now = clock.now()
+    assert await store.take_agent_slot("next:geico", limit=1, now=now, until=now + MINUTE)
+    await store.release_agent_slot("next:geico")
+
+
+async def test_a_429_hands_the_work_back_for_its_retry_after_in_whole_seconds(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
+    run_id, _, deadline = await new_run(store, ["geico"])
+    source = BusyOnceSource(retry_after=2.2)
+    delays = await deliver_until_done(store, source, message(run_id, "geico", 1, deadline), clock)
+    state = await store.get_run(run_id)
+    assert delays == [3]  # 2.2 s rounded up, never down to an immediate redelivery
+    assert state is not None and state.record.provider("geico").status == "quoted"
+    assert [a.number for _, a in source.attempts] == [1, 1]  # waiting is not an attempt
+    texts = [e.get("message") for e in await events_of(store, run_id)]
+    assert "Waiting for a free agent" in texts
+    assert not any("Retrying" in str(t) for t in texts)
+
+
+async def test_an_attempt_whose_agent_run_may_exist_unseen_is_tried_again_as_the_same_attempt(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
+    run_id, _, deadline = await new_run(store, ["geico"])
+
+    def dropped_before_started() -> ProviderError:
+        error = ProviderUnavailable("The connection dropped before the run was reported")
+        error.same_attempt = True
+        return error
+
+    class UnseenThenQuoted(ScriptedSource):
+        async def quote(
+            self,
+            request: QuoteRequest,
+            provider: ProviderId,
+            attempt: AgentAttempt,
+            listener: AttemptListener,
+        ) -> Quote:
+            self.attempts.append((provider, attempt))
+            if len(self.attempts) <= 3:  # more often than MAX_ATTEMPTS: none of them counts
+                raise dropped_before_started()
+            await listener.agent_run_started("agent-geico-1")
+            return make_quote(provider, 99.0)
+
+    source = UnseenThenQuoted([])
+    await ProviderTask(
+        store, source, settings(), message(run_id, "geico", 1, deadline), delivery(), clock=clock
+    ).run()
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.provider("geico").status == "quoted"
+    attempts = [a for _, a in source.attempts]
+    assert {(a.number, a.started_at, a.agent_run_id) for a in attempts} == {
+        (1, attempts[0].started_at, None)
+    }
+    assert source.cancelled == []
+    assert state.record.work["geico"].attempt == 1
+
+
+async def resumed_after_the_providers_deadline(
+    store: Store, clock: VirtualClock, source: RecordingSource
+) -> str:
+    """A provider whose agent run was started 70 s ago (its budget is 60 s) by a delivery that
+    died; a new delivery comes now."""
+    run_id, _, deadline = await new_run(store, ["geico"])
+    began = clock.now() - timedelta(seconds=70)
+    agent_run_id = simulated_agent_run_id(REQUEST, "geico", began)
+    work = ProviderWork(
+        attempt=1,
+        attempt_started_at=began,
+        first_started_at=began,
+        agent_run_id=agent_run_id,
+        agent_run_ids=[agent_run_id],
+    )
+    now = clock.now()
+    await store.claim_provider(
+        run_id, "geico", "dead", now=now, lease_until=now, alive_since=now, first_work=work
+    )
+    work_message = message(run_id, "geico", 1, deadline)
+    await ProviderTask(store, source, settings(), work_message, delivery(2), clock=clock).run()
+    return run_id
+
+
+async def test_an_agent_run_that_finished_after_its_providers_deadline_is_read_back_and_used(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
+    source = simulated(clock)  # its agent run finished long ago: the result is there, paid for
+    run_id = await resumed_after_the_providers_deadline(store, clock, source)
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.provider("geico").status == "quoted"
+    assert len(source.read_backs) == 1
+    assert source.cancelled == []
+    assert source.attempts == []  # read once, not resumed nor bought again
+
+
+async def test_an_agent_run_still_going_at_its_providers_deadline_is_cancelled(
+    timed_store: Store, clock: VirtualClock
+) -> None:
+    store = timed_store
+    source = simulated(clock, min_seconds=600)
+    run_id = await resumed_after_the_providers_deadline(store, clock, source)
+    state = await store.get_run(run_id)
+    assert state is not None and state.record.provider("geico").status == "failed"
+    assert state.record.provider("geico").error.code == "provider_timeout"  # type: ignore[union-attr]
+    assert len(source.read_backs) == 1
+    assert source.cancelled == [state.record.work["geico"].agent_run_ids[0]]

@@ -1,5 +1,6 @@
-"""The one backoff policy of the quote sources and the worker: waits that grow by a factor up to
-a cap, with an optional spread so that callers failing together do not retry in lockstep."""
+"""The backoff of the quote sources' calls and the worker's store writes: waits that grow by a
+factor up to a cap, with an optional spread so that callers failing together do not retry in
+lockstep. (A provider's attempts follow lib/worker/policy.py.)"""
 
 from __future__ import annotations
 
@@ -22,11 +23,8 @@ class Backoff:
         return nominal * (1 - self.spread + 2 * self.spread * jitter())
 
 
-# A provider's next paid attempt after a transient failure (lib.worker), unless the agent API
-# asked for a longer wait.
-ATTEMPTS = Backoff(first=1.0, cap=8.0, spread=0.25)
-# A store write that storage could not take (lib.worker), retried for a while before the work is
-# handed back to the queue.
+# A store write that storage could not take (lib.worker.journal), retried for a while before
+# the work is handed back to the queue.
 STORE_WRITES = Backoff(first=0.5, cap=5.0, spread=0.25)
 # Reading an agent run until it is over (GET /v1/runs/{id}).
 POLLING = Backoff(first=1.0, cap=5.0, factor=1.5)

@@ -170,6 +170,19 @@ class QuoteSource(Protocol):
         (carrying the id reported to `listener.agent_run_started`) picks it up."""
         ...
 
+    async def read_back(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
+    ) -> Quote | None:
+        """Read `attempt`'s agent run (`attempt.agent_run_id`) once, whatever its deadline: the
+        quote when the agent API finished it with one, else None (still going, failed, or not
+        readable now). Starts, waits on and cancels nothing, never raises: it is the last look
+        at a paid run before its provider is declared out of time."""
+        ...
+
     async def cancel(self, agent_run_id: str) -> None:
         """Stop an agent run nobody needs any more. Idempotent; never raises (a run already over,
         or unknown, is fine; a failure to reach the agent API is logged)."""

@@ -220,6 +220,12 @@ class SimulatedQuoteSource:
                 f"{PROVIDER_NAMES[provider]} offers no online quote for drivers under 21 "
                 "using the vehicle for business (simulated)"
             )
+        return self._quote(request, provider, began, ended_at)
+
+    @staticmethod
+    def _quote(
+        request: QuoteRequest, provider: ProviderId, began: datetime, ended_at: datetime
+    ) -> Quote:
         monthly = simulated_monthly_premium(request, provider, on=began.date())
         return Quote(
             provider=provider,
@@ -244,6 +250,22 @@ class SimulatedQuoteSource:
         seconds = (moment - self._clock()).total_seconds()
         if seconds > 0:
             await self._sleep(seconds)
+
+    async def read_back(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
+    ) -> Quote | None:
+        timeline = simulated_timeline(
+            request, provider, delay_scale=self._delay_scale, min_seconds=self._min_seconds
+        )
+        ended_at = attempt.started_at + timedelta(seconds=timeline.ends_after)
+        if self._clock() < ended_at or _declines(request, provider, attempt.started_at.date()):
+            return None
+        listener.agent_steps(len(timeline.steps))
+        return self._quote(request, provider, attempt.started_at, ended_at)
 
     async def cancel(self, agent_run_id: str) -> None:
         return None  # nothing runs between calls: the timeline is arithmetic

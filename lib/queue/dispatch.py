@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from lib.config import Settings
 from lib.models import ProviderId, QuoteRequest, utc_now
 from lib.queue import TOPIC, QueueUnavailable, require_queue
-from lib.queue.messages import ProviderWorkMessage, RunDeadlineMessage
+from lib.queue.messages import ProviderWorkMessage, RunDeadlineMessage, seal
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +35,16 @@ async def dispatch_run(
     sends = [
         send(
             TOPIC,
-            ProviderWorkMessage(
-                run_id=run_id,
-                provider=provider,
-                total=len(providers),
-                deadline=deadline,
-                request=request,
-            ).model_dump(mode="json"),
+            seal(
+                ProviderWorkMessage(
+                    run_id=run_id,
+                    provider=provider,
+                    total=len(providers),
+                    deadline=deadline,
+                    request=request,
+                ),
+                settings.secret,
+            ),
             idempotency_key=f"{run_id}:{provider}",
             retention=retention,
         )
@@ -50,7 +53,7 @@ async def dispatch_run(
     sends.append(
         send(
             TOPIC,
-            RunDeadlineMessage(run_id=run_id, deadline=deadline).model_dump(mode="json"),
+            seal(RunDeadlineMessage(run_id=run_id, deadline=deadline), settings.secret),
             idempotency_key=f"{run_id}:deadline",
             retention=retention,
             delay=timedelta(seconds=max((deadline - utc_now()).total_seconds(), 0) + 1),

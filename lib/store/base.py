@@ -460,6 +460,18 @@ class Store(ABC):
         """A live view of the run's events for a streaming reader."""
 
     @abstractmethod
+    async def take_agent_slot(
+        self, holder: str, *, limit: int, now: datetime, until: datetime
+    ) -> bool:
+        """Hold one of the deployment's `limit` agent slots for `holder` until `until`: True when
+        `holder` held one already (renewed) or a slot was free. A slot whose holder stopped
+        renewing it frees itself at its `until`; False when all `limit` are held past `now`."""
+
+    @abstractmethod
+    async def release_agent_slot(self, holder: str) -> None:
+        """Free `holder`'s agent slot (nothing when it holds none)."""
+
+    @abstractmethod
     async def ping(self) -> None:
         """One cheap round trip to storage (the health check); raises StoreUnavailable."""
 

@@ -401,6 +401,26 @@ return items
 """,
 )
 
+# The deployment's agent runs in flight: holder ("{runId}:{provider}") scored by its lease's end.
+AGENT_SLOTS_KEY = "quote:agent-slots"
+AGENT_SLOT = LuaScript(
+    "agent slot",
+    keys=("slots_key",),
+    args=("holder", "limit", "now_ms", "until_ms"),
+    returns="{'taken'}: the holder has its slot (renewed or newly taken); {'full'}: all are held",
+    body="""
+redis.call('ZREMRANGEBYSCORE', slots_key, '-inf', tonumber(now_ms))
+local held = redis.call('ZSCORE', slots_key, holder)
+if not held and redis.call('ZCARD', slots_key) >= tonumber(limit) then
+  return {'full'}
+end
+redis.call('ZADD', slots_key, tonumber(until_ms), holder)
+local last = redis.call('ZRANGE', slots_key, -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', slots_key, last[2])
+return {'taken'}
+""",
+)
+
 SCRIPTS = (
     CREATE,
     READ,
@@ -413,6 +433,7 @@ SCRIPTS = (
     CANCEL,
     RENEWAL_REFUSED,
     FORGET,
+    AGENT_SLOT,
 )
 
 # Runs whose last read an instance remembers (a few per open stream).
@@ -904,3 +925,18 @@ class KVStore(Store):
     async def aclose(self) -> None:
         await self.push.aclose()
         await self._rest.aclose()
+
+    # --- the deployment's agent slots ----------------------------------------------------------
+
+    async def take_agent_slot(
+        self, holder: str, *, limit: int, now: datetime, until: datetime
+    ) -> bool:
+        reply = await self._script(
+            AGENT_SLOT,
+            {"slots_key": AGENT_SLOTS_KEY},
+            {"holder": holder, "limit": str(limit), "now_ms": _ms(now), "until_ms": _ms(until)},
+        )
+        return bool(reply[0] == "taken")
+
+    async def release_agent_slot(self, holder: str) -> None:
+        await self._call("agent-slot", lambda: self._rest.command("ZREM", AGENT_SLOTS_KEY, holder))

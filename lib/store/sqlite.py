@@ -62,12 +62,13 @@ T = TypeVar("T")
 
 # Bumped when the tables change: a local file of another version is recreated (it holds only
 # runs that live two hours).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _SCHEMA = """
 DROP TABLE IF EXISTS runs;
 DROP TABLE IF EXISTS events;
 DROP TABLE IF EXISTS providers;
 DROP TABLE IF EXISTS idempotency;
+DROP TABLE IF EXISTS agent_slots;
 CREATE TABLE runs (
     run_id      TEXT PRIMARY KEY,
     meta        TEXT NOT NULL,
@@ -101,6 +102,10 @@ CREATE TABLE idempotency (
     key_hash   TEXT PRIMARY KEY,
     value      TEXT NOT NULL,
     expires_at REAL NOT NULL
+);
+CREATE TABLE agent_slots (
+    holder TEXT PRIMARY KEY,
+    until  REAL NOT NULL
 );
 """
 _PURGE_EVERY_SECONDS = 60.0
@@ -600,6 +605,30 @@ class SQLiteStore(Store):
         if self._db is not None:
             await self._run(close)
         self._executor.shutdown(wait=False)
+
+    async def take_agent_slot(
+        self, holder: str, *, limit: int, now: datetime, until: datetime
+    ) -> bool:
+        def take(db: sqlite3.Connection) -> bool:
+            db.execute("DELETE FROM agent_slots WHERE until <= ?", (_epoch(now),))
+            held = db.execute("SELECT 1 FROM agent_slots WHERE holder = ?", (holder,)).fetchone()
+            (in_use,) = db.execute("SELECT COUNT(*) FROM agent_slots").fetchone()
+            if held is None and in_use >= limit:
+                return False
+            db.execute(
+                "INSERT INTO agent_slots (holder, until) VALUES (?, ?) "
+                "ON CONFLICT (holder) DO UPDATE SET until = excluded.until",
+                (holder, _epoch(until)),
+            )
+            return True
+
+        return await self._transaction(take)
+
+    async def release_agent_slot(self, holder: str) -> None:
+        def release(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM agent_slots WHERE holder = ?", (holder,))
+
+        await self._transaction(release)
 
 
 class SQLiteEventWatch(EventWatch):

@@ -43,6 +43,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run vercel_runtime.dev.main() unchanged: restart an instance on file changes",
     )
     parser.add_argument(
+        "--queue-visibility-only",
+        action="store_true",
+        help="a failed push comes back when its visibility ends, not after retryAfterSeconds",
+    )
+    parser.add_argument(
         "--startup-timeout", type=float, default=60.0, help="seconds to wait for instances"
     )
     args = parser.parse_args(argv)
@@ -80,7 +85,11 @@ async def serve(args: argparse.Namespace) -> int:
         say(f"devhost: no functions under {root / 'api'}")
         return 1
     try:
-        queue = QueueService(discover_triggers(root, specs), log=say)
+        queue = QueueService(
+            discover_triggers(root, specs),
+            log=say,
+            visibility_only=args.queue_visibility_only,
+        )
     except QueueConfigError as exc:
         say(f"devhost: {exc}")
         return 1

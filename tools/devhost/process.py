@@ -119,6 +119,7 @@ def start_devhost_process(
     timeout: float = 60.0,
     reload: bool = False,
     keep_lines: int | None = 2000,
+    queue_visibility_only: bool = False,
 ) -> RunningDevHost:
     """Start the dev host for `project_root` in its own process group; return once it is READY.
 
@@ -144,6 +145,7 @@ def start_devhost_process(
         "--startup-timeout",
         str(timeout),
         *(["--reload"] if reload else []),
+        *(["--queue-visibility-only"] if queue_visibility_only else []),
     ]
     process = subprocess.Popen(
         command,

@@ -16,7 +16,9 @@ a Vercel push carries. Then, as on Vercel:
 - a 2xx answer settles nothing by itself: the SDK in the function has acknowledged the message,
   or (``RetryAfter(n)``) set its visibility so that it comes back after n seconds;
 - any other answer, a connection lost (the instance died) or the maxDuration cut is a failed
-  delivery: the lease is revoked and the message is pushed again after ``retryAfterSeconds``;
+  delivery: the lease is revoked and the message is pushed again after ``retryAfterSeconds``
+  (with ``visibility_only``, a host that honours visibility alone: once its current visibility
+  deadline passes, as the push's lease and the function's renewals last set it);
 - a message that has had ``maxDeliveries`` deliveries is not pushed again (it is dropped);
 - messages are pushed concurrently, each on its own request (``maxConcurrency`` caps them).
 """
@@ -191,9 +193,12 @@ class _QueueServer(EmbeddedQueueServer):
 class QueueService:
     """The embedded queue service on a loopback port, and its push dispatcher."""
 
-    def __init__(self, triggers: list[QueueTrigger], *, log: Log) -> None:
+    def __init__(
+        self, triggers: list[QueueTrigger], *, log: Log, visibility_only: bool = False
+    ) -> None:
         self.triggers = triggers
         self.log = log
+        self.visibility_only = visibility_only
         self.server = _QueueServer()
         self.app = EmbeddedQueueAsgiApp(self.server)
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -265,6 +270,7 @@ class _Dispatcher:
         self.state = service.server.state
         self.triggers = service.triggers
         self.log = service.log
+        self.visibility_only = service.visibility_only
         self.front_door = front_door.rstrip("/")
         self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=None))
         self._wake = asyncio.Event()
@@ -384,10 +390,14 @@ class _Dispatcher:
             message.acknowledge_for(consumer)
             self.log(f"queue: {what}; maxDeliveries {trigger.max_deliveries} reached, dropped")
             return
-        visible_at = self.server.now + timedelta(seconds=trigger.retry_after_seconds)
+        if self.visibility_only:
+            visible_at = max(message.lease_deadline_by_consumer[consumer], self.server.now)
+        else:
+            visible_at = self.server.now + timedelta(seconds=trigger.retry_after_seconds)
         message.lease_deadline_by_consumer[consumer] = visible_at
         self.server.requeue_push_message(message, consumer, visible_at)
-        self.log(f"queue: {what}; redelivery in {trigger.retry_after_seconds:g} s")
+        seconds = (visible_at - self.server.now).total_seconds()
+        self.log(f"queue: {what}; redelivery in {seconds:.0f} s")
 
 
 def push_headers(

@@ -670,6 +670,27 @@ class TinyFishQuoteSource:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def read_back(
+        self,
+        request: QuoteRequest,
+        provider: ProviderId,
+        attempt: AgentAttempt,
+        listener: AttemptListener,
+    ) -> Quote | None:
+        """One GET of the attempt's agent run: its quote if TinyFish finished it COMPLETED with
+        one (the last look before its provider is declared out of time), else None."""
+        if attempt.agent_run_id is None:
+            return None
+        run = _AgentRun(request, provider, listener, attempt.agent_run_id)
+        try:
+            view = self._run_view(run, await self._client.get_run(attempt.agent_run_id))
+            if view is None or str(view.get("status") or "").upper() != "COMPLETED":
+                return None
+            self._report_steps(run, view)
+            return self._finish(run, "COMPLETED", view.get("result"), view.get("error"))
+        except (httpx.HTTPError, ProviderError):
+            return None
+
 
 def _step_text(step: Any) -> str | None:
     if isinstance(step, str):
