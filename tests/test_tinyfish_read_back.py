@@ -1,9 +1,12 @@
 """TinyFishQuoteSource.read_back: the one GET of a paid agent run before its provider is declared
 out of time (lib/worker/endings.py). A run TinyFish finished with a quote is used; anything else
-is None, and nothing is started or cancelled."""
+is None, and nothing is started or cancelled. An attempt whose run id was never learnt (its create
+died before STARTED) is looked up by its reference: found finished, it is used; still going, it is
+cancelled, since nobody would read it."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -108,3 +111,59 @@ async def test_anything_but_a_finished_quote_reads_back_as_none_and_cancels_noth
     quote, calls, _ = await read_back(answer)
     assert quote is None
     assert calls == ["GET /v1/runs/run_123"]
+
+
+class Adopting(Steps):
+    """An attempt whose run id was never learnt: the run found by reference is reported."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[str] = []
+
+    async def agent_run_started(self, agent_run_id: str) -> None:
+        self.started.append(agent_run_id)
+
+
+async def read_back_unseen(status: str) -> tuple[Any, list[str], Adopting]:
+    """The attempt's create died before STARTED: TinyFish lists its run under the reference."""
+    from lib.providers.tinyfish.source import attempt_reference
+
+    calls: list[str] = []
+    unseen = dataclasses.replace(attempt_past_its_deadline(), agent_run_id=None)
+    reference = attempt_reference(REQUEST, "geico", unseen)
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        calls.append(f"{request.method} {request.url.path}")
+        if request.url.path == "/v1/runs":
+            assert request.url.params["goal"] == reference
+            listed = {"run_id": "run_456", "status": status, "goal": f"{reference} Get a quote"}
+            return httpx.Response(200, json={"data": [listed], "pagination": {}})
+        if request.url.path.endswith("/cancel"):
+            return httpx.Response(200, json={"run_id": "run_456", "status": "CANCELLED"})
+        body = {"run_id": "run_456", "status": status, "error": None, "num_of_steps": 12}
+        body["result"] = QUOTED if status == "COMPLETED" else None
+        return httpx.Response(200, json=body)
+
+    source = TinyFishQuoteSource(
+        api_key="tf-key", api_url=API_URL, transport=httpx.MockTransport(reply)
+    )
+    listener = Adopting()
+    try:
+        quote = await source.read_back(REQUEST, "geico", unseen, listener)
+    finally:
+        await source.aclose()
+    return quote, calls, listener
+
+
+async def test_an_unseen_run_found_finished_by_its_reference_is_used() -> None:
+    quote, calls, listener = await read_back_unseen("COMPLETED")
+    assert quote is not None and quote.monthly_premium == 142.5
+    assert listener.started == ["run_456"]
+    assert calls == ["GET /v1/runs", "GET /v1/runs/run_456"]
+
+
+async def test_an_unseen_run_found_still_going_by_its_reference_is_cancelled() -> None:
+    quote, calls, listener = await read_back_unseen("RUNNING")
+    assert quote is None
+    assert listener.started == ["run_456"]
+    assert calls == ["GET /v1/runs", "GET /v1/runs/run_456", "POST /v1/runs/run_456/cancel"]

@@ -98,7 +98,9 @@ class Endings:
         """A paid result is never thrown away: before the provider is declared out of time or
         of deliveries, its agent run is read once, and a quote it finished is used."""
         work, now = self._journal.work, self._clock.now()
-        if work.agent_run_id is None or work.agent_run_id in work.cancelled_agent_run_ids:
+        if work.agent_run_id is None and work.attempt_started_at is None:
+            return False  # no attempt began: nothing was paid for
+        if work.agent_run_id in work.cancelled_agent_run_ids:
             return False
         attempt = AgentAttempt(
             number=work.attempt,

@@ -263,7 +263,7 @@ class TinyFishQuoteSource:
         """Starts the attempt's agent run (or adopts the one an earlier call started) and follows
         its stream: the quote at COMPLETE, or None when the run is to be polled by id."""
         reference = attempt_reference(run.request, run.provider, attempt)
-        since = (attempt.started_at - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+        since = _since(attempt)
         # A call that died (or was handed off) before the id was stored may have started it.
         if run.asked_for_run and await self._adopt_by_reference(
             run, reference, since, relayed=None
@@ -457,7 +457,7 @@ class TinyFishQuoteSource:
         if not run.asked_for_run:
             return True
         reference = attempt_reference(run.request, run.provider, attempt)
-        since = (attempt.started_at - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
+        since = _since(attempt)
         try:
             async with asyncio.timeout(CLEANUP_SECONDS):
                 found = await self._find_attempt_runs(run, reference, since)
@@ -678,18 +678,42 @@ class TinyFishQuoteSource:
         listener: AttemptListener,
     ) -> Quote | None:
         """One GET of the attempt's agent run: its quote if TinyFish finished it COMPLETED with
-        one (the last look before its provider is declared out of time), else None."""
-        if attempt.agent_run_id is None:
-            return None
+        one (the last look before its provider is declared out of time), else None. An attempt
+        whose run id was never learnt is looked up by its reference: a run found finished is
+        used, one still going is cancelled (nobody would read it)."""
         run = _AgentRun(request, provider, listener, attempt.agent_run_id)
+        if attempt.agent_run_id is None:
+            run.asked_for_run = True
+            try:
+                async with asyncio.timeout(CLEANUP_SECONDS):
+                    if not await self._adopt_by_reference(
+                        run,
+                        attempt_reference(request, provider, attempt),
+                        _since(attempt),
+                        relayed=None,
+                    ):
+                        return None
+            except (TimeoutError, ProviderError):
+                await self._cancel_unseen_runs(run, attempt)
+                return None
+        agent_run_id = run.agent_run_id
+        if agent_run_id is None:
+            return None
         try:
-            view = self._run_view(run, await self._client.get_run(attempt.agent_run_id))
+            view = self._run_view(run, await self._client.get_run(agent_run_id))
             if view is None or str(view.get("status") or "").upper() != "COMPLETED":
+                if attempt.agent_run_id is None:  # adopted just now: the caller never saw it
+                    await self._cancel_run(agent_run_id)
                 return None
             self._report_steps(run, view)
             return self._finish(run, "COMPLETED", view.get("result"), view.get("error"))
         except (httpx.HTTPError, ProviderError):
             return None
+
+
+def _since(attempt: AgentAttempt) -> str:
+    """How far back a lookup by reference looks: a minute before the attempt began."""
+    return (attempt.started_at - timedelta(minutes=1)).isoformat().replace("+00:00", "Z")
 
 
 def _step_text(step: Any) -> str | None:
