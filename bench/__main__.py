@@ -156,8 +156,8 @@ def notes(runs: dict[DeliveryKey, Delivery], base: float, redis_note: str) -> li
         "command again (bench/scenarios.py WRITE_COMMANDS). Upstash: $0.20 per 100K commands, "
         "500K a month free, 10,000 commands a second per database.",
         "Lease renewals: each provider's writer renews its 45 s lease once it has written "
-        "nothing for 15 s, as lib/worker/ does; the writers are the benchmark's, not the "
-        "worker function.",
+        "nothing for 22.5 s (half of it), as lib/worker/ does; the writers are the "
+        "benchmark's, not the worker function.",
         "Run: bench/workload.py, written as lib/worker/ writes it (started with create_run; five "
         "provider workers at once: each claims its provider, the claim storing its first "
         "attempt with an activity (claim_provider), saves its agent run's id with an activity "

@@ -104,21 +104,24 @@ class ProviderLease:
         return self._clock.now() + self.duration
 
     async def keep(self, slot: AgentSlot) -> NoReturn:
-        """Renew the lease whenever the holder has written nothing for a third of it (a claim
-        counts recent events as signs of life), and the agent slot every third of it. Ends only
-        by raising why the lease could not be kept (LeaseLost, RunFinalized, RunNotFound)."""
-        interval = self.duration / 3
-        slot_due = self._clock.now() + interval
+        """Renew the lease whenever the holder has written nothing for half of it (a claim
+        counts recent events as signs of life, so a renewal that fails still leaves half a lease
+        to try again; each renewal is a billed command), and the agent slot every third of it.
+        Ends only by raising why the lease could not be kept (LeaseLost, RunFinalized,
+        RunNotFound)."""
+        quiet = self.duration / 2
+        slot_interval = self.duration / 3
+        slot_due = self._clock.now() + slot_interval
         while True:
-            due = self._last_write + interval
+            due = self._last_write + quiet
             if slot.held:
                 due = min(due, slot_due)
             await self._clock.sleep((due - self._clock.now()).total_seconds())
             now = self._clock.now()
             if slot.held and now >= slot_due:
                 await slot.renew()
-                slot_due = now + interval
-            if now - self._last_write < interval:
+                slot_due = now + slot_interval
+            if now - self._last_write < quiet:
                 continue
             try:
                 await self._store.renew_lease(
