@@ -395,11 +395,10 @@ async def test_malformed_idempotency_key_is_400(api) -> None:
         problem(response, 400)
 
 
+@pytest.mark.parametrize("store_kind", ["sqlite"])  # a deployment with no KV configured
 async def test_deployed_on_vercel_without_kv_is_503_with_a_clear_detail(
-    configure, fresh_instance, store_kind
+    configure, fresh_instance
 ) -> None:
-    if store_kind == "kv":
-        pytest.skip("the case is a deployment with no KV configured")
     configure(VERCEL="1", VERCEL_ENV="production")
     api = fresh_instance()
     body = problem(await api.post("/api/quotes", json=VALID), 503)
@@ -407,11 +406,8 @@ async def test_deployed_on_vercel_without_kv_is_503_with_a_clear_detail(
     problem(await api.get("/api/quotes/" + "a" * 22), 503)
 
 
-async def test_vercel_dev_without_kv_uses_the_embedded_store(
-    configure, fresh_instance, store_kind
-) -> None:
-    if store_kind == "kv":
-        pytest.skip("the case is a deployment with no KV configured")
+@pytest.mark.parametrize("store_kind", ["sqlite"])  # a deployment with no KV configured
+async def test_vercel_dev_without_kv_uses_the_embedded_store(configure, fresh_instance) -> None:
     configure(VERCEL="1", VERCEL_ENV="development")
     api = fresh_instance()
     assert (await api.post("/api/quotes", json=VALID)).status_code == 202
