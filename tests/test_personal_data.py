@@ -3,7 +3,6 @@ the quote source's goal and nowhere else."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -17,7 +16,7 @@ import redis
 from pydantic import ValidationError
 
 from lib.models import QuoteRequest
-from tests.conftest import run_end
+from tests.conftest import eventually, run_end
 from tests.fake_tinyfish import FakeTinyFishServer
 from tests.test_e2e import LEASE_SECONDS, ROOT, assert_gap_free, visit_stream
 from tests.test_routes import api, configure, fresh_instance
@@ -254,14 +253,14 @@ def assert_nothing_personal(json_logs, run_ids: list[str], stored: bytes) -> Non
 
 async def _traceback_logged(json_logs, text: str, within: float = 30) -> dict[str, Any]:
     """The first line logged with an exception whose traceback holds `text`."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + within
-    while loop.time() < give_up:
-        for line in json_logs.objects():
-            if text in line.get("traceback", ""):
-                return line
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no traceback with {text!r} was logged")
+    found: list[dict[str, Any]] = []
+
+    def logged() -> bool:
+        found[:] = [line for line in json_logs.objects() if text in line.get("traceback", "")]
+        return bool(found)
+
+    await eventually(logged, f"a traceback with {text!r} logged", within=within)
+    return found[0]
 
 
 def stored_bytes(store_kind: str, tmp_path: Path) -> bytes:
