@@ -1,6 +1,6 @@
-"""HTTP plumbing the three functions share: RFC 9457 problem responses, the mapping of typed
-errors to statuses (in one place), CORS, and the per-process context
-(settings, store, source), and each request's log context.
+"""HTTP plumbing every function under api/ shares: RFC 9457 problem responses, the mapping of
+typed errors to statuses (in one place), CORS, the per-process context (settings, store, source),
+and each request's log context.
 
 `function_app(endpoint, methods=...)` turns one endpoint into the ASGI `app` a Vercel Python
 function exports. Any exception the endpoint does not handle becomes a problem response; a
@@ -81,7 +81,7 @@ class Problem(Exception):
         )
 
 
-def run_not_found(run_id: str | None = None) -> Problem:
+def run_not_found() -> Problem:
     return Problem(404, "run-not-found", "Quote run not found", "No such quote run, or it expired.")
 
 

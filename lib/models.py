@@ -416,10 +416,6 @@ RunEvent = Annotated[
 ]
 
 
-def is_terminal(event: BaseModel) -> bool:
-    return getattr(event, "type", None) in TERMINAL_EVENT_TYPES
-
-
 # --- the stored run record and the snapshot GET returns -----------------------------------------
 
 

@@ -67,20 +67,6 @@ async def eventually(
         await asyncio.sleep(0.01)
 
 
-class ActivityRecorder:
-    """Stands in for a workflow's activity callback and for asyncio.sleep, recording both."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.sleeps: list[float] = []
-
-    async def report(self, message: str) -> None:
-        self.messages.append(message)
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-
-
 @pytest.fixture(params=["sqlite", "kv"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)

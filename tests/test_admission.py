@@ -259,11 +259,10 @@ class _CommandLog:
         ("anonymous", ["EVALSHA", "MGET", "SET", "SET"]),
     ],
 )
+@pytest.mark.parametrize("store_kind", ["kv"])  # billed commands are Upstash's
 async def test_a_kv_admission_costs_one_request_and_few_billed_commands(
-    closing, store_kind, caller, expected
+    closing, caller, expected
 ) -> None:
-    if store_kind != "kv":
-        pytest.skip("billed commands are Upstash's")
     admission = closing(per_minute=5, per_day=5, per_day_total=5)
     now = time.time()
     request = {

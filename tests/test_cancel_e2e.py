@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import eventually
 from tests.fake_tinyfish import FakeTinyFishServer
 from tests.test_e2e import (
     LEASE_SECONDS,
@@ -49,13 +49,6 @@ def cancel_host(
             yield host, tinyfish, tmp_path / "quotes.sqlite3"
 
 
-async def until(check: Any, *, within: float, what: str) -> None:
-    give_up = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < give_up, what
-        await asyncio.sleep(0.05)
-
-
 def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -74,7 +67,7 @@ async def test_a_cancel_on_one_instance_stops_every_agent_run_and_ends_every_str
             running = [r for r in tinyfish.run_records() if r["status"] == "RUNNING" and r["steps"]]
             return [q["provider"] for q in snapshot["quotes"]] == [QUOTED] and len(running) == 3
 
-        await until(quoted_and_agents_working, within=60, what="geico quoted, 3 agents a step in")
+        await eventually(quoted_and_agents_working, "geico quoted, 3 agents a step in", within=60)
         streams = [asyncio.create_task(visit_stream(client, run_id, None)) for _ in range(2)]
         await asyncio.sleep(1.0)
         assert not any(s.done() for s in streams), "the streams should wait for live events"
@@ -110,7 +103,7 @@ async def test_a_cancel_on_one_instance_stops_every_agent_run_and_ends_every_str
         async def all_cancelled() -> bool:
             return all(r["status"] == "CANCELLED" for r in stopped_runs())
 
-        await until(all_cancelled, within=5, what="every stopped agent run cancelled within 5 s")
+        await eventually(all_cancelled, "every stopped agent run cancelled within 5 s", within=5)
         stopped_within = max(parse_time(r["finished_at"]) for r in stopped_runs()) - cancelled_at
         assert all(r["cancel_calls"] >= 1 for r in stopped_runs())
 

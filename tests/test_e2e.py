@@ -62,10 +62,14 @@ def host(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[RunningDe
 
 @pytest.fixture
 def kv_server(host: RunningDevHost, request: pytest.FixtureRequest) -> Any:
-    """The KV endpoint behind the host, for tests of push delivery (the KV backend's alone)."""
+    """The KV endpoint behind the host, for tests of push delivery (the KV backend's alone:
+    they take the host on KV only, `@ON_KV`)."""
     if host.store_kind != "kv":  # type: ignore[attr-defined]
-        pytest.skip("push delivery and its subscriptions are the KV backend's")
+        raise AssertionError("push delivery is the KV backend's: mark the test @ON_KV")
     return request.getfixturevalue("upstash_server")
+
+
+ON_KV = pytest.mark.parametrize("host", ["kv"], indirect=True)
 
 
 @pytest.fixture
@@ -274,6 +278,7 @@ async def test_twenty_runs_survive_every_worker_being_killed_once(client, host) 
         assert stored["events"] == events
 
 
+@ON_KV
 async def test_a_stream_whose_push_goes_silent_still_delivers_every_event(
     client, kv_server
 ) -> None:
@@ -303,6 +308,7 @@ async def test_a_stream_whose_push_goes_silent_still_delivers_every_event(
     assert max(lateness) > 0.5, "push was silenced, so some events must have come by polling"
 
 
+@ON_KV
 async def test_a_stream_whose_subscription_drops_falls_back_to_polling(client, kv_server) -> None:
     run_id, _ = await start_run(client)
     first = await visit_stream(client, run_id, None, max_events=2)
@@ -319,6 +325,7 @@ async def test_a_stream_whose_subscription_drops_falls_back_to_polling(client, k
     assert events[-1]["type"] == "complete"
 
 
+@ON_KV
 async def test_a_client_that_goes_away_releases_its_push_subscription_at_once(
     client, kv_server
 ) -> None:
@@ -332,6 +339,7 @@ async def test_a_client_that_goes_away_releases_its_push_subscription_at_once(
     await subscriptions_back_to(kv_server, baseline, within=2)
 
 
+@ON_KV
 async def test_a_client_gone_before_the_subscription_is_confirmed_releases_it(
     client, kv_server
 ) -> None:

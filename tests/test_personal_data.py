@@ -3,7 +3,6 @@ the quote source's goal and nowhere else."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -17,15 +16,18 @@ import redis
 from pydantic import ValidationError
 
 from lib.models import QuoteRequest
-from tests.conftest import run_end
+from tests.conftest import eventually, run_end
 from tests.fake_tinyfish import FakeTinyFishServer
-from tests.functions import VercelRouter
 from tests.test_e2e import LEASE_SECONDS, ROOT, assert_gap_free, visit_stream
-from tests.test_routes import api, configure
+from tests.test_routes import api, configure, fresh_instance
 from tests.upstash_rest import kv_redis_url
 from tools.devhost import RunningDevHost, start_devhost_process
 
-__all__ = ["api", "configure"]  # the in-process functions, as tests/test_routes.py runs them
+__all__ = [
+    "api",
+    "configure",
+    "fresh_instance",
+]  # the in-process functions, as tests/test_routes.py runs them
 
 FIRST_NAME, LAST_NAME, BIRTH_DATE = "Zephyrine", "Quillfeather", "1987-03-19"
 PERSONAL = (FIRST_NAME, LAST_NAME, BIRTH_DATE)
@@ -251,14 +253,14 @@ def assert_nothing_personal(json_logs, run_ids: list[str], stored: bytes) -> Non
 
 async def _traceback_logged(json_logs, text: str, within: float = 30) -> dict[str, Any]:
     """The first line logged with an exception whose traceback holds `text`."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + within
-    while loop.time() < give_up:
-        for line in json_logs.objects():
-            if text in line.get("traceback", ""):
-                return line
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"no traceback with {text!r} was logged")
+    found: list[dict[str, Any]] = []
+
+    def logged() -> bool:
+        found[:] = [line for line in json_logs.objects() if text in line.get("traceback", "")]
+        return bool(found)
+
+    await eventually(logged, f"a traceback with {text!r} logged", within=within)
+    return found[0]
 
 
 def stored_bytes(store_kind: str, tmp_path: Path) -> bytes:
@@ -291,10 +293,10 @@ async def test_simulated_runs_and_a_failure_reaching_log_exception_leave_nothing
 
 
 async def test_tinyfish_runs_with_failures_leave_nothing_personal(
-    api, configure, store_kind, tmp_path, json_logs, tinyfish
+    configure, fresh_instance, store_kind, tmp_path, json_logs, tinyfish
 ) -> None:
     configure(TINYFISH_API_KEY=tinyfish.api_key, TINYFISH_API_URL=tinyfish.url)
-    api._transport = httpx.ASGITransport(app=VercelRouter())
+    api = fresh_instance()
     run_id = (await api.post("/api/quotes", json=REQUEST)).json()["runId"]
     ended = await run_end(api, run_id)
     codes = {p["provider"]: (p.get("error") or {}).get("code") for p in ended["providers"]}

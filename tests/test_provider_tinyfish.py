@@ -726,15 +726,26 @@ async def test_personal_data_reaches_no_log_record_activity_or_error(
 # --- the client's lifetime ------------------------------------------------------------------------
 
 
-async def test_one_client_is_created_lazily_reused_and_closed(api: respx.MockRouter) -> None:
+async def test_one_client_is_created_lazily_reused_and_closed(
+    api: respx.MockRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
     api.post(ENDPOINT).mock(side_effect=[sse_response(run_events()), sse_response(run_events())])
+    opened: list[httpx.AsyncClient] = []
+
+    class RecordedClient(httpx.AsyncClient):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(httpx, "AsyncClient", RecordedClient)
     source = TinyFishQuoteSource(api_key=API_KEY, api_url=API_URL)
-    assert source._client._client is None
+    assert opened == []
     await source.quote(REQUEST, "geico", new_attempt(), Activity())
-    client = source._client._client
-    assert client is not None
+    assert len(opened) == 1
     await source.quote(REQUEST, "state_farm", new_attempt(), Activity())
-    assert source._client._client is client
+    assert len(opened) == 1
+    (client,) = opened
+    assert not client.is_closed
     await source.aclose()
     assert client.is_closed
     await source.aclose()

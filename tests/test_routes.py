@@ -6,11 +6,12 @@ run (the simulated source runs with no delays); live streaming is covered end to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,11 +66,31 @@ def configure(store_kind: str, tmp_path, monkeypatch, request: pytest.FixtureReq
     get_settings.cache_clear()
 
 
+BASE_URL = "http://testserver"
+
+FreshInstance = Callable[..., httpx.AsyncClient]
+
+
 @pytest.fixture
 async def api(configure, queue_worker) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=VercelRouter())
-    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
         yield client
+
+
+@pytest.fixture
+async def fresh_instance(configure, queue_worker) -> AsyncIterator[FreshInstance]:
+    """Opens a client of a new function instance, which reads the environment `configure` set
+    last; keyword options go to its transport (`client=(host, port)` is the caller's address)."""
+    async with contextlib.AsyncExitStack() as opened:
+
+        def open_instance(app: VercelRouter | None = None, **options: Any) -> httpx.AsyncClient:
+            transport = httpx.ASGITransport(app=VercelRouter() if app is None else app, **options)
+            client = httpx.AsyncClient(transport=transport, base_url=BASE_URL)
+            opened.push_async_callback(client.aclose)
+            return client
+
+        yield open_instance
 
 
 @pytest.fixture
@@ -374,29 +395,27 @@ async def test_malformed_idempotency_key_is_400(api) -> None:
         problem(response, 400)
 
 
+@pytest.mark.parametrize("store_kind", ["sqlite"])  # a deployment with no KV configured
 async def test_deployed_on_vercel_without_kv_is_503_with_a_clear_detail(
-    api, configure, store_kind
+    configure, fresh_instance
 ) -> None:
-    if store_kind == "kv":
-        pytest.skip("the case is a deployment with no KV configured")
     configure(VERCEL="1", VERCEL_ENV="production")
-    api._transport = httpx.ASGITransport(app=VercelRouter())  # a fresh instance
+    api = fresh_instance()
     body = problem(await api.post("/api/quotes", json=VALID), 503)
     assert "KV" in body["detail"]
     problem(await api.get("/api/quotes/" + "a" * 22), 503)
 
 
-async def test_vercel_dev_without_kv_uses_the_embedded_store(api, configure, store_kind) -> None:
-    if store_kind == "kv":
-        pytest.skip("the case is a deployment with no KV configured")
+@pytest.mark.parametrize("store_kind", ["sqlite"])  # a deployment with no KV configured
+async def test_vercel_dev_without_kv_uses_the_embedded_store(configure, fresh_instance) -> None:
     configure(VERCEL="1", VERCEL_ENV="development")
-    api._transport = httpx.ASGITransport(app=VercelRouter())
+    api = fresh_instance()
     assert (await api.post("/api/quotes", json=VALID)).status_code == 202
 
 
-async def test_unreachable_storage_is_503_with_retry_after(api, configure) -> None:
+async def test_unreachable_storage_is_503_with_retry_after(configure, fresh_instance) -> None:
     configure(KV_REST_API_URL="http://127.0.0.1:9", KV_REST_API_TOKEN="t")
-    api._transport = httpx.ASGITransport(app=VercelRouter())
+    api = fresh_instance()
     response = await api.post("/api/quotes", json=VALID)
     problem(response, 503)
     assert response.headers["retry-after"] == "2"
@@ -416,18 +435,20 @@ async def test_an_unexpected_failure_is_a_500_problem_without_a_traceback(api, m
     assert body["detail"] == "The server failed to handle the request."
 
 
-async def test_too_many_runs_from_one_address_is_429_with_retry_after(api, configure) -> None:
+async def test_too_many_runs_from_one_address_is_429_with_retry_after(
+    configure, fresh_instance
+) -> None:
     configure(QUOTE_RATE_LIMIT_PER_MINUTE="2")
     # Unique per test run: the KV store outlives the test session within the minute.
-    api._transport = httpx.ASGITransport(app=VercelRouter(), client=(random_ipv6(), 5000))
+    api = fresh_instance(client=(random_ipv6(), 5000))
     statuses = [(await api.post("/api/quotes", json=VALID)) for _ in range(3)]
     assert [r.status_code for r in statuses] == [202, 202, 429]
     limited = problem(statuses[2], 429)
     assert limited["type"].endswith("/rate-limited")
     # The sliding estimate weighs the previous minute in: a wait can reach into the next one.
     assert 1 <= int(statuses[2].headers["retry-after"]) <= 120
-    api._transport = httpx.ASGITransport(app=VercelRouter(), client=(random_ipv6(), 5000))
-    assert (await api.post("/api/quotes", json=VALID)).status_code == 202
+    another = fresh_instance(client=(random_ipv6(), 5000))
+    assert (await another.post("/api/quotes", json=VALID)).status_code == 202
 
 
 def random_ipv6() -> str:
@@ -453,16 +474,20 @@ async def test_cors_preflight_allows_the_documented_headers(api) -> None:
     assert "authorization" in allowed
 
 
-async def test_cors_exposes_location_and_respects_the_allow_list(api, configure) -> None:
+async def test_cors_exposes_location_and_respects_the_allow_list(
+    api, configure, fresh_instance
+) -> None:
     response = await api.post("/api/quotes", json=VALID, headers={"Origin": "https://a.example"})
     assert response.headers["access-control-allow-origin"] == "*"
     assert "location" in response.headers["access-control-expose-headers"].lower()
 
     configure(CORS_ALLOW_ORIGINS="https://good.example")
-    api._transport = httpx.ASGITransport(app=VercelRouter())
-    good = await api.post("/api/quotes", json=VALID, headers={"Origin": "https://good.example"})
+    allow_listed = fresh_instance()
+    good = await allow_listed.post(
+        "/api/quotes", json=VALID, headers={"Origin": "https://good.example"}
+    )
     assert good.headers["access-control-allow-origin"] == "https://good.example"
-    bad = await api.options(
+    bad = await allow_listed.options(
         "/api/quotes",
         headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
     )
@@ -473,9 +498,11 @@ async def test_cors_exposes_location_and_respects_the_allow_list(api, configure)
 # --- GET /api/quotes/{runId} -------------------------------------------------------------------
 
 
-async def test_malformed_run_ids_are_404_without_touching_storage(api, configure) -> None:
+async def test_malformed_run_ids_are_404_without_touching_storage(
+    configure, fresh_instance
+) -> None:
     configure(KV_REST_API_URL="http://127.0.0.1:9", KV_REST_API_TOKEN="t")
-    api._transport = httpx.ASGITransport(app=VercelRouter())
+    api = fresh_instance()
     for run_id in ("short", "x" * 23, "a" * 21 + "!", "%20" * 8):
         problem(await api.get(f"/api/quotes/{run_id}"), 404)
         problem(await api.get(f"/api/quotes/{run_id}/stream"), 404)
@@ -634,9 +661,9 @@ async def test_malformed_query_cursor_is_400_even_beside_a_valid_header(api) -> 
     problem(await api.get(url, headers={"Last-Event-ID": "2"}), 400)
 
 
-async def test_stream_closes_itself_at_stream_max_seconds(api, store, configure) -> None:
+async def test_stream_closes_itself_at_stream_max_seconds(store, configure, fresh_instance) -> None:
     configure(STREAM_MAX_SECONDS="1", RUN_LEASE_SECONDS="60")
-    api._transport = httpx.ASGITransport(app=VercelRouter())
+    api = fresh_instance()
     run_id = await _orphan_run(store, past_deadline=-200)
     started = asyncio.get_running_loop().time()
     response = await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
@@ -646,12 +673,12 @@ async def test_stream_closes_itself_at_stream_max_seconds(api, store, configure)
 
 
 async def test_stream_closes_five_seconds_before_the_invocation_deadline(
-    api, store, configure
+    store, configure, fresh_instance
 ) -> None:
     from vercel_runtime.deadline import reset_deadline, set_deadline
 
     configure(STREAM_MAX_SECONDS="", RUN_LEASE_SECONDS="60")
-    api._transport = httpx.ASGITransport(app=VercelRouter())
+    api = fresh_instance()
     run_id = await _orphan_run(store, past_deadline=-200)
     deadline = (utc_now() + timedelta(seconds=6.5)).isoformat().replace("+00:00", "Z")
     token = set_deadline(deadline)  # what Vercel's runtime does with x-vercel-internal-deadline
@@ -665,11 +692,11 @@ async def test_stream_closes_five_seconds_before_the_invocation_deadline(
     assert 1.0 <= elapsed < 3.5
 
 
-async def test_an_idle_stream_sends_keep_alive_comments(api, store, configure) -> None:
+async def test_an_idle_stream_sends_keep_alive_comments(store, configure, fresh_instance) -> None:
     configure(STREAM_MAX_SECONDS="1.2", RUN_LEASE_SECONDS="60")
     router = VercelRouter()
     router.modules["stream"].KEEP_ALIVE_SECONDS = 0.25
-    api._transport = httpx.ASGITransport(app=router)
+    api = fresh_instance(router)
     run_id = await _orphan_run(store, past_deadline=-200)
     text = (await api.get(f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": "1"})).text
     assert text.startswith("retry: 2000\n\n: keep-alive\n\n")

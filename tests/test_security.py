@@ -17,8 +17,13 @@ import httpx
 import jwt
 import pytest
 
-from tests.functions import VercelRouter
-from tests.test_routes import VALID, api, configure, problem, random_ipv6  # noqa: F401
+from tests.test_routes import (  # noqa: F401
+    VALID,
+    configure,
+    fresh_instance,
+    problem,
+    random_ipv6,
+)
 
 KEYS = ("key-one-" + "a" * 24, "key-two-" + "b" * 24)
 
@@ -39,16 +44,10 @@ def bearer(credential: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {credential}"}
 
 
-def fresh(api: httpx.AsyncClient, **client: Any) -> None:
-    """A new function instance (after `configure`), optionally seen from another peer."""
-    api._transport = httpx.ASGITransport(app=VercelRouter(), **client)
-
-
 @pytest.fixture
-def keyed(api, configure) -> httpx.AsyncClient:
+def keyed(configure, fresh_instance) -> httpx.AsyncClient:
     configure(QUOTES_API_KEYS=",".join(KEYS))
-    fresh(api)
-    return api
+    return fresh_instance()
 
 
 # --- API keys ----------------------------------------------------------------------------------
@@ -97,11 +96,10 @@ async def test_credentials_are_checked_after_the_method_and_before_the_body(keye
 
 
 @pytest.fixture
-def tokens(api, configure) -> tuple[httpx.AsyncClient, str]:
+def tokens(configure, fresh_instance) -> tuple[httpx.AsyncClient, str]:
     secret = new_secret()
     configure(QUOTES_API_KEYS=KEYS[0], QUOTES_SECRET=secret)
-    fresh(api)
-    return api, secret
+    return fresh_instance(), secret
 
 
 async def test_a_start_token_starts_exactly_one_run(tokens) -> None:
@@ -184,20 +182,22 @@ async def test_a_token_limited_to_providers_runs_only_those(tokens) -> None:
     assert "not allowed by this start token" in errors["providers.1"]
 
 
-async def test_start_tokens_are_refused_unless_quotes_secret_is_set(api, configure) -> None:
+async def test_start_tokens_are_refused_unless_quotes_secret_is_set(
+    configure, fresh_instance
+) -> None:
     configure(QUOTES_API_KEYS=KEYS[0])
-    fresh(api)
+    api = fresh_instance()
     # Without QUOTES_SECRET the secret is derived, and no backend could have minted with it.
     response = await api.post("/api/quotes", json=VALID, headers=bearer(mint(new_secret())))
     assert "not an API key" in problem(response, 401)["detail"]
 
 
 async def test_without_api_keys_tokens_are_single_use_and_other_credentials_ignored(
-    api, configure
+    configure, fresh_instance
 ) -> None:
     secret = new_secret()
     configure(QUOTES_SECRET=secret)
-    fresh(api)
+    api = fresh_instance()
     assert (await api.post("/api/quotes", json=VALID)).status_code == 202
     token = mint(secret)
     assert (await api.post("/api/quotes", json=VALID, headers=bearer(token))).status_code == 202
@@ -217,10 +217,10 @@ INVALID = {**VALID, "zip": "nope"}
 
 @pytest.mark.parametrize("environment", ["production", "preview"])
 async def test_a_paid_deployment_left_open_is_503_saying_what_to_set(
-    api, configure, environment
+    configure, fresh_instance, environment
 ) -> None:
     configure(VERCEL="1", VERCEL_ENV=environment, TINYFISH_API_KEY="tf-key")
-    fresh(api)
+    api = fresh_instance()
     body = problem(await api.post("/api/quotes", json=VALID), 503)
     assert body["type"].endswith("/paid-deployment-open")
     assert "QUOTES_API_KEYS" in body["detail"] and "QUOTES_PUBLIC=1" in body["detail"]
@@ -244,10 +244,10 @@ async def test_a_paid_deployment_left_open_is_503_saying_what_to_set(
     ids=["declared-public", "keys", "vercel-dev", "local", "simulated"],
 )
 async def test_a_guarded_public_local_or_simulated_deployment_is_not_refused(
-    api, configure, env
+    configure, fresh_instance, env
 ) -> None:
     configure(**env)
-    fresh(api)
+    api = fresh_instance()
     # An invalid body shows the request got past the gate without starting a paid run.
     headers = bearer("a") if "QUOTES_API_KEYS" in env else {}
     response = await api.post("/api/quotes", json=INVALID, headers=headers)
@@ -257,14 +257,16 @@ async def test_a_guarded_public_local_or_simulated_deployment_is_not_refused(
 # --- the daily ceiling -------------------------------------------------------------------------
 
 
-async def test_the_daily_ceiling_is_per_key_and_in_total_with_retry_after(api, configure) -> None:
+async def test_the_daily_ceiling_is_per_key_and_in_total_with_retry_after(
+    configure, fresh_instance
+) -> None:
     configure(
         QUOTES_API_KEYS=",".join(KEYS),
         QUOTES_SECRET=new_secret(),
         QUOTE_RUNS_PER_DAY="2",
         QUOTE_RUNS_PER_DAY_TOTAL="3",
     )
-    fresh(api)
+    api = fresh_instance()
     one, two = bearer(KEYS[0]), bearer(KEYS[1])
     statuses = [(await api.post("/api/quotes", json=VALID, headers=one)) for _ in range(3)]
     assert [r.status_code for r in statuses] == [202, 202, 429]
@@ -279,10 +281,10 @@ async def test_the_daily_ceiling_is_per_key_and_in_total_with_retry_after(api, c
 
 
 async def test_a_replay_does_not_count_and_is_answered_when_the_day_is_spent(
-    api, configure
+    configure, fresh_instance
 ) -> None:
     configure(QUOTES_API_KEYS=KEYS[0], QUOTES_SECRET=new_secret(), QUOTE_RUNS_PER_DAY="2")
-    fresh(api)
+    api = fresh_instance()
     headers = {**bearer(KEYS[0]), "Idempotency-Key": f"order-{uuid.uuid4()}"}
     first = await api.post("/api/quotes", json=VALID, headers=headers)
     replay = await api.post("/api/quotes", json=VALID, headers=headers)
@@ -295,12 +297,12 @@ async def test_a_replay_does_not_count_and_is_answered_when_the_day_is_spent(
 
 
 async def test_a_run_whose_creation_failed_does_not_use_the_ceiling(
-    api, configure, monkeypatch
+    configure, fresh_instance, monkeypatch
 ) -> None:
     from lib.store import StoreUnavailable
 
     configure(QUOTES_SECRET=new_secret(), QUOTE_RUNS_PER_DAY="1")
-    fresh(api)
+    api = fresh_instance()
 
     async def unreachable(*args: object, **kwargs: object) -> None:
         raise StoreUnavailable("KV did not answer create in time")
@@ -316,9 +318,11 @@ async def test_a_run_whose_creation_failed_does_not_use_the_ceiling(
 # --- the client address ------------------------------------------------------------------------
 
 
-async def test_off_vercel_the_limit_keys_on_the_peer_never_on_headers(api, configure) -> None:
+async def test_off_vercel_the_limit_keys_on_the_peer_never_on_headers(
+    configure, fresh_instance
+) -> None:
     configure(QUOTE_RATE_LIMIT_PER_MINUTE="2", QUOTES_SECRET=new_secret())
-    fresh(api, client=("203.0.113.7", 5000))
+    api = fresh_instance(client=("203.0.113.7", 5000))
     spoofed = [
         {"X-Forwarded-For": random_ipv6()},
         {"X-Vercel-Forwarded-For": random_ipv6(), "X-Real-IP": random_ipv6()},
@@ -326,13 +330,15 @@ async def test_off_vercel_the_limit_keys_on_the_peer_never_on_headers(api, confi
     ]
     statuses = [(await api.post("/api/quotes", json=VALID, headers=h)).status_code for h in spoofed]
     assert statuses == [202, 202, 429]
-    fresh(api, client=("203.0.113.8", 5000))
+    api = fresh_instance(client=("203.0.113.8", 5000))
     assert (await api.post("/api/quotes", json=VALID)).status_code == 202
 
 
-async def test_on_vercel_the_limit_keys_on_its_edge_header_and_an_ipv6_64(api, configure) -> None:
+async def test_on_vercel_the_limit_keys_on_its_edge_header_and_an_ipv6_64(
+    configure, fresh_instance
+) -> None:
     configure(QUOTE_RATE_LIMIT_PER_MINUTE="2", QUOTES_SECRET=new_secret(), VERCEL="1")
-    fresh(api)
+    api = fresh_instance()
     network = "2001:db8:" + ":".join(uuid.uuid4().hex[i : i + 4] for i in (0, 4))
     same_64 = [f"{network}:{suffix}" for suffix in ("0:0:0:1", "ffff:1:2:3", "abcd::9")]
     statuses = [
@@ -368,12 +374,14 @@ async def test_one_keys_idempotency_keys_neither_collide_with_nor_reveal_another
     assert response.status_code == 202
 
 
-async def test_anonymous_callers_idempotency_keys_are_per_address(api, configure) -> None:
+async def test_anonymous_callers_idempotency_keys_are_per_address(
+    configure, fresh_instance
+) -> None:
     idempotency = {"Idempotency-Key": f"order-{uuid.uuid4()}"}
     here, there = random_ipv6(), random_ipv6()
     runs = []
     for address in (here, there, here):
-        fresh(api, client=(address, 5000))
+        api = fresh_instance(client=(address, 5000))
         runs.append(await api.post("/api/quotes", json=VALID, headers=idempotency))
     assert [r.status_code for r in runs] == [202, 202, 200]
     assert runs[0].json()["runId"] != runs[1].json()["runId"]

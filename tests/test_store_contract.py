@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, closing
 from datetime import datetime, timedelta
@@ -48,7 +48,7 @@ from lib.store import (
 from lib.store.base import RELEASED
 from lib.store.sqlite import SQLiteStore
 from lib.store.sqlite_file import open_wal_database
-from tests.conftest import make_quote, make_record
+from tests.conftest import eventually, make_quote, make_record
 
 ROOT = Path(__file__).resolve().parent.parent
 LEASE = timedelta(seconds=45)
@@ -131,14 +131,6 @@ async def instances(
         yield stores
     finally:
         await asyncio.gather(*(s.aclose() for s in stores))
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
-    """Wait until `check` holds (for what only time brings about, such as a TTL)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, "the condition never held"
-        await asyncio.sleep(0.05)
 
 
 # --- creating and reading a run ----------------------------------------------------------------
@@ -946,7 +938,7 @@ async def test_runs_expire_after_the_ttl(store_factory) -> None:
         async def expired() -> bool:
             return await short.get_run(run_id) is None
 
-        await eventually(expired)
+        await eventually(expired, "the run expired")
         assert await short.read_events(run_id, after=-1) == []
         assert (await claim(short, run_id, "w1", now=utc_now())).result == "missing"
         with pytest.raises(RunNotFound):
@@ -1014,7 +1006,7 @@ async def test_the_sqlite_store_purges_the_rows_of_expired_runs(tmp_path) -> Non
         async def expired() -> bool:
             return await short.get_run(record.run_id) is None
 
-        await eventually(expired)
+        await eventually(expired, "the run expired")
     finally:
         await short.aclose()
     later = SQLiteStore(path, ttl_seconds=7200)  # a new instance purges on its first create

@@ -5,16 +5,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
 import pytest
 
 from lib.staleness import LOST_AFTER_DEADLINE_SECONDS
 from lib.store import StoreUnavailable
 from lib.store.sqlite import SQLiteEventWatch
 from tests.functions import VercelRouter
-from tests.test_routes import _orphan_run, api, configure, store
+from tests.test_routes import _orphan_run, api, configure, fresh_instance, store
 
-__all__ = ["api", "configure", "store"]
+__all__ = ["api", "configure", "fresh_instance", "store"]
 
 
 def stream_lines(json_logs, run_id: str) -> list[dict[str, Any]]:
@@ -37,10 +36,10 @@ async def test_a_stream_that_sends_the_terminal_event_logs_open_and_close_termin
 
 
 async def test_a_stream_that_reaches_its_own_deadline_logs_close_deadline(
-    api, store, configure, json_logs
+    store, configure, fresh_instance, json_logs
 ) -> None:
     configure(STREAM_MAX_SECONDS="1", RUN_LEASE_SECONDS="60")
-    api._transport = httpx.ASGITransport(app=VercelRouter())
+    api = fresh_instance()
     run_id = await _orphan_run(store, past_deadline=-200)
     await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
     _, closed = stream_lines(json_logs, run_id)
@@ -62,7 +61,7 @@ async def test_a_stream_of_a_finished_run_with_nothing_new_logs_that_it_did_not_
 
 @pytest.mark.parametrize("store_kind", ["sqlite"])
 async def test_a_stream_whose_storage_fails_logs_a_warning_and_close_storage_error(
-    api, store, configure, json_logs, monkeypatch
+    store, configure, fresh_instance, json_logs, monkeypatch
 ) -> None:
     configure(RUN_LEASE_SECONDS="60")
 
@@ -70,7 +69,7 @@ async def test_a_stream_whose_storage_fails_logs_a_warning_and_close_storage_err
         raise StoreUnavailable("disk I/O error")
 
     monkeypatch.setattr(SQLiteEventWatch, "next_events", unavailable)
-    api._transport = httpx.ASGITransport(app=VercelRouter())
+    api = fresh_instance()
     run_id = await _orphan_run(store, past_deadline=-200)
     await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
     _, warning, closed = stream_lines(json_logs, run_id)

@@ -25,6 +25,7 @@ from lib.providers.base import (
     ProviderUnavailable,
 )
 from lib.providers.tinyfish import INSURER_START_URLS, TinyFishQuoteSource
+from tests.conftest import eventually
 from tests.fake_tinyfish import FakeTinyFishServer
 
 API_KEY = "tf-agent-runs-key"
@@ -600,6 +601,4 @@ async def test_a_call_handed_off_while_its_run_waits_queued_is_resumed_by_refere
 
 async def first_run_created(fake: FakeTinyFishServer, insurer: str) -> None:
     """Waits until the server holds a run for `insurer` (it keeps no event to wait on)."""
-    async with asyncio.timeout(10):
-        while not runs_for(fake, insurer):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    await eventually(lambda: runs_for(fake, insurer), f"a run for {insurer}", within=10)

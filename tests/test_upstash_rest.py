@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Literal
@@ -34,6 +34,7 @@ from upstash_redis.errors import UpstashError
 
 from lib.store.upstash import LuaScript, UpstashRest
 from lib.store.upstash import UpstashError as ProjectUpstashError
+from tests.conftest import eventually
 from tests.upstash_rest import UpstashRestServer, kv_redis_url
 
 pytest_plugins = ["tests.upstash_rest"]
@@ -361,14 +362,6 @@ async def subscribed(
                 await lines.reader
 
 
-async def eventually(condition: Callable[[], Awaitable[bool]], within: float = 5) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            if await condition():
-                return
-            await asyncio.sleep(0.02)
-
-
 async def test_subscribe_streams_upstash_sse_lines(
     upstash_env: UpstashRestServer, http: httpx.AsyncClient, key: str
 ) -> None:
@@ -424,7 +417,7 @@ async def test_closing_the_client_unsubscribes_from_redis(
         async def released() -> bool:
             return await subscribers() == 0 and upstash_env.stats()["open_subscriptions"] == 0
 
-        await eventually(released)
+        await eventually(released, "the subscription released", within=5)
 
 
 async def test_silent_mode_keeps_streams_open_but_delivers_nothing(
@@ -500,7 +493,7 @@ async def test_hundreds_of_subscriptions_and_concurrent_commands(
     async def released() -> bool:
         return bool(upstash_env.stats()["open_subscriptions"] == 0)
 
-    await eventually(released)
+    await eventually(released, "every subscription released", within=5)
 
 
 async def test_stats_count_requests_commands_and_bytes(
