@@ -10,8 +10,9 @@ to catch up from its own cursor.
 
 What Upstash does not promise, the feed checks:
 - a subscription has no keepalive, so a half-open one looks exactly like a quiet one: after
-  `silence_seconds` without a message the feed PUBLISHes a probe on the run's channel; a probe
-  not heard back within `probe_seconds` means the subscription is closed and opened again;
+  `silence_seconds` without a message the feed PUBLISHes a probe on the run's channel and reads
+  once (what a half-open subscription kept back arrives then, not a probe later); a probe not
+  heard back within `probe_seconds` means the subscription is closed and opened again;
 - a notice may be read from a replica that has not yet applied what it announced: a notice is
   not spent until the list has grown by the item it implies. A read that comes back short is
   made again on the primary (a script, which Upstash runs there: 2 billed commands, not 1), and
@@ -64,7 +65,7 @@ class PushTimings:
         self,
         *,
         silence_seconds: float = 16.0,
-        probe_seconds: float = 3.0,
+        probe_seconds: float | None = None,
         refusal_recheck_seconds: float = 180.0,
         poll_min: float = 0.05,
         # Two billed commands an idle poll (the open list, then the ended run's): ≤ 1 a second.
@@ -74,7 +75,10 @@ class PushTimings:
         clock: Clock = time.monotonic,
     ) -> None:
         self.silence_seconds = silence_seconds
-        self.probe_seconds = probe_seconds
+        # A probe's echo comes back in a round trip: a quarter of the silence, at most 3 s.
+        self.probe_seconds = (
+            min(3.0, silence_seconds / 4) if probe_seconds is None else probe_seconds
+        )
         self.refusal_recheck_seconds = refusal_recheck_seconds
         self.poll_min, self.poll_max = poll_min, poll_max
         self.primary_seconds = primary_seconds
@@ -333,6 +337,8 @@ class RunFeed:
                 wait = self._last_signal + timings.silence_seconds - now
                 if wait <= 0:
                     self._probe_sent = now
+                    # What a half-open subscription kept from us is read now, not after the probe.
+                    self._catch_up = True
                     try:
                         await self._push.probe(self.run_id)
                     except StoreUnavailable:
