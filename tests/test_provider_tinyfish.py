@@ -237,7 +237,7 @@ async def test_too_little_time_left_starts_no_agent_run(api: respx.MockRouter) -
         await source.aclose()
     assert not route.called
     assert caught.value.agent_run_id is None
-    assert not caught.value.agent_run_may_be_going
+    assert caught.value.agent_run_id is None or caught.value.agent_run_finished
 
 
 async def test_started_reports_the_agent_run_before_anything_else(api: respx.MockRouter) -> None:
@@ -1020,13 +1020,13 @@ async def test_a_run_tinyfish_no_longer_knows_is_transient_and_over(api: respx.M
     outcome, _, _ = await reattach(api, httpx.Response(404, json={"error": {"code": "NOT_FOUND"}}))
     assert isinstance(outcome, ProviderUnavailable)
     assert outcome.transient
-    assert not outcome.agent_run_may_be_going
+    assert outcome.agent_run_id is None or outcome.agent_run_finished
 
 
 async def test_a_refused_key_while_polling_leaves_the_run_to_cancel(api: respx.MockRouter) -> None:
     outcome, _, _ = await reattach(api, got("RUNNING"), api_error(401, "INVALID_API_KEY"))
     assert isinstance(outcome, ProviderAuth)
-    assert outcome.agent_run_may_be_going
+    assert outcome.agent_run_id is not None and not outcome.agent_run_finished
 
 
 async def test_polling_past_the_deadline_cancels_the_run_and_times_out() -> None:

@@ -109,7 +109,6 @@ class RecordingSource:
     """Wraps a real source: records every attempt it was asked to run and every cancel."""
 
     name = "simulated"
-    billable = False
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner

@@ -5,15 +5,11 @@ attempt can end in. Depends on nothing below it."""
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import ClassVar, Protocol
 
 from lib.models import ProviderErrorCode, ProviderId, Quote, QuoteRequest, QuoteSourceName, utc_now
-
-# An activity callback (what lib.providers.retry's callers pass).
-ReportActivity = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +82,6 @@ class ProviderError(Exception):
         # same attempt (same reference, looked up again before any create), never a new one.
         self.same_attempt = False
 
-    @property
-    def agent_run_may_be_going(self) -> bool:
-        """True when this error leaves an agent run behind that should be cancelled."""
-        return self.agent_run_id is not None and not self.agent_run_finished
-
 
 class ProviderTimeout(ProviderError):
     code = "provider_timeout"
@@ -154,7 +145,6 @@ class ProviderAuth(ProviderError):
 
 class QuoteSource(Protocol):
     name: QuoteSourceName
-    billable: bool  # True when attempts cost money (TinyFish)
 
     async def quote(
         self,

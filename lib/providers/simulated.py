@@ -175,7 +175,6 @@ class SimulatedQuoteSource:
     """Deterministic demo quotes with agent-like activity; see the module docstring."""
 
     name: QuoteSourceName = "simulated"
-    billable = False
 
     def __init__(
         self,

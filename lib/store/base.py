@@ -475,11 +475,8 @@ class Store(ABC):
     async def ping(self) -> None:
         """One cheap round trip to storage (the health check); raises StoreUnavailable."""
 
-    async def append_event(
-        self, run_id: str, event: RunEvent, *, record: object = None, nonce: object = None
-    ) -> int:
-        """One event; a terminal one ends the run (completed or failed, as the event says).
-        `record` and `nonce` are accepted and ignored, for the benchmark's older scenarios."""
+    async def append_event(self, run_id: str, event: RunEvent) -> int:
+        """One event; a terminal one ends the run (completed or failed, as the event says)."""
         from lib.models import CompleteEvent, ErrorEvent, ErrorInfo, RunEnd
 
         if isinstance(event, CompleteEvent | ErrorEvent):

@@ -162,7 +162,6 @@ class TinyFishQuoteSource:
     """Quotes read off the insurers' own sites by TinyFish web agents; see the module docstring."""
 
     name: QuoteSourceName = "tinyfish"
-    billable = True
 
     def __init__(
         self,
