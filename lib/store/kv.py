@@ -295,6 +295,21 @@ return {'recorded', count - 2, done}
 """,
 )
 
+# The fence, once a run's terminal item is pushed (FINISH's and CANCEL's): the open list becomes
+# the ended one, so every later RPUSHX to it is refused; the holders' renewal fields go, so a
+# renewal after the end finds nothing to renew (RunFinalized); the end and both TTLs are set.
+_SEAL = """
+redis.call('RENAME', events_key, log_key)
+local renewals = {}
+for _, name in ipairs(redis.call('HKEYS', run_key)) do
+  if string.sub(name, 1, 2) == 'r:' then renewals[#renewals + 1] = name end
+end
+if #renewals > 0 then redis.call('HDEL', run_key, unpack(renewals)) end
+redis.call('HSET', run_key, 'st', status, 'end', run_end)
+redis.call('EXPIRE', run_key, ttl)
+redis.call('EXPIRE', log_key, ttl)
+"""
+
 FINISH = LuaScript(
     "finish",
     keys=("run_key", "events_key", "log_key"),
@@ -306,16 +321,9 @@ if count == 0 then
   if redis.call('EXISTS', log_key) == 1 then return {'ended'} end
   return {'missing'}
 end
-redis.call('RENAME', events_key, log_key)
--- Every renewal field goes: a renewal after the end finds nothing to renew (RunFinalized).
-local renewals = {}
-for _, name in ipairs(redis.call('HKEYS', run_key)) do
-  if string.sub(name, 1, 2) == 'r:' then renewals[#renewals + 1] = name end
-end
-if #renewals > 0 then redis.call('HDEL', run_key, unpack(renewals)) end
-redis.call('HSET', run_key, 'st', status, 'end', run_end)
-redis.call('EXPIRE', run_key, ttl)
-redis.call('EXPIRE', log_key, ttl)
+"""
+    + _SEAL
+    + """
 return {'finished', count - 1}
 """,
 )
@@ -345,18 +353,12 @@ end
 if tonumber(v[2] or 0) ~= tonumber(completed) then return {'outcomes_changed'} end
 local count = redis.call('RPUSHX', events_key, terminal_item)
 if count == 0 then return {'missing'} end
-redis.call('RENAME', events_key, log_key)
--- Every renewal field goes: a renewal after the end finds nothing to renew (RunFinalized).
-local renewals = {}
-for _, name in ipairs(redis.call('HKEYS', run_key)) do
-  if string.sub(name, 1, 2) == 'r:' then renewals[#renewals + 1] = name end
-end
-if #renewals > 0 then redis.call('HDEL', run_key, unpack(renewals)) end
-redis.call('HSET', run_key, 'st', 'cancelled', 'end', run_end)
-redis.call('EXPIRE', run_key, ttl)
-redis.call('EXPIRE', log_key, ttl)
+local status = 'cancelled'
+""".replace("NEEDLE_LENGTH", str(len('{"n":"') + NONCE_CHARS + 1))
+    + _SEAL
+    + """
 return {'cancelled', count - 1}
-""".replace("NEEDLE_LENGTH", str(len('{"n":"') + NONCE_CHARS + 1)),
+""",
 )
 
 # A renewal (one HSET of the owner's renewal field) that created its field: the owner was not

@@ -544,13 +544,7 @@ class SQLiteStore(Store):
 
         def finish(db: sqlite3.Connection) -> int:
             count = self._require_open(db, run_id)
-            self._insert_events(
-                db, run_id, count, [(stored_event_json(event, nonce), nonce, event)]
-            )
-            db.execute(
-                "UPDATE runs SET status = ?, run_end = ?, expires_at = ? WHERE run_id = ?",
-                (end.status, end.model_dump_json(), time.time() + self.ttl_seconds, run_id),
-            )
+            self._seal(db, run_id, count, event, nonce, end)
             return count
 
         return await self._transaction(finish)
@@ -565,16 +559,26 @@ class SQLiteStore(Store):
             (done,) = db.execute("SELECT done FROM runs WHERE run_id = ?", (run_id,)).fetchone()
             if int(done) != completed:
                 raise OutcomesChanged(f"a provider of run {run_id} finished meanwhile")
-            self._insert_events(
-                db, run_id, count, [(stored_event_json(event, nonce), nonce, event)]
-            )
-            db.execute(
-                "UPDATE runs SET status = ?, run_end = ?, expires_at = ? WHERE run_id = ?",
-                (end.status, end.model_dump_json(), time.time() + self.ttl_seconds, run_id),
-            )
+            self._seal(db, run_id, count, event, nonce, end)
             return count
 
         return await self._transaction(cancel)
+
+    def _seal(
+        self,
+        db: sqlite3.Connection,
+        run_id: str,
+        count: int,
+        event: RunEvent,
+        nonce: str,
+        end: RunEnd,
+    ) -> None:
+        """The terminal event and the run's end, in the caller's transaction (the fence)."""
+        self._insert_events(db, run_id, count, [(stored_event_json(event, nonce), nonce, event)])
+        db.execute(
+            "UPDATE runs SET status = ?, run_end = ?, expires_at = ? WHERE run_id = ?",
+            (end.status, end.model_dump_json(), time.time() + self.ttl_seconds, run_id),
+        )
 
     async def read_events(
         self, run_id: str, after: int, limit: int | None = None
