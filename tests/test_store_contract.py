@@ -396,6 +396,24 @@ async def test_after_the_lease_ends_its_holder_keeps_the_provider_while_it_write
     assert state is not None and state.record.leases["geico"].owner == "w2"
 
 
+async def test_a_claim_refused_by_a_holders_recent_event_leaves_the_holder_its_renewals(
+    store: Store,
+) -> None:
+    run_id = await new_run(store)
+    start = utc_now()
+    await claim(store, run_id, "w1", now=start)
+    wrote_at = start + timedelta(seconds=30)
+    await store.append_events(run_id, [activity("still working", ts=wrote_at)])
+    later = start + LEASE + timedelta(seconds=5)  # w1's lease has ended; its event has not aged
+    refused = await claim(store, run_id, "w2", now=later)
+    # w1, still alive, renews: the refused claim took nothing from it.
+    await store.renew_lease(run_id, "geico", "w1", later + LEASE)
+    state = await store.get_run(run_id)
+    assert refused.result == "held"
+    assert state is not None and state.record.leases["geico"].owner == "w1"
+    assert state.record.leases["geico"].until == later + LEASE
+
+
 async def test_a_holders_event_counts_however_many_events_other_providers_wrote_since(
     store: Store,
 ) -> None:

@@ -204,8 +204,6 @@ if v[3] then
     -- Not released: the holder's own renewals (one HSET each) may have moved its lease on.
     local renewed = redis.call('HGET', run_key, 'r:' .. provider .. ':' .. holder)
     if renewed and tonumber(renewed) > tonumber(now_ms) then return {'held', renewed} end
-    -- Taken over: the holder's renewals must find their field gone (LeaseLost).
-    redis.call('HDEL', run_key, 'r:' .. provider .. ':' .. holder)
     local needle = '"provider":"' .. provider .. '"'
     local events = redis.call('LRANGE', events_key, 0, -1)
     for i = #events, 1, -1 do
@@ -215,6 +213,8 @@ if v[3] then
         break
       end
     end
+    -- Taken over: the holder's renewals must find their field gone (LeaseLost).
+    redis.call('HDEL', run_key, 'r:' .. provider .. ':' .. holder)
   end
 end
 deliveries = deliveries + 1
