@@ -156,7 +156,7 @@ def notes(runs: dict[DeliveryKey, Delivery], base: float, redis_note: str) -> li
         "command again (bench/scenarios.py WRITE_COMMANDS). Upstash: $0.20 per 100K commands, "
         "500K a month free, 10,000 commands a second per database.",
         "Lease renewals: each provider's writer renews its 45 s lease once it has written "
-        "nothing for 22.5 s (half of it), as lib/worker/ does; the writers are the "
+        "nothing for 30 s (two thirds of it), as lib/worker/ does; the writers are the "
         "benchmark's, not the worker function.",
         "Run: bench/workload.py, written as lib/worker/ writes it (started with create_run; five "
         "provider workers at once: each claims its provider, the claim storing its first "

@@ -138,9 +138,9 @@ async def write(store: Store, run_id: str, w: Write) -> list[int]:
     return [await store.append_events(run_id, [w.event])]
 
 
-# The worker's lease (lib/worker/lease.py): 45 s, renewed after half of it without a write.
+# The worker's lease (lib/worker/lease.py): 45 s, renewed after 2/3 of it without a write.
 LEASE_SECONDS = 45.0
-RENEW_AFTER_SECONDS = LEASE_SECONDS / 2
+RENEW_AFTER_SECONDS = LEASE_SECONDS * 2 / 3
 
 
 async def renew_while_quiet(

@@ -104,12 +104,13 @@ class ProviderLease:
         return self._clock.now() + self.duration
 
     async def keep(self, slot: AgentSlot) -> NoReturn:
-        """Renew the lease whenever the holder has written nothing for half of it (a claim
-        counts recent events as signs of life, so a renewal that fails still leaves half a lease
-        to try again; each renewal is a billed command), and the agent slot every third of it.
+        """Renew the lease whenever the holder has written nothing for two thirds of it (a claim
+        counts recent events as signs of life; a renewal that fails has the last third, retried
+        every second, as Kubernetes' leader election renews a 15 s lease within 10 s; each
+        renewal is a billed command), and the agent slot every third of it.
         Ends only by raising why the lease could not be kept (LeaseLost, RunFinalized,
         RunNotFound)."""
-        quiet = self.duration / 2
+        quiet = self.duration * 2 / 3
         slot_interval = self.duration / 3
         slot_due = self._clock.now() + slot_interval
         while True:
