@@ -18,6 +18,7 @@ import json
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ REQUEST: dict[str, Any] = {
     "zip": "94107",
     "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
 }
+MAX_CONNECTIONS = 20  # a viewer's reconnections before the run is called stuck
 QUIET_SECONDS = 3.0  # the bill has settled once no command has run for this long
 
 
@@ -132,7 +134,12 @@ def host_env(setup: Setup, delay_scale: float, data_dir: Path) -> dict[str, str]
 class Viewer:
     """One SSE viewer, reconnecting with Last-Event-ID as a browser's EventSource does."""
 
-    def __init__(self, base_url: str, run_id: str, on_event: Any) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        run_id: str,
+        on_event: Callable[[dict[str, Any], str], Awaitable[None]],
+    ) -> None:
         self.url = f"{base_url}/api/quotes/{run_id}/stream"
         self.ids: set[int] = set()
         self.duplicated = 0
@@ -142,19 +149,24 @@ class Viewer:
 
     async def watch(self, within: float) -> None:
         async with asyncio.timeout(within), httpx.AsyncClient(timeout=httpx.Timeout(None)) as http:
-            while not self.terminal:
-                self.reconnects += 1
-                headers = {"Last-Event-ID": str(max(self.ids))} if self.ids else {}
-                async with aconnect_sse(http, "GET", self.url, headers=headers) as source:
-                    source.response.raise_for_status()
-                    async for sse in source.aiter_sse():
-                        if not sse.data:
-                            continue
-                        await self._note(int(sse.id), json.loads(sse.data))
-                        if self.terminal:
-                            return
-                if not self.terminal:
-                    await asyncio.sleep(1.0)  # EventSource's reconnection delay, roughly
+            for _ in range(MAX_CONNECTIONS):
+                if await self._visit(http):
+                    return
+                await asyncio.sleep(1.0)  # EventSource's reconnection delay, roughly
+            raise BenchError(f"the viewer reconnected {MAX_CONNECTIONS} times without an end")
+
+    async def _visit(self, http: httpx.AsyncClient) -> bool:
+        """One connection, read until the run's terminal event (True) or the server closes."""
+        self.reconnects += 1
+        headers = {"Last-Event-ID": str(max(self.ids))} if self.ids else {}
+        async with aconnect_sse(http, "GET", self.url, headers=headers) as source:
+            source.response.raise_for_status()
+            async for sse in source.aiter_sse():
+                if sse.data:
+                    await self._note(int(sse.id), json.loads(sse.data))
+                    if self.terminal:
+                        return True
+        return False
 
     async def _note(self, event_id: int, event: dict[str, Any]) -> None:
         if event_id in self.ids:
@@ -186,7 +198,6 @@ async def functions_run(setup: Setup, target_seconds: float = TARGET_SECONDS) ->
             return await _measure(setup, host, seed, seed_redis.url, delay_scale, target_seconds)
         finally:
             await seed.aclose()
-    raise AssertionError("unreachable")  # pragma: no cover (the with block returns or raises)
 
 
 async def _measure(

@@ -357,7 +357,10 @@ def functions_section(run: FunctionsRun) -> Section:
             ratio(run.billed + run.billed_writes, run.seed_billed + run.seed_writes),
         ),
     ]
-    return Section(f"Through the functions: a {FOUR_MINUTES / 60:.0f}-minute run (issue 22)", rows)
+    return Section(
+        f"Through the functions: one run, 1 viewer (issue 22's {FOUR_MINUTES / 60:.0f}-minute run)",
+        rows,
+    )
 
 
 def functions_note(run: FunctionsRun) -> str:
