@@ -11,7 +11,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from bench import report, scenarios
+from bench import functions, report, scenarios
 from bench.infra import (
     ROOT,
     BenchError,
@@ -38,7 +38,7 @@ SHORT_RUN_SECONDS = 20.0
 # stream's stale check then finalized the run worker_lost under the benchmark's feet.
 RUN_LEASE_SECONDS = 600
 # What `--only` can pick (all of them by default).
-GROUPS = ("delivery", "streams", "writers", "replica", "polling", "imports")
+GROUPS = ("delivery", "functions", "streams", "writers", "replica", "polling", "imports")
 
 
 def progress(message: str) -> None:
@@ -51,6 +51,7 @@ class Scenarios:
 
     def __init__(self) -> None:
         self.failures: dict[str, str] = {}
+        self.notes: list[str] = []  # what a scenario adds below the table
 
     async def attempt(self, name: str, scenario: Awaitable[T]) -> T | None:
         progress(name)
@@ -70,6 +71,7 @@ async def measure(
     base: float,
     only: frozenset[str] = frozenset(GROUPS),
     cost_only: bool = False,
+    functions_seconds: float = report.FOUR_MINUTES,
 ) -> tuple[list[report.Section], dict[DeliveryKey, Delivery]]:
     long = 2 * base
     runs: dict[DeliveryKey, Delivery] = {}
@@ -100,6 +102,15 @@ async def measure(
         sections.append(report.delivery_section(runs, CLIENTS, base, long, SHORT_RUN_SECONDS))
     if cost_only:
         return sections, runs
+    if "functions" in only:
+        through = await scenarios_run.attempt(
+            f"a {functions_seconds:.0f} s run through the functions (make dev host), 1 viewer, "
+            "and the same run in the seed's design",
+            functions.functions_run(setup, functions_seconds),
+        )
+        if through is not None:
+            sections.append(report.functions_section(through))
+            scenarios_run.notes.append(report.functions_note(through))
     streams = None
     if "streams" in only:
         # Before the reconnecting readers: streams they drop can outlive them (see that row).
@@ -213,7 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cost-only",
         action="store_true",
-        help="only the cost rows: the base and the 4-minute 1-client runs, this design and seed",
+        help="only the cost rows: the base and the 4-minute 1-client runs, this design and seed "
+        "(the benchmark's writers; `--only functions` is the 4-minute run through the functions)",
+    )
+    parser.add_argument(
+        "--functions-seconds",
+        type=float,
+        default=report.FOUR_MINUTES,
+        help="how long the run through the functions lasts (its budget is a 4-minute run's)",
     )
     args = parser.parse_args(argv)
     only = frozenset({"delivery"} if args.cost_only else (args.only or GROUPS))
@@ -251,7 +269,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         setup = Setup(endpoint, stream, env, logs, url)
         sections, runs = asyncio.run(
-            measure(setup, scenarios_run, args.streams, args.duration, only, args.cost_only)
+            measure(
+                setup,
+                scenarios_run,
+                args.streams,
+                args.duration,
+                only,
+                args.cost_only,
+                args.functions_seconds,
+            )
         )
     functions = [spec.file for spec in discover_functions(ROOT)]
     if "imports" in only:
@@ -270,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         *machine.lines(),
         f"Everything on loopback; took {time.monotonic() - began:.0f} s.",
     ]
-    notes_lines = notes(runs, args.duration, redis_note)
+    notes_lines = notes(runs, args.duration, redis_note) + scenarios_run.notes
     print(report.render_text(sections, header, notes_lines))
     if only == frozenset(GROUPS):  # a partial run does not replace the last full one
         report.write_markdown(RESULTS_PATH, report.render_markdown(sections, header, notes_lines))

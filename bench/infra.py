@@ -82,8 +82,8 @@ class RedisServer:
     `INFO commandstats` counts nothing but the benchmark's traffic: the shared server on :6379
     also serves every test suite running on this machine."""
 
-    def __init__(self, log_dir: Path) -> None:
-        self.log_path = log_dir / "redis-server.log"
+    def __init__(self, log_dir: Path, name: str = "redis-server") -> None:
+        self.log_path = log_dir / f"{name}.log"
         self.url = ""
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -194,9 +194,9 @@ class UpstashEndpoint:
 
     TOKEN = "bench-kv-token"
 
-    def __init__(self, redis: str, log_dir: Path) -> None:
+    def __init__(self, redis: str, log_dir: Path, name: str = "upstash-rest") -> None:
         self.redis = redis
-        self.log_path = log_dir / "upstash-rest.log"
+        self.log_path = log_dir / f"{name}.log"
         self.url = ""
         self._process: subprocess.Popen[bytes] | None = None
         self._http = httpx.Client(headers={"Authorization": f"Bearer {self.TOKEN}"}, timeout=10)

@@ -5,9 +5,11 @@ Markdown (`bench/last-results.md`) for the README."""
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.functions import FunctionsRun
 from bench.scenarios import REPLICA_LAG_MS, Delivery, Imports, Polling, Streams, Writers
 
 HEADERS = ("what", "this design", "seed", "this/seed", "budget", "ok?")
@@ -306,8 +308,75 @@ def delivery_section(
 
 def billed_breakdown(run: Delivery) -> str:
     """The billed commands of one run by name, largest first: evalsha 100, rpush 99, ..."""
-    parts = [f"{name} {calls}" for name, calls in run.billed_by_command.most_common()]
-    return ", ".join(parts)
+    return by_command(run.billed_by_command)
+
+
+def by_command(calls: Counter[str]) -> str:
+    return ", ".join(f"{name} {n}" for name, n in calls.most_common() if n)
+
+
+def functions_section(run: FunctionsRun) -> Section:
+    """Issue 22's 4-minute run, measured end to end through the functions."""
+    ceiling = PER_EVENT * run.events + PER_PROVIDER * PROVIDERS + PER_RUN
+    ok = run.terminal == "complete" and run.duplicated == 0
+    label = f"{run.seconds:.0f} s run through the functions, 1 viewer"
+    rows = [
+        Row(
+            f"run: POST → `{run.terminal or 'nothing'}` at the viewer "
+            f"(SIMULATED_DELAY_SCALE={run.delay_scale:.2f})",
+            f"{run.seconds:.1f} s, {run.events} events",
+            f"{run.seconds:.1f} s, {run.events} events",
+            budget="complete, no duplicate",
+            ok=ok,
+        ),
+        Row(
+            f"billed commands, {label}",
+            f"{count(run.billed)} (${run.billed * DOLLARS_PER_COMMAND:.5f})",
+            f"{count(run.seed_billed)} (${run.seed_billed * DOLLARS_PER_COMMAND:.5f})",
+            ratio(run.billed, run.seed_billed),
+            f"≤ {FOUR_MINUTE_FACTOR} × seed = {FOUR_MINUTE_FACTOR * run.seed_billed:.0f}",
+            ok and run.billed <= FOUR_MINUTE_FACTOR * run.seed_billed,
+        ),
+        Row(
+            f"  vs {PER_EVENT}/event + {PER_PROVIDER}/provider + {PER_RUN} "
+            f"({run.events} events, {PROVIDERS} providers)",
+            count(run.billed),
+            budget=f"≤ {ceiling}",
+            ok=ok and run.billed <= ceiling,
+        ),
+        Row(
+            "  per event",
+            f"{run.billed / max(1, run.events):.2f}",
+            f"{run.seed_billed / max(1, run.events):.2f}",
+            ratio(run.billed, run.seed_billed),
+        ),
+        Row(
+            "  with 1 read region (writes billed again)",
+            count(run.billed + run.billed_writes),
+            count(run.seed_billed + run.seed_writes),
+            ratio(run.billed + run.billed_writes, run.seed_billed + run.seed_writes),
+        ),
+    ]
+    return Section(
+        f"Through the functions: one run, 1 viewer (issue 22's {FOUR_MINUTES / 60:.0f}-minute run)",
+        rows,
+    )
+
+
+def functions_note(run: FunctionsRun) -> str:
+    return (
+        f"Through the functions: `make dev`'s host (tools/devhost, 1 instance per function, its "
+        f"embedded Vercel Queues service delivering to api/work.py) on the benchmark's Upstash "
+        f"endpoint, the simulated quote source with SIMULATED_DELAY_SCALE={run.delay_scale:.2f} "
+        f"(its slowest insurer's timeline stretched to the run's length), default lease (45 s, "
+        f"renewed after 22.5 s quiet), default admission limits, Lua scripts loaded beforehand "
+        f"(a deployed KV's cache is warm); POST /api/quotes with all 5 insurers, 1 SSE viewer "
+        f"({run.reconnects} reconnection(s)) to `{run.terminal}`. Counted from before the POST "
+        f"until no command had run for 3 s after `complete`. Seed: the same run in lockstep on "
+        f"its own redis-server (blob created when the POST is answered, each event the viewer "
+        f"receives appended by GET + SET, its viewer polling every 500 ms). Billed by command: "
+        f"{by_command(run.billed_by_command)}; the seed's: {by_command(run.seed_by_command)}."
+    )
 
 
 def writers_section(this: Writers, seed: Writers, readers: Writers) -> Section:
