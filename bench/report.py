@@ -369,7 +369,7 @@ def functions_note(run: FunctionsRun) -> str:
         f"embedded Vercel Queues service delivering to api/work.py) on the benchmark's Upstash "
         f"endpoint, the simulated quote source with SIMULATED_DELAY_SCALE={run.delay_scale:.2f} "
         f"(its slowest insurer's timeline stretched to the run's length), default lease (45 s, "
-        f"renewed after 22.5 s quiet), default admission limits, Lua scripts loaded beforehand "
+        f"renewed after 30 s quiet), default admission limits, Lua scripts loaded beforehand "
         f"(a deployed KV's cache is warm); POST /api/quotes with all 5 insurers, 1 SSE viewer "
         f"({run.reconnects} reconnection(s)) to `{run.terminal}`. Counted from before the POST "
         f"until no command had run for 3 s after `complete`. Seed: the same run in lockstep on "
