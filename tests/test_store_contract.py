@@ -474,6 +474,31 @@ async def test_a_released_lease_lets_the_next_claim_in_at_once(store: Store) -> 
     assert resumed.deliveries == 2
 
 
+async def test_a_released_lease_is_no_longer_its_holders_to_renew(store: Store) -> None:
+    """The release rule (Store.renew_lease), one answer on both backends: after a release the
+    holder's renewal raises LeaseLost, before the next claim as after it, even when the holder
+    had renewed (KV keeps renewals in a field of their own) and wrote an event just now."""
+    for takeover in (False, True):
+        run_id = await new_run(store)
+        now = utc_now()
+        await claim(store, run_id, "w1", now=now)
+        await store.renew_lease(run_id, "geico", "w1", now + 3 * LEASE)
+        work = ProviderWork(attempt=1, attempt_started_at=now)
+        await store.save_provider_work(
+            run_id, "geico", "w1", work, [activity("handing back")], lease_until=RELEASED
+        )
+        await store.save_provider_work(run_id, "geico", "w1", work, lease_until=RELEASED)
+        if takeover:
+            taken = await claim(store, run_id, "w2", now=now + timedelta(seconds=1))
+            assert taken.result == "claimed"
+        with pytest.raises(LeaseLost):
+            await store.renew_lease(run_id, "geico", "w1", now + LEASE)
+        if not takeover:
+            taken = await claim(store, run_id, "w2", now=now + timedelta(seconds=1))
+            assert taken.result == "claimed", "a refused renewal leaves the lease free"
+        await store.renew_lease(run_id, "geico", "w2", now + LEASE)  # the new holder's own
+
+
 async def test_agent_steps_read_back_from_the_outcome_else_from_the_work_so_far(
     store: Store,
 ) -> None:

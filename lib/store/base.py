@@ -49,8 +49,15 @@ if TYPE_CHECKING:
 _TYPE_FIELD = re.compile(r'\{"id":\d+,"type":"([a-z_]+)"')
 NONCE_CHARS = 8
 _NONCE_PREFIX = len('{"n":"",') + NONCE_CHARS
-# A lease given back on purpose (not merely expired).
+# A lease given back on purpose (not merely expired): see renew_lease for the rule.
 RELEASED = datetime.fromtimestamp(0, UTC)
+
+
+def is_released(lease_end: datetime) -> bool:
+    """Whether a lease ending at `lease_end` was given back (the release rule: renew_lease)."""
+    return lease_end <= RELEASED
+
+
 # The events a snapshot reads from the end of the run, for each provider's latest activity.
 TAIL_EVENTS = 24
 
@@ -402,6 +409,12 @@ class Store(ABC):
     ) -> None:
         """Extend `owner`'s lease (or release it: `until` = RELEASED lets the next claim in
         at once, without waiting for the holder's recent events to age).
+
+        The release rule, on both backends: a lease whose end is RELEASED is free. The next
+        claim takes it whatever the holder's latest event or renewals say, and the holder can
+        no longer renew it: renewing a released lease raises LeaseLost, whether or not
+        another owner has claimed it since (its holder handed the message back; it must not
+        take the provider again behind the next delivery's back).
         Raises LeaseLost, RunFinalized, RunNotFound."""
 
     @abstractmethod

@@ -53,7 +53,6 @@ from lib.models import (
 )
 from lib.store.base import (
     NONCE_CHARS,
-    RELEASED,
     REPEAT_WINDOW,
     TAIL_EVENTS,
     CreateOutcome,
@@ -67,6 +66,7 @@ from lib.store.base import (
     assemble_record,
     first_copies,
     idempotency_value,
+    is_released,
     mapped_run,
     new_nonce,
     progress_event_parts,
@@ -248,10 +248,14 @@ if work ~= '' then fields[#fields + 1] = 's:' .. provider; fields[#fields + 1] =
 if lease_until_ms ~= '' then
   fields[#fields + 1] = 'l:' .. provider
   fields[#fields + 1] = holder .. '|' .. lease_until_ms .. '|' .. count
-  fields[#fields + 1] = 'r:' .. provider .. ':' .. holder
-  fields[#fields + 1] = lease_until_ms
+  if lease_until_ms ~= '0' then
+    fields[#fields + 1] = 'r:' .. provider .. ':' .. holder
+    fields[#fields + 1] = lease_until_ms
+  end
 end
 if #fields > 0 then redis.call('HSET', run_key, unpack(fields)) end
+-- Released: the holder's renewals must find their field gone (the release rule: LeaseLost).
+if lease_until_ms == '0' then redis.call('HDEL', run_key, 'r:' .. provider .. ':' .. holder) end
 if #items > 0 then
   if retry == '1' then
     local needle = string.sub(items[1], 1, NEEDLE_LENGTH)
@@ -478,7 +482,7 @@ def _record_from_fields(fields: dict[str, str], tail: list[StoredEvent]) -> RunR
             work[provider] = ProviderWork.model_validate_json(raw)
         if (raw := fields.get(f"l:{provider}")) and (lease := _parse_lease(raw)):
             renewed = fields.get(_renewal_field(provider, lease.owner), "")
-            if renewed.isdigit() and lease.until > RELEASED:
+            if renewed.isdigit() and not is_released(lease.until):
                 lease = lease.model_copy(update={"until": max(lease.until, _from_ms(renewed))})
             leases[provider] = lease
     return assemble_record(meta, end, outcomes, work, leases, tail)
@@ -739,7 +743,7 @@ class KVStore(Store):
     async def renew_lease(
         self, run_id: str, provider: ProviderId, owner: str, until: datetime
     ) -> None:
-        if until <= RELEASED:
+        if is_released(until):
             await self._save_work(run_id, provider, owner, "", _ms(until), [])
             return
         # One HSET of the owner's own renewal field, which its claim created and a takeover or

@@ -41,6 +41,7 @@ from lib.store.base import (
     StoredEvent,
     assemble_record,
     idempotency_value,
+    is_released,
     mapped_run,
     new_nonce,
     progress_event_parts,
@@ -113,6 +114,11 @@ _PURGE_EVERY_SECONDS = 60.0
 
 def _epoch(moment: datetime) -> float:
     return moment.timestamp()
+
+
+def _from_epoch(seconds: float | None) -> datetime:
+    """A stored lease end (None: no lease, as good as released)."""
+    return datetime.fromtimestamp(seconds or 0, UTC)
 
 
 class SQLiteStore(Store):
@@ -393,7 +399,7 @@ class SQLiteStore(Store):
                 if until is not None and until > _epoch(now):
                     return ProviderClaim("held", busy_until=datetime.fromtimestamp(until, UTC))
                 last = (
-                    until
+                    not is_released(_from_epoch(until))
                     and db.execute(
                         "SELECT ts FROM events WHERE run_id = ? AND provider = ?"
                         " ORDER BY id DESC LIMIT 1",
@@ -442,6 +448,12 @@ class SQLiteStore(Store):
     ) -> None:
         def renew(db: sqlite3.Connection) -> None:
             self._require_lease(db, run_id, provider, owner)
+            (current,) = db.execute(
+                "SELECT lease_until FROM providers WHERE run_id = ? AND provider = ?",
+                (run_id, provider),
+            ).fetchone()
+            if not is_released(until) and is_released(_from_epoch(current)):
+                raise LeaseLost(f"{provider} of run {run_id} was released by {owner}")
             db.execute(
                 "UPDATE providers SET lease_until = ? WHERE run_id = ? AND provider = ?",
                 (_epoch(until), run_id, provider),
