@@ -54,9 +54,14 @@ RUN_ERROR_MESSAGES: dict[RunErrorCode, str] = {
 
 
 def new_run_record(
-    run_id: str, request: QuoteRequest, providers: list[ProviderId], deadline: datetime
+    run_id: str,
+    request: QuoteRequest,
+    providers: list[ProviderId],
+    deadline: datetime,
+    *,
+    now: datetime | None = None,
 ) -> RunRecord:
-    now = utc_now()
+    now = now or utc_now()
     return RunRecord(
         run_id=run_id,
         created_at=now,
@@ -68,9 +73,10 @@ def new_run_record(
     )
 
 
-def run_deadline(settings: Settings) -> datetime:
-    """A run's own deadline: RUN_MAX_SECONDS from now, whatever any invocation's limit."""
-    return utc_now() + timedelta(seconds=settings.run_max_seconds)
+def run_deadline(settings: Settings, now: datetime | None = None) -> datetime:
+    """A run's own deadline: RUN_MAX_SECONDS from now (from its creation, given `now`),
+    whatever any invocation's limit."""
+    return (now or utc_now()) + timedelta(seconds=settings.run_max_seconds)
 
 
 def complete_event(record: RunRecord) -> CompleteEvent:

@@ -152,7 +152,7 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
     # validation and the workflow cost more to import than Starlette itself.
     from pydantic import ValidationError
 
-    from lib.models import QuoteRequest
+    from lib.models import QuoteRequest, utc_now
     from lib.queue import QueueNotConfigured, QueueUnavailable, require_queue
     from lib.queue.dispatch import dispatch_run
     from lib.validation import validation_problem
@@ -189,7 +189,8 @@ async def start_quote_run(request: Request, context: FunctionContext) -> Respons
         return _replay(earlier, claim, settings)
     run_id = new_run_id()
     providers = quote_request.selected_providers(allowed or settings.providers)
-    record = new_run_record(run_id, quote_request, providers, run_deadline(settings))
+    now = utc_now()  # the run's creation, from which its deadline counts exactly
+    record = new_run_record(run_id, quote_request, providers, run_deadline(settings, now), now=now)
     try:
         require_queue(settings)
         outcome = await store.create_run(record, claim)
