@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from lib.config import get_settings
 from lib.models import (
     PROVIDER_IDS,
     ProviderId,
@@ -19,11 +20,22 @@ from lib.models import (
     new_run_id,
     utc_now,
 )
-from lib.store import Store
+from lib.store import Store, open_store
 from lib.store.kv import KVStore
 from lib.store.sqlite import SQLiteStore
+from tests.functions import VercelRouter
 
-pytest_plugins = ["tests.upstash_rest", "tests.log_capture"]
+pytest_plugins = ["tests.upstash_rest", "tests.log_capture", "tests.kv_meter"]
+# The shared helpers' asserts fail with the detail a test's own do (pytest rewrites the asserts
+# of test modules, conftest.py and plugins only).
+pytest.register_assert_rewrite(
+    "tests.hosts",
+    "tests.http_helpers",
+    "tests.store_steps",
+    "tests.stored_data",
+    "tests.tinyfish_attempts",
+    "tests.worker_inputs",
+)
 
 
 def make_record(run_id: str | None = None, **changes: object) -> RunRecord:
@@ -175,3 +187,72 @@ def embedded_queue(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
         monkeypatch.setenv("VERCEL_QUEUE_TOKEN", "vc-dev-token")
         monkeypatch.setenv("VERCEL_REGION", "dev1")
         yield server
+
+
+# The routes' fixtures: a function instance's environment on each store, and clients of it.
+
+
+@pytest.fixture
+def configure(store_kind: str, tmp_path, monkeypatch, request: pytest.FixtureRequest):
+    """Sets the environment of a function instance; call again to change it."""
+
+    def apply(**env: str) -> None:
+        for name in (
+            *("KV_REST_API_URL", "KV_REST_API_TOKEN", "VERCEL", "VERCEL_ENV", "TINYFISH_API_KEY"),
+            *("QUOTES_API_KEYS", "QUOTES_SECRET", "QUOTES_PUBLIC", "QUOTE_RUNS_PER_DAY_TOTAL"),
+        ):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("QUOTES_DB_PATH", str(tmp_path / "quotes.sqlite3"))
+        monkeypatch.setenv("SIMULATED_DELAY_SCALE", "0")
+        monkeypatch.setenv("RUN_LEASE_SECONDS", "3")
+        monkeypatch.setenv("STREAM_MAX_SECONDS", "5")
+        monkeypatch.setenv("QUOTE_RATE_LIMIT_PER_MINUTE", "0")
+        # The KV tier's counters outlive a test; the tests of limits set their own.
+        monkeypatch.setenv("QUOTE_RUNS_PER_DAY", "0")
+        if store_kind == "kv":
+            server = request.getfixturevalue("upstash_server")
+            monkeypatch.setenv("KV_REST_API_URL", server.url)
+            monkeypatch.setenv("KV_REST_API_TOKEN", server.token)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    apply()
+    yield apply
+    get_settings.cache_clear()
+
+
+BASE_URL = "http://testserver"
+
+FreshInstance = Callable[..., httpx.AsyncClient]
+
+
+@pytest.fixture
+async def api(configure, queue_worker) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=VercelRouter())
+    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
+        yield client
+
+
+@pytest.fixture
+async def fresh_instance(configure, queue_worker) -> AsyncIterator[FreshInstance]:
+    """Opens a client of a new function instance, which reads the environment `configure` set
+    last; keyword options go to its transport (`client=(host, port)` is the caller's address)."""
+    async with contextlib.AsyncExitStack() as opened:
+
+        def open_instance(app: VercelRouter | None = None, **options: Any) -> httpx.AsyncClient:
+            transport = httpx.ASGITransport(app=VercelRouter() if app is None else app, **options)
+            client = httpx.AsyncClient(transport=transport, base_url=BASE_URL)
+            opened.push_async_callback(client.aclose)
+            return client
+
+        yield open_instance
+
+
+@pytest.fixture
+async def configured_store(configure) -> AsyncIterator[Store]:
+    """The store as the function instance `configure` set up opens it, from its settings (not
+    `store`: a store of `store_kind` built directly)."""
+    built = open_store(get_settings())
+    yield built
+    await built.aclose()

@@ -24,13 +24,11 @@ from lib.store.base import new_nonce, stored_event_json
 from lib.store.kv import CANCEL, KVStore
 from lib.worker import ProviderTask, enforce_deadline
 from lib.workflow import cancel_run, cancelled_event, stop_agent_runs
-from tests import test_routes
 from tests.conftest import make_quote, make_record, run_end
 from tests.fake_tinyfish import FakeTinyFishServer
-from tests.test_kv_store import CommandMeter, billed, quiet_kv
-from tests.test_personal_data import stored_bytes
-from tests.test_routes import VALID, problem, sse_events
-from tests.test_store_contract import (
+from tests.http_helpers import VALID, problem, sse_events
+from tests.kv_meter import CommandMeter, billed
+from tests.store_steps import (
     LEASE,
     activity,
     claim,
@@ -41,14 +39,12 @@ from tests.test_store_contract import (
     new_run,
     quoted,
 )
-from tests.test_tinyfish_agent_runs import API_KEY, REQUEST, Listener, attempt, source_for
-from tests.test_worker import delivery, message, settings, simulated
-from tests.test_worker import new_run as worker_run
+from tests.stored_data import stored_bytes
+from tests.tinyfish_attempts import API_KEY, REQUEST, Listener, attempt, source_for
+from tests.worker_inputs import delivery, message, settings, simulated
+from tests.worker_inputs import new_run as worker_run
 
 SECRET = b"a deployment secret"
-# The routes' fixtures: a function instance's environment on each store, and a client of it.
-configure, api = test_routes.configure, test_routes.api
-__all__ = ["quiet_kv"]  # a private redis-server behind the KV endpoint (tests/test_kv_store.py)
 
 
 # --- the token ---------------------------------------------------------------------------------

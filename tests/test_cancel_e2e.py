@@ -17,14 +17,15 @@ import pytest
 
 from tests.conftest import eventually
 from tests.fake_tinyfish import FakeTinyFishServer
-from tests.test_e2e import (
+from tests.hosts import (
     LEASE_SECONDS,
     REQUEST,
     ROOT,
+    function_lines,
     tinyfish_env,
     visit_stream,
 )
-from tests.test_personal_data import function_lines, stored_kv_bytes, stored_sqlite_bytes
+from tests.stored_data import stored_kv_bytes, stored_sqlite_bytes
 from tools.devhost import RunningDevHost, start_devhost_process
 
 pytestmark = pytest.mark.e2e

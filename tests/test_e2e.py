@@ -11,8 +11,7 @@ import random
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,34 +21,19 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from tests.fake_tinyfish import FakeTinyFishServer
+from tests.hosts import (
+    LEASE_SECONDS,
+    ROOT,
+    assert_gap_free,
+    host_env,
+    read_run_reconnecting,
+    start_run,
+    tinyfish_env,
+    visit_stream,
+)
 from tools.devhost import RunningDevHost, start_devhost_process
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parent.parent
-LEASE_SECONDS = 3.0
-REQUEST = {
-    "vin": "2C3CDZAG2GH967639",
-    "zip": "94107",
-    "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
-}
-
-
-def host_env(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> dict[str, str]:
-    env = {
-        "QUOTES_DB_PATH": str(tmp_path / "quotes.sqlite3"),
-        "SIMULATED_DELAY_SCALE": "0.3",
-        "RUN_LEASE_SECONDS": str(LEASE_SECONDS),
-        "KV_REST_API_URL": "",
-        "KV_REST_API_TOKEN": "",
-        "TINYFISH_API_KEY": "",
-        "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
-        "QUOTE_RUNS_PER_DAY": "0",  # KV counters outlive a test session
-    }
-    if store_kind == "kv":
-        server = request.getfixturevalue("upstash_server")
-        env.update(KV_REST_API_URL=server.url, KV_REST_API_TOKEN=server.token)
-    return env
 
 
 @pytest.fixture(scope="module", params=["sqlite", "kv"])
@@ -78,52 +62,6 @@ async def client(host: RunningDevHost) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
-@dataclass
-class StreamVisit:
-    status: int
-    instance: str
-    events: list[dict[str, Any]] = field(default_factory=list)
-
-
-async def visit_stream(
-    client: httpx.AsyncClient,
-    run_id: str,
-    last_event_id: int | None,
-    *,
-    max_events: int | None = None,
-    on_event: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
-) -> StreamVisit:
-    """Connect once; read until the terminal event, `max_events`, or the server closes."""
-    headers = {} if last_event_id is None else {"Last-Event-ID": str(last_event_id)}
-    async with aconnect_sse(
-        client, "GET", f"/api/quotes/{run_id}/stream", headers=headers
-    ) as source:
-        visit = StreamVisit(
-            source.response.status_code, source.response.headers.get("x-devhost-instance", "")
-        )
-        if visit.status != 200:
-            return visit
-        async for sse in source.aiter_sse():
-            if not sse.data:
-                continue
-            event = json.loads(sse.data)
-            assert sse.id == str(event["id"])
-            visit.events.append(event)
-            if on_event is not None:
-                await on_event(event)
-            if event["type"] in ("complete", "error"):
-                break
-            if max_events is not None and len(visit.events) >= max_events:
-                break
-    return visit
-
-
-async def start_run(client: httpx.AsyncClient, **changes: Any) -> tuple[str, str]:
-    response = await client.post("/api/quotes", json={**REQUEST, **changes})
-    assert response.status_code == 202, response.text
-    return response.json()["runId"], response.headers["x-devhost-instance"]
-
-
 async def read_whole_run(client: httpx.AsyncClient, run_id: str) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     while not events or events[-1]["type"] not in ("complete", "error"):
@@ -140,13 +78,6 @@ async def subscriptions_back_to(server: Any, baseline: int, *, within: float) ->
     while server.stats()["open_subscriptions"] > baseline:
         assert time.monotonic() - closed_at < within, "a stream kept its subscription"
         await asyncio.sleep(0.05)
-
-
-def assert_gap_free(events: list[dict[str, Any]]) -> None:
-    assert [e["id"] for e in events] == list(range(len(events)))
-    assert events[0]["type"] == "started"
-    assert [e["type"] in ("complete", "error") for e in events].count(True) == 1
-    assert events[-1]["type"] in ("complete", "error")
 
 
 async def test_reconnecting_client_gets_every_event_once_across_instances(client) -> None:
@@ -175,22 +106,6 @@ async def test_twenty_concurrent_runs_all_complete_with_gap_free_ids(client) -> 
         assert_gap_free(events)
         assert events[-1]["type"] == "complete"
     assert len({instance for _, instance in runs}) == 2
-
-
-async def read_run_reconnecting(
-    client: httpx.AsyncClient, run_id: str, events: list[dict[str, Any]] | None = None
-) -> list[dict[str, Any]]:
-    """Read the run to its terminal event, reconnecting after every few events (and whenever a
-    stream ends early), as a browser's EventSource would."""
-    events = list(events or [])
-    deadline = time.monotonic() + 120
-    while not events or events[-1]["type"] not in ("complete", "error"):
-        assert time.monotonic() < deadline, f"run {run_id} did not end"
-        cursor = events[-1]["id"] if events else None
-        visit = await visit_stream(client, run_id, cursor, max_events=random.randint(2, 6))
-        assert visit.status in (200, 204)
-        events.extend(visit.events)
-    return events
 
 
 async def test_a_worker_killed_mid_run_is_resumed_and_the_run_completes(client, host) -> None:
@@ -458,19 +373,6 @@ async def test_a_provider_longer_than_the_workers_max_duration_completes_across_
 
 
 # --- paid agent runs across deaths and deadlines (the local TinyFish-compatible server) ----------
-
-
-def tinyfish_env(tmp: Path, tinyfish: FakeTinyFishServer, **extra: str) -> dict[str, str]:
-    return {
-        "QUOTES_DB_PATH": str(tmp / "quotes.sqlite3"),
-        "KV_REST_API_URL": "",
-        "KV_REST_API_TOKEN": "",
-        "TINYFISH_API_KEY": tinyfish.api_key,
-        "TINYFISH_API_URL": tinyfish.url,
-        "RUN_LEASE_SECONDS": str(LEASE_SECONDS),
-        "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
-        **extra,
-    }
 
 
 async def wait_for_activity(client: httpx.AsyncClient, run_id: str, message: str) -> int:

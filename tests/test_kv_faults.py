@@ -27,7 +27,7 @@ from lib.store.kv import (
 )
 from lib.store.upstash import LuaScript
 from tests.conftest import make_record
-from tests.test_store_contract import LEASE, claim, completed, lost, quoted
+from tests.store_steps import LEASE, claim, completed, lost, quoted
 from tests.upstash_rest import UpstashRestServer
 
 KV_URL = "https://kv.invalid"

@@ -7,15 +7,10 @@ EVALSHA). The cost tests run on a private redis-server, so no other test's traff
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import redis
@@ -31,7 +26,8 @@ from lib.store.base import REPEAT_WINDOW, first_copies, stored_event_json
 from lib.store.kv import KVStore
 from lib.store.upstash import KEY_LOCKING
 from tests.conftest import eventually, make_record
-from tests.test_store_contract import LEASE, activity, claim, completed, lost, quoted
+from tests.kv_meter import CommandMeter, billed
+from tests.store_steps import LEASE, activity, claim, completed, lost, quoted
 from tests.upstash_rest import UpstashRestServer, kv_redis_url
 
 # --- expiry ------------------------------------------------------------------------------------
@@ -153,45 +149,6 @@ async def test_closing_a_watch_releases_its_subscription(upstash_server) -> None
 # --- a private redis-server: its configuration and its command counts are ours alone ------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def quiet_kv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpstashRestServer]:
-    """A redis-server of our own (nobody else's commands in its stats) behind the endpoint."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed: the KV cost tests need a private one")
-    port = _free_port()
-    workdir: Path = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis.from_url(url, socket_connect_timeout=0.2) as probe:
-                    probe.ping()
-                break
-            except redis.ConnectionError:
-                assert server.poll() is None, "the private redis-server exited"
-                assert time.monotonic() < deadline, "the private redis-server did not start"
-                time.sleep(0.05)
-        with UpstashRestServer(url) as endpoint:
-            yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
 def notify_flags(url: str) -> str:
     with redis.Redis.from_url(url, decode_responses=True) as direct:
         return str(direct.config_get("notify-keyspace-events")["notify-keyspace-events"])
@@ -226,42 +183,6 @@ async def test_the_first_watch_turns_on_keyspace_notifications_keeping_other_fla
     assert [e.id for e in events] == [1]
     # Keyspace notices (K) of list commands (l: RPUSHX) and generic ones (g: RENAME).
     assert set("Klg") | set("Ex") <= set(flags), flags
-
-
-class CommandMeter:
-    """Billed commands of one operation: the delta of redis-server's INFO commandstats, less
-    what taking the measurement costs, measured at the start rather than assumed (INFO counts
-    itself, once per snapshot, after its reply)."""
-
-    def __init__(self, url: str) -> None:
-        self._redis = redis.Redis.from_url(url)
-        self._redis.ping()  # connect (and its handshake) before anything is measured
-        self._own = Counter[str]()
-        self._own = self.delta(self.snapshot())
-
-    def snapshot(self) -> Counter[str]:
-        stats = self._redis.info("commandstats")
-        return Counter(
-            {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
-        )
-
-    def delta(self, before: Counter[str]) -> Counter[str]:
-        spent = self.snapshot()
-        spent.subtract(before)
-        spent.subtract(self._own)
-        return Counter({name: n for name, n in spent.items() if n})
-
-    async def of(self, operation: Awaitable[object]) -> Counter[str]:
-        before = self.snapshot()
-        await operation
-        return self.delta(before)
-
-    def close(self) -> None:
-        self._redis.close()
-
-
-def billed(counts: Counter[str]) -> int:
-    return sum(counts.values())
 
 
 async def test_each_store_operation_bills_the_commands_its_design_promises(quiet_kv) -> None:

@@ -12,22 +12,14 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from pydantic import ValidationError
 
 from lib.models import QuoteRequest
 from tests.conftest import eventually, run_end
 from tests.fake_tinyfish import FakeTinyFishServer
-from tests.test_e2e import LEASE_SECONDS, ROOT, assert_gap_free, visit_stream
-from tests.test_routes import api, configure, fresh_instance
-from tests.upstash_rest import kv_redis_url
+from tests.hosts import LEASE_SECONDS, ROOT, assert_gap_free, function_lines, visit_stream
+from tests.stored_data import stored_bytes, stored_kv_bytes, stored_sqlite_bytes
 from tools.devhost import RunningDevHost, start_devhost_process
-
-__all__ = [
-    "api",
-    "configure",
-    "fresh_instance",
-]  # the in-process functions, as tests/test_routes.py runs them
 
 FIRST_NAME, LAST_NAME, BIRTH_DATE = "Zephyrine", "Quillfeather", "1987-03-19"
 PERSONAL = (FIRST_NAME, LAST_NAME, BIRTH_DATE)
@@ -69,41 +61,6 @@ def test_a_validation_errors_text_never_quotes_the_input(driver: object) -> None
 # --- whole runs, end to end: every line every function process wrote, every stored byte --------
 
 
-def stored_sqlite_bytes(db_path: Path) -> bytes:
-    """The SQLite file and its WAL and shared-memory files, as they are on disk."""
-    files = [db_path, Path(f"{db_path}-wal"), Path(f"{db_path}-shm")]
-    assert db_path.exists()
-    return b"".join(f.read_bytes() for f in files if f.exists())
-
-
-def stored_kv_bytes() -> bytes:
-    """Every key on the real redis-server behind the KV endpoint, with its value, whatever its
-    type (other tests' keys too: they must not hold this driver either)."""
-    client = redis.Redis.from_url(kv_redis_url())
-    chunks: list[bytes] = []
-    with client:
-        for key in client.scan_iter(count=1000):
-            chunks.append(key)
-            kind = client.type(key).decode()
-            if kind == "string":
-                chunks.append(client.get(key) or b"")
-            elif kind == "list":
-                chunks.extend(client.lrange(key, 0, -1))
-            elif kind == "hash":
-                for field, value in client.hgetall(key).items():
-                    chunks += [field, value]
-            elif kind == "set":
-                chunks.extend(client.smembers(key))
-            elif kind == "zset":
-                chunks.extend(member for member, _ in client.zrange(key, 0, -1, withscores=True))
-            elif kind == "stream":
-                for _, fields in client.xrange(key):
-                    chunks.extend(b"%s=%s" % item for item in fields.items())
-            elif kind != "none":  # expired between SCAN and TYPE
-                raise AssertionError(f"unexpected Redis type {kind} at {key!r}")
-    return b"\n".join(chunks)
-
-
 async def read_to_the_end(
     client: httpx.AsyncClient, run_id: str, events: list[dict[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
@@ -114,11 +71,6 @@ async def read_to_the_end(
         assert visit.status == 200
         events.extend(visit.events)
     return events
-
-
-def function_lines(lines: list[str]) -> list[str]:
-    """The lines the function processes wrote (the host prefixes each with its instance)."""
-    return [line.split("] ", 1)[1] for line in lines if line.startswith("[api/")]
 
 
 @pytest.fixture(scope="module", params=["sqlite", "kv"])
@@ -261,12 +213,6 @@ async def _traceback_logged(json_logs, text: str, within: float = 30) -> dict[st
 
     await eventually(logged, f"a traceback with {text!r} logged", within=within)
     return found[0]
-
-
-def stored_bytes(store_kind: str, tmp_path: Path) -> bytes:
-    if store_kind == "kv":
-        return stored_kv_bytes()
-    return stored_sqlite_bytes(tmp_path / "quotes.sqlite3")
 
 
 async def test_simulated_runs_and_a_failure_reaching_log_exception_leave_nothing_personal(

@@ -6,12 +6,9 @@ run (the simulated source runs with no delays); live streaming is covered end to
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,93 +17,12 @@ import pytest
 
 from lib.cancel_tokens import cancel_token
 from lib.config import get_settings
-from lib.models import ActivityEvent, utc_now
+from lib.models import utc_now
 from lib.staleness import LOST_AFTER_DEADLINE_SECONDS
-from lib.store import Store, open_store
 from tests.conftest import make_record, run_end
 from tests.functions import VercelRouter
-
-VALID: dict[str, Any] = {
-    "vin": "2C3CDZAG2GH967639",
-    "zip": "94107",
-    "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
-    "vehicle": {"annualMileage": 12000, "use": "commute", "ownership": "owned"},
-    "coverage": "standard",
-    "providers": ["geico", "progressive"],
-}
-
-
-@pytest.fixture
-def configure(store_kind: str, tmp_path, monkeypatch, request: pytest.FixtureRequest):
-    """Sets the environment of a function instance; call again to change it."""
-
-    def apply(**env: str) -> None:
-        for name in (
-            *("KV_REST_API_URL", "KV_REST_API_TOKEN", "VERCEL", "VERCEL_ENV", "TINYFISH_API_KEY"),
-            *("QUOTES_API_KEYS", "QUOTES_SECRET", "QUOTES_PUBLIC", "QUOTE_RUNS_PER_DAY_TOTAL"),
-        ):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("QUOTES_DB_PATH", str(tmp_path / "quotes.sqlite3"))
-        monkeypatch.setenv("SIMULATED_DELAY_SCALE", "0")
-        monkeypatch.setenv("RUN_LEASE_SECONDS", "3")
-        monkeypatch.setenv("STREAM_MAX_SECONDS", "5")
-        monkeypatch.setenv("QUOTE_RATE_LIMIT_PER_MINUTE", "0")
-        # The KV tier's counters outlive a test; the tests of limits set their own.
-        monkeypatch.setenv("QUOTE_RUNS_PER_DAY", "0")
-        if store_kind == "kv":
-            server = request.getfixturevalue("upstash_server")
-            monkeypatch.setenv("KV_REST_API_URL", server.url)
-            monkeypatch.setenv("KV_REST_API_TOKEN", server.token)
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        get_settings.cache_clear()
-
-    apply()
-    yield apply
-    get_settings.cache_clear()
-
-
-BASE_URL = "http://testserver"
-
-FreshInstance = Callable[..., httpx.AsyncClient]
-
-
-@pytest.fixture
-async def api(configure, queue_worker) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=VercelRouter())
-    async with httpx.AsyncClient(transport=transport, base_url=BASE_URL) as client:
-        yield client
-
-
-@pytest.fixture
-async def fresh_instance(configure, queue_worker) -> AsyncIterator[FreshInstance]:
-    """Opens a client of a new function instance, which reads the environment `configure` set
-    last; keyword options go to its transport (`client=(host, port)` is the caller's address)."""
-    async with contextlib.AsyncExitStack() as opened:
-
-        def open_instance(app: VercelRouter | None = None, **options: Any) -> httpx.AsyncClient:
-            transport = httpx.ASGITransport(app=VercelRouter() if app is None else app, **options)
-            client = httpx.AsyncClient(transport=transport, base_url=BASE_URL)
-            opened.push_async_callback(client.aclose)
-            return client
-
-        yield open_instance
-
-
-@pytest.fixture
-async def store(configure) -> AsyncIterator[Store]:
-    built = open_store(get_settings())
-    yield built
-    await built.aclose()
-
-
-def problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert body["title"] and body["detail"] and body["type"]
-    return body
+from tests.http_helpers import VALID, problem, random_ipv6, sse_events
+from tests.store_steps import orphan_run
 
 
 def field_errors(response: httpx.Response) -> dict[str, str]:
@@ -120,14 +36,6 @@ async def finished_run(api: httpx.AsyncClient, body: dict[str, Any] = VALID) -> 
     run_id: str = response.json()["runId"]
     await run_end(api, run_id)
     return run_id
-
-
-def sse_events(text: str) -> list[dict[str, Any]]:
-    return [
-        json.loads(line.removeprefix("data: "))
-        for line in text.splitlines()
-        if line.startswith("data: ")
-    ]
 
 
 # --- POST /api/quotes ------------------------------------------------------------------------
@@ -451,10 +359,6 @@ async def test_too_many_runs_from_one_address_is_429_with_retry_after(
     assert (await another.post("/api/quotes", json=VALID)).status_code == 202
 
 
-def random_ipv6() -> str:
-    return str(ipaddress.IPv6Address(b"\x20\x01\x0d\xb8" + uuid.uuid4().bytes[:12]))
-
-
 # --- CORS -------------------------------------------------------------------------------------
 
 
@@ -521,9 +425,9 @@ async def test_since_and_limit_page_through_events(api) -> None:
     assert "events" not in plain
 
 
-async def test_a_running_runs_snapshot_is_never_stored(api, store) -> None:
+async def test_a_running_runs_snapshot_is_never_stored(api, configured_store) -> None:
     record = make_record()
-    await store.create_run(record)
+    await configured_store.create_run(record)
     for path in (f"/api/quotes/{record.run_id}", f"/api/quotes/{record.run_id}?since=-1"):
         response = await api.get(path)
         assert response.status_code == 200
@@ -573,16 +477,10 @@ async def test_malformed_since_or_limit_is_400(api, query) -> None:
 # --- stale runs --------------------------------------------------------------------------------
 
 
-async def _orphan_run(store: Store, *, past_deadline: float) -> str:
-    """A processing run whose queued work is gone: nobody writing, its deadline passed."""
-    record = make_record(deadline=utc_now() - timedelta(seconds=past_deadline))
-    await store.create_run(record)
-    await store.append_event(record.run_id, ActivityEvent(provider="geico", message="working"))
-    return record.run_id
-
-
-async def test_a_run_whose_work_is_lost_is_finalized_worker_lost_once(api, store) -> None:
-    run_id = await _orphan_run(store, past_deadline=LOST_AFTER_DEADLINE_SECONDS + 5)
+async def test_a_run_whose_work_is_lost_is_finalized_worker_lost_once(
+    api, configured_store
+) -> None:
+    run_id = await orphan_run(configured_store, past_deadline=LOST_AFTER_DEADLINE_SECONDS + 5)
     snapshots = await asyncio.gather(*(api.get(f"/api/quotes/{run_id}") for _ in range(5)))
     for response in snapshots:
         body = response.json()
@@ -593,15 +491,19 @@ async def test_a_run_whose_work_is_lost_is_finalized_worker_lost_once(api, store
     assert [e["type"] for e in events] == ["started", "activity", "error"]
 
 
-async def test_a_run_just_past_its_deadline_is_left_to_its_deadline_message(api, store) -> None:
-    run_id = await _orphan_run(store, past_deadline=1)
+async def test_a_run_just_past_its_deadline_is_left_to_its_deadline_message(
+    api, configured_store
+) -> None:
+    run_id = await orphan_run(configured_store, past_deadline=1)
     body = (await api.get(f"/api/quotes/{run_id}")).json()
     assert body["status"] == "processing"
 
 
-async def test_a_stream_of_a_run_whose_work_is_lost_ends_with_worker_lost(api, store) -> None:
+async def test_a_stream_of_a_run_whose_work_is_lost_ends_with_worker_lost(
+    api, configured_store
+) -> None:
     # Lost 1 s from now: the stream is open by then and ends the run itself.
-    run_id = await _orphan_run(store, past_deadline=LOST_AFTER_DEADLINE_SECONDS - 1)
+    run_id = await orphan_run(configured_store, past_deadline=LOST_AFTER_DEADLINE_SECONDS - 1)
     stream = await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
     events = sse_events(stream.text)
     assert [e["type"] for e in events] == ["started", "activity", "error"]
@@ -661,10 +563,12 @@ async def test_malformed_query_cursor_is_400_even_beside_a_valid_header(api) -> 
     problem(await api.get(url, headers={"Last-Event-ID": "2"}), 400)
 
 
-async def test_stream_closes_itself_at_stream_max_seconds(store, configure, fresh_instance) -> None:
+async def test_stream_closes_itself_at_stream_max_seconds(
+    configured_store, configure, fresh_instance
+) -> None:
     configure(STREAM_MAX_SECONDS="1", RUN_LEASE_SECONDS="60")
     api = fresh_instance()
-    run_id = await _orphan_run(store, past_deadline=-200)
+    run_id = await orphan_run(configured_store, past_deadline=-200)
     started = asyncio.get_running_loop().time()
     response = await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
     elapsed = asyncio.get_running_loop().time() - started
@@ -673,13 +577,13 @@ async def test_stream_closes_itself_at_stream_max_seconds(store, configure, fres
 
 
 async def test_stream_closes_five_seconds_before_the_invocation_deadline(
-    store, configure, fresh_instance
+    configured_store, configure, fresh_instance
 ) -> None:
     from vercel_runtime.deadline import reset_deadline, set_deadline
 
     configure(STREAM_MAX_SECONDS="", RUN_LEASE_SECONDS="60")
     api = fresh_instance()
-    run_id = await _orphan_run(store, past_deadline=-200)
+    run_id = await orphan_run(configured_store, past_deadline=-200)
     deadline = (utc_now() + timedelta(seconds=6.5)).isoformat().replace("+00:00", "Z")
     token = set_deadline(deadline)  # what Vercel's runtime does with x-vercel-internal-deadline
     try:
@@ -692,12 +596,14 @@ async def test_stream_closes_five_seconds_before_the_invocation_deadline(
     assert 1.0 <= elapsed < 3.5
 
 
-async def test_an_idle_stream_sends_keep_alive_comments(store, configure, fresh_instance) -> None:
+async def test_an_idle_stream_sends_keep_alive_comments(
+    configured_store, configure, fresh_instance
+) -> None:
     configure(STREAM_MAX_SECONDS="1.2", RUN_LEASE_SECONDS="60")
     router = VercelRouter()
     router.modules["stream"].KEEP_ALIVE_SECONDS = 0.25
     api = fresh_instance(router)
-    run_id = await _orphan_run(store, past_deadline=-200)
+    run_id = await orphan_run(configured_store, past_deadline=-200)
     text = (await api.get(f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": "1"})).text
     assert text.startswith("retry: 2000\n\n: keep-alive\n\n")
     assert 3 <= text.count(": keep-alive\n\n") <= 6

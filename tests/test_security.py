@@ -2,8 +2,6 @@
 use), the refusal to run a paid deployment open, the daily ceiling, the client address a limit
 keys on, and Idempotency-Keys scoped to their caller. (Hostile names: tests/test_models.py.)"""
 
-# ruff: noqa: F811 (pytest fixtures imported from test_routes are used as parameters)
-
 from __future__ import annotations
 
 import subprocess
@@ -17,13 +15,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.test_routes import (  # noqa: F401
-    VALID,
-    configure,
-    fresh_instance,
-    problem,
-    random_ipv6,
-)
+from tests.http_helpers import VALID, problem, random_ipv6
 
 KEYS = ("key-one-" + "a" * 24, "key-two-" + "b" * 24)
 

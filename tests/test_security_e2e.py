@@ -16,7 +16,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.test_e2e import REQUEST, host_env
+from tests.hosts import REQUEST, host_env
 from tools.devhost import RunningDevHost, start_devhost_process
 
 pytestmark = pytest.mark.e2e

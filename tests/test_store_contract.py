@@ -25,16 +25,10 @@ import pytest
 
 from lib.models import (
     PROVIDER_IDS,
-    ActivityEvent,
-    CompleteEvent,
     ErrorEvent,
     ErrorInfo,
-    ProviderErrorEvent,
     ProviderId,
-    ProviderOutcome,
     ProviderWork,
-    QuoteEvent,
-    RunEnd,
     utc_now,
 )
 from lib.store import (
@@ -48,89 +42,28 @@ from lib.store import (
 from lib.store.base import RELEASED
 from lib.store.sqlite import SQLiteStore
 from lib.store.sqlite_file import open_wal_database
-from tests.conftest import eventually, make_quote, make_record
+from tests.conftest import eventually, make_record
+from tests.store_steps import (
+    LEASE,
+    activity,
+    claim,
+    completed,
+    events_of,
+    failed,
+    instances,
+    lost,
+    new_run,
+    quoted,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-LEASE = timedelta(seconds=45)
 
 
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def activity(message: str, provider: ProviderId = "geico", **fields: Any) -> ActivityEvent:
-    return ActivityEvent(provider=provider, message=message, **fields)
-
-
-def quoted(provider: ProviderId) -> tuple[ProviderOutcome, QuoteEvent]:
-    quote = make_quote(provider)
-    outcome = ProviderOutcome(status="quoted", quote=quote, finished_at=utc_now())
-    return outcome, QuoteEvent(provider=provider, quote=quote)
-
-
-def failed(provider: ProviderId) -> tuple[ProviderOutcome, ProviderErrorEvent]:
-    error = ErrorInfo(code="provider_blocked", message="The site showed a CAPTCHA.")
-    outcome = ProviderOutcome(status="failed", error=error, finished_at=utc_now())
-    event = ProviderErrorEvent(
-        provider=provider, code="provider_blocked", message=error.message, retryable=False
-    )
-    return outcome, event
-
-
-def completed() -> tuple[CompleteEvent, RunEnd]:
-    event = CompleteEvent(quotes=[], best=None, failed=[])
-    return event, RunEnd(status="completed", ended_at=event.ts)
-
-
-def lost() -> tuple[ErrorEvent, RunEnd]:
-    event = ErrorEvent(code="worker_lost", message="The run's work was lost.")
-    error = ErrorInfo(code=event.code, message=event.message)
-    return event, RunEnd(status="failed", ended_at=event.ts, error=error)
-
-
-async def new_run(store: Store) -> str:
-    record = make_record()
-    assert (await store.create_run(record)).created
-    return record.run_id
-
-
-async def claim(
-    store: Store,
-    run_id: str,
-    owner: str,
-    *,
-    now: datetime,
-    alive_since: datetime | None = None,
-    provider: ProviderId = "geico",
-) -> ProviderClaim:
-    """A worker's claim at `now` (a moment the test chooses: leases are judged by it)."""
-    return await store.claim_provider(
-        run_id,
-        provider,
-        owner,
-        now=now,
-        lease_until=now + LEASE,
-        alive_since=alive_since if alive_since is not None else now - LEASE,
-    )
-
-
-async def events_of(store: Store, run_id: str) -> list[dict[str, Any]]:
-    return [e.as_dict() for e in await store.read_events(run_id, after=-1)]
-
-
 async def types_of(store: Store, run_id: str) -> list[str]:
     return [e.type for e in await store.read_events(run_id, after=-1)]
-
-
-@asynccontextmanager
-async def instances(
-    store_factory: Any, count: int, **options: object
-) -> AsyncIterator[list[Store]]:
-    """`count` stores on the same storage, as separate function instances."""
-    stores: list[Store] = [store_factory(**options) for _ in range(count)]
-    try:
-        yield stores
-    finally:
-        await asyncio.gather(*(s.aclose() for s in stores))
 
 
 # --- creating and reading a run ----------------------------------------------------------------

@@ -11,9 +11,7 @@ from lib.staleness import LOST_AFTER_DEADLINE_SECONDS
 from lib.store import StoreUnavailable
 from lib.store.sqlite import SQLiteEventWatch
 from tests.functions import VercelRouter
-from tests.test_routes import _orphan_run, api, configure, fresh_instance, store
-
-__all__ = ["api", "configure", "fresh_instance", "store"]
+from tests.store_steps import orphan_run
 
 
 def stream_lines(json_logs, run_id: str) -> list[dict[str, Any]]:
@@ -21,9 +19,9 @@ def stream_lines(json_logs, run_id: str) -> list[dict[str, Any]]:
 
 
 async def test_a_stream_that_sends_the_terminal_event_logs_open_and_close_terminal(
-    api, store, json_logs
+    api, configured_store, json_logs
 ) -> None:
-    run_id = await _orphan_run(store, past_deadline=LOST_AFTER_DEADLINE_SECONDS + 5)
+    run_id = await orphan_run(configured_store, past_deadline=LOST_AFTER_DEADLINE_SECONDS + 5)
     response = await api.get(f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": "0"})
     assert response.status_code == 200
     opened, closed = stream_lines(json_logs, run_id)
@@ -36,11 +34,11 @@ async def test_a_stream_that_sends_the_terminal_event_logs_open_and_close_termin
 
 
 async def test_a_stream_that_reaches_its_own_deadline_logs_close_deadline(
-    store, configure, fresh_instance, json_logs
+    configured_store, configure, fresh_instance, json_logs
 ) -> None:
     configure(STREAM_MAX_SECONDS="1", RUN_LEASE_SECONDS="60")
     api = fresh_instance()
-    run_id = await _orphan_run(store, past_deadline=-200)
+    run_id = await orphan_run(configured_store, past_deadline=-200)
     await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
     _, closed = stream_lines(json_logs, run_id)
     assert closed["closeReason"] == "deadline"
@@ -49,9 +47,9 @@ async def test_a_stream_that_reaches_its_own_deadline_logs_close_deadline(
 
 
 async def test_a_stream_of_a_finished_run_with_nothing_new_logs_that_it_did_not_open(
-    api, store, json_logs
+    api, configured_store, json_logs
 ) -> None:
-    run_id = await _orphan_run(store, past_deadline=LOST_AFTER_DEADLINE_SECONDS + 5)
+    run_id = await orphan_run(configured_store, past_deadline=LOST_AFTER_DEADLINE_SECONDS + 5)
     await api.get(f"/api/quotes/{run_id}")  # finalizes it: events 0..2
     response = await api.get(f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": "2"})
     assert response.status_code == 204
@@ -61,7 +59,7 @@ async def test_a_stream_of_a_finished_run_with_nothing_new_logs_that_it_did_not_
 
 @pytest.mark.parametrize("store_kind", ["sqlite"])
 async def test_a_stream_whose_storage_fails_logs_a_warning_and_close_storage_error(
-    store, configure, fresh_instance, json_logs, monkeypatch
+    configured_store, configure, fresh_instance, json_logs, monkeypatch
 ) -> None:
     configure(RUN_LEASE_SECONDS="60")
 
@@ -70,7 +68,7 @@ async def test_a_stream_whose_storage_fails_logs_a_warning_and_close_storage_err
 
     monkeypatch.setattr(SQLiteEventWatch, "next_events", unavailable)
     api = fresh_instance()
-    run_id = await _orphan_run(store, past_deadline=-200)
+    run_id = await orphan_run(configured_store, past_deadline=-200)
     await asyncio.wait_for(api.get(f"/api/quotes/{run_id}/stream"), timeout=10)
     _, warning, closed = stream_lines(json_logs, run_id)
     assert warning["level"] == "warning"
@@ -79,11 +77,11 @@ async def test_a_stream_whose_storage_fails_logs_a_warning_and_close_storage_err
 
 
 async def test_a_stream_whose_client_leaves_logs_close_client_left(
-    store, configure, json_logs
+    configured_store, configure, json_logs
 ) -> None:
     configure(RUN_LEASE_SECONDS="60")
     router = VercelRouter()
-    run_id = await _orphan_run(store, past_deadline=-200)
+    run_id = await orphan_run(configured_store, past_deadline=-200)
     first_event = asyncio.Event()
     messages: list[dict[str, Any]] = []
 

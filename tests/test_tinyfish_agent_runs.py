@@ -13,8 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from lib.models import Quote, QuoteRequest, utc_now
-from lib.providers.backoff import Backoff
+from lib.models import Quote, utc_now
 from lib.providers.base import (
     AgentAttempt,
     ProviderAgentFailed,
@@ -24,48 +23,10 @@ from lib.providers.base import (
     ProviderTimeout,
     ProviderUnavailable,
 )
-from lib.providers.tinyfish import INSURER_START_URLS, TinyFishQuoteSource
+from lib.providers.tinyfish import INSURER_START_URLS
 from tests.conftest import eventually
 from tests.fake_tinyfish import FakeTinyFishServer
-
-API_KEY = "tf-agent-runs-key"
-REQUEST = QuoteRequest.model_validate(
-    {
-        "vin": "2C3CDZAG2GH967639",
-        "zip": "94107",
-        "driver": {"firstName": "Zelinda", "lastName": "Quarrington", "dateOfBirth": "1987-03-09"},
-    }
-)
-
-
-class Listener:
-    """Records what the source reports; `progressed` is set at the first activity."""
-
-    def __init__(self) -> None:
-        self.messages: list[str] = []
-        self.agent_runs: list[str] = []
-        self.steps = 0
-        self.progressed = asyncio.Event()
-
-    async def activity(self, message: str) -> None:
-        self.messages.append(message)
-        self.progressed.set()
-
-    async def agent_run_started(self, agent_run_id: str) -> None:
-        self.agent_runs.append(agent_run_id)
-
-    def agent_steps(self, steps: int) -> None:
-        self.steps = max(self.steps, steps)
-
-
-def attempt(seconds: float = 120, agent_run_id: str | None = None) -> AgentAttempt:
-    now = utc_now()
-    return AgentAttempt(
-        number=1,
-        started_at=now,
-        deadline=now + timedelta(seconds=seconds),
-        agent_run_id=agent_run_id,
-    )
+from tests.tinyfish_attempts import API_KEY, REQUEST, Listener, attempt, source_for
 
 
 @pytest.fixture
@@ -79,11 +40,6 @@ def fake() -> Iterator[FakeTinyFishServer]:
     }
     with FakeTinyFishServer(api_key=API_KEY, scenarios=scenarios, delay_scale=0.01) as server:
         yield server
-
-
-def source_for(fake: FakeTinyFishServer, **options: Any) -> TinyFishQuoteSource:
-    options.setdefault("polling", Backoff(first=0.05, cap=0.2))
-    return TinyFishQuoteSource(api_key=API_KEY, api_url=fake.url, **options)
 
 
 def runs_for(fake: FakeTinyFishServer, insurer: str) -> list[dict[str, Any]]:
@@ -518,7 +474,7 @@ async def test_runs_on_a_busy_account_that_drops_connections_buy_each_insurer_on
     wait PENDING, STARTED sent only when they start), every quote's first connection cut after
     its run was created: each insurer of each run is bought exactly once, no agent run is left
     going, and every run request carries its duration cap."""
-    from tests.test_e2e import ROOT, assert_gap_free, read_run_reconnecting, start_run
+    from tests.hosts import ROOT, assert_gap_free, read_run_reconnecting, start_run
     from tools.devhost import start_devhost_process
 
     zips = ("94107", "10001", "60601")

@@ -132,7 +132,7 @@ async def test_a_working_delivery_holds_its_message_for_a_run_lease_not_the_push
     from lib.http import FunctionContext
     from lib.queue.messages import ProviderWorkMessage
     from lib.workflow import new_run_record
-    from tests.test_worker import REQUEST
+    from tests.worker_inputs import REQUEST
 
     server = embedded_queue
     module = load_function("api/work.py")
