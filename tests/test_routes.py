@@ -550,7 +550,7 @@ async def test_stream_of_a_terminal_run_with_nothing_after_the_cursor_is_204(api
     assert response.content == b""
 
 
-@pytest.mark.parametrize("cursor", ["abc", "-1", "1.0", "1e3", "1_0", "%D9%A1", "+1"])
+@pytest.mark.parametrize("cursor", ["abc", "-1", "1.0", "1e3", "1_0", "%D9%A1", "+1", ""])
 async def test_malformed_cursor_is_400(api, cursor) -> None:
     run_id = await finished_run(api)
     response = await api.get(f"/api/quotes/{run_id}/stream?lastEventId={cursor}")

@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 
 def _cursor(request: Request) -> int:
     header = request.headers.get("last-event-id", "").strip()
-    query = request.query_params.get("lastEventId", "")
+    query = request.query_params.get("lastEventId")
     # Both are checked, though the header wins: a malformed cursor is never silently ignored.
-    if not all(_CURSOR.fullmatch(raw) for raw in (header, query) if raw):
+    # An empty header is no cursor (an EventSource whose last id is empty); an empty query
+    # parameter is not an integer, as with ?since= on the snapshot.
+    if query == "" or not all(_CURSOR.fullmatch(raw) for raw in (header, query) if raw):
         raise Problem(
             400,
             "invalid-last-event-id",
