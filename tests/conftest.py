@@ -256,3 +256,12 @@ async def configured_store(configure) -> AsyncIterator[Store]:
     built = open_store(get_settings())
     yield built
     await built.aclose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test has a node id of its own. pytest-xdist (`make test` runs on several workers)
+    schedules by node id, so two tests sharing one would quietly run as one."""
+    seen: set[str] = set()
+    shared = {item.nodeid for item in items if item.nodeid in seen or seen.add(item.nodeid)}
+    if shared:
+        raise pytest.UsageError(f"tests share node ids (give them ids of their own): {shared}")

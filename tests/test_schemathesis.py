@@ -43,8 +43,13 @@ bounded = settings(
 )
 
 
-@pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDevHost]:
+@pytest.fixture(scope="module", params=["sqlite", "kv"])
+def host(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningDevHost]:
+    """The `make dev` host on each store. Being parametrized also gives every generated test a
+    node id of its own (`…[POST /api/quotes][kv]`): schemathesis' items otherwise share their
+    function's id under pytest 9, and pytest-xdist, which schedules by id, would run one."""
     env = {
         "QUOTES_DB_PATH": str(tmp_path_factory.mktemp("schemathesis") / "quotes.sqlite3"),
         "KV_REST_API_URL": "",
@@ -55,6 +60,9 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDevHost]:
         # A stream of a run still going closes within 2 s, so no case waits on a long stream.
         "STREAM_MAX_SECONDS": "2",
     }
+    if request.param == "kv":
+        server = request.getfixturevalue("upstash_server")
+        env.update(KV_REST_API_URL=server.url, KV_REST_API_TOKEN=server.token)
     with start_devhost_process(ROOT, instances=1, env=env) as running:
         yield running
 
