@@ -44,12 +44,20 @@ port = int(os.environ["PORT"])
 if os.environ.get("DEVHOST_RELOAD") == "1":
     dev.main()
 elif dev._wsgi_user_app is not None:
+    os.close(int(os.environ["DEVHOST_LISTEN_FD"]))  # werkzeug binds the port itself
     from vercel_runtime._vendor.werkzeug.serving import run_simple
     run_simple("127.0.0.1", port, dev.wsgi_app, threaded=True)
 else:
+    # The socket the host bound for this instance (bound, not yet listening: connections are
+    # refused until uvicorn serves on it), so no other process can take the port meanwhile.
+    import socket, sys
     from vercel_runtime._vendor import uvicorn
-    uvicorn.run(dev.asgi_app, host="127.0.0.1", port=port, use_colors=False,
-                timeout_graceful_shutdown=2)
+    listener = socket.socket(fileno=int(os.environ["DEVHOST_LISTEN_FD"]))
+    server = uvicorn.Server(uvicorn.Config(dev.asgi_app, host="127.0.0.1", port=port,
+                                           use_colors=False, timeout_graceful_shutdown=2))
+    server.run(sockets=[listener])
+    if not server.started:
+        sys.exit(3)
 """
 
 Log = Callable[[str], None]
@@ -249,25 +257,37 @@ class Supervisor:
                 await asyncio.sleep(backoff)
 
     async def _spawn(self, instance: Instance) -> asyncio.Future[int]:
-        instance.port = free_port()
-        env = {**self.env, **instance_environment(instance.spec, instance.port, self.reload)}
-        if not sys.stderr.isatty():
-            env.setdefault("NO_COLOR", "1")  # their output is relayed, prefixed, to ours
-        output = _InstanceOutput(instance.label)
-        transport, _ = await asyncio.get_running_loop().subprocess_exec(
-            lambda: output,
-            sys.executable,
-            "-u",
-            "-c",
-            _INSTANCE_MAIN,
-            instance.label,  # only so that `ps` shows which instance this is
-            cwd=self.root,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        # The instance's port is bound here and the socket handed to it: a port merely found
+        # free could be taken (by any process's outgoing connection) before the instance binds
+        # it, which under load failed an instance with "address already in use". The reloader
+        # (vercel_runtime.dev.main) binds its own port.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", 0))
+            instance.port = listener.getsockname()[1]
+            if self.reload:
+                listener.close()  # the reloader binds the port itself
+            env = {**self.env, **instance_environment(instance.spec, instance.port, self.reload)}
+            if not self.reload:
+                env["DEVHOST_LISTEN_FD"] = str(listener.fileno())
+            if not sys.stderr.isatty():
+                env.setdefault("NO_COLOR", "1")  # their output is relayed, prefixed, to ours
+            output = _InstanceOutput(instance.label)
+            transport, _ = await asyncio.get_running_loop().subprocess_exec(
+                lambda: output,
+                sys.executable,
+                "-u",
+                "-c",
+                _INSTANCE_MAIN,
+                instance.label,  # only so that `ps` shows which instance this is
+                cwd=self.root,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=() if self.reload else (listener.fileno(),),
+            )
         instance.transport, instance.output, instance.pid = transport, output, transport.get_pid()
         return output.exited
 
@@ -301,13 +321,6 @@ def instance_environment(spec: FunctionSpec, port: int, reload: bool = False) ->
         "__VC_HANDLER_ENTRYPOINT_ABS": str(spec.entry),
         "DEVHOST_RELOAD": "1" if reload else "0",
     }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _describe_code(code: int) -> str:
