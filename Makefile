@@ -46,8 +46,12 @@ vercel-dev: $(STAMP) $(VERCEL_STAMP)
 	$(BIN)/python -m tools.vercel_dev
 	PATH="$(CURDIR)/$(VERCEL_TOOLS)/python/bin:$$PATH" $(VERCEL) dev --local-config .vercel/vercel.dev.json $(ARGS)
 
+# The suite waits on real processes more than it computes, so it runs on more workers than
+# cores (pytest-xdist; a module's tests stay together, on one worker, with its hosts).
+# TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= 4
 test: $(STAMP) $(NODE_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 check: $(STAMP)
 	$(BIN)/ruff format --check .

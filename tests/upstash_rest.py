@@ -50,8 +50,10 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -748,6 +750,50 @@ class UpstashRestServer:
 
 def kv_redis_url() -> str:
     return os.environ.get("TEST_REDIS_URL", DEFAULT_REDIS_URL)
+
+
+# --- one redis-server per pytest-xdist worker --------------------------------------------------
+# `make test` runs the suite on several workers (pytest-xdist). Some keys are deployment-wide
+# (the agent slots' sorted set; CONFIG's notify-keyspace-events), and the Upstash endpoint's
+# keyspace channels are always database 0's, so workers sharing one Redis would see each other's
+# writes. Each worker therefore starts a real redis-server of its own, on a free port, and every
+# process the worker starts (the e2e hosts, `tests.upstash_rest`) inherits it as TEST_REDIS_URL.
+# A TEST_REDIS_URL given by the caller is used as is, shared.
+
+_worker_redis: subprocess.Popen[bytes] | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _worker_redis
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    server = shutil.which("redis-server")
+    if not worker or "TEST_REDIS_URL" in os.environ or server is None:
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = {"bind": "127.0.0.1", "port": str(port), "save": "", "appendonly": "no"}
+    arguments = [part for name, value in settings.items() for part in (f"--{name}", value)]
+    _worker_redis = subprocess.Popen([server, *arguments], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not redis_available(url):
+        if _worker_redis.poll() is not None or time.monotonic() > deadline:
+            _worker_redis.kill()
+            _worker_redis = None
+            return  # the tests fall back to the shared Redis, or skip with why
+        time.sleep(0.05)
+    os.environ["TEST_REDIS_URL"] = url
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    global _worker_redis
+    if _worker_redis is not None:
+        _worker_redis.terminate()
+        with suppress(subprocess.TimeoutExpired):
+            _worker_redis.wait(5)
+        _worker_redis.kill()
+        _worker_redis = None
 
 
 def redis_available(url: str | None = None) -> bool:
