@@ -30,7 +30,7 @@ import httpx
 import redis
 
 from tools.devhost.routes import FunctionSpec, discover_functions
-from tools.devhost.supervisor import _INSTANCE_MAIN, free_port, instance_environment
+from tools.devhost.supervisor import _INSTANCE_MAIN, instance_environment, instance_socket
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -39,6 +39,14 @@ LOOPBACK = "127.0.0.1"
 
 class BenchError(RuntimeError):
     """The benchmark cannot run (or a scenario could not be measured); the message says why."""
+
+
+def free_port() -> int:
+    """A loopback port free now (for redis-server, which binds its own)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def redis_url() -> str:
@@ -290,19 +298,20 @@ class FunctionHost:
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, within: float = 30.0) -> Self:
-        self.port = free_port()
         spec = self.spec
-        env = {**os.environ, **self.env, **instance_environment(spec, self.port), "NO_COLOR": "1"}
-        log = self.log_path.open("ab")
-        self._process = subprocess.Popen(
-            [sys.executable, "-u", "-c", _INSTANCE_MAIN, f"bench:{spec.file}"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with instance_socket() as listener:  # bound here, served there (as make dev does)
+            self.port = listener.getsockname()[1]
+            env = {**os.environ, **self.env, **instance_environment(spec, listener)}
+            self._process = subprocess.Popen(
+                [sys.executable, "-u", "-c", _INSTANCE_MAIN, f"bench:{spec.file}"],
+                cwd=ROOT,
+                env={**env, "NO_COLOR": "1"},
+                stdin=subprocess.DEVNULL,
+                stdout=self.log_path.open("ab"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                pass_fds=(listener.fileno(),),
+            )
         deadline = time.monotonic() + within
         while True:
             if self._process.poll() is not None or time.monotonic() > deadline:

@@ -101,3 +101,21 @@ def test_deployed_on_vercel_only_in_production_and_preview() -> None:
 def test_unusable_configuration_is_a_clear_error(name: str, value: str) -> None:
     with pytest.raises(ConfigError, match=name):
         settings_from_env({name: value})
+
+
+def test_make_bench_starts_every_module_it_needs() -> None:
+    """`make bench` takes 19 minutes and no test runs it; its imports (the dev host's helpers
+    among them) are checked here, so a change elsewhere cannot break it unnoticed."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--only" in result.stdout

@@ -261,15 +261,11 @@ class Supervisor:
         # free could be taken (by any process's outgoing connection) before the instance binds
         # it, which under load failed an instance with "address already in use". The reloader
         # (vercel_runtime.dev.main) binds its own port.
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", 0))
+        with instance_socket() as listener:
             instance.port = listener.getsockname()[1]
+            env = {**self.env, **instance_environment(instance.spec, listener, self.reload)}
             if self.reload:
                 listener.close()  # the reloader binds the port itself
-            env = {**self.env, **instance_environment(instance.spec, instance.port, self.reload)}
-            if not self.reload:
-                env["DEVHOST_LISTEN_FD"] = str(listener.fileno())
             if not sys.stderr.isatty():
                 env.setdefault("NO_COLOR", "1")  # their output is relayed, prefixed, to ours
             output = _InstanceOutput(instance.label)
@@ -308,10 +304,24 @@ class Supervisor:
         return False
 
 
-def instance_environment(spec: FunctionSpec, port: int, reload: bool = False) -> dict[str, str]:
-    """What `_INSTANCE_MAIN` (vercel_runtime.dev) reads to serve one function file on `port`."""
+def instance_socket() -> socket.socket:
+    """A socket bound to a free loopback port for one instance, not yet listening (connections
+    are refused until the instance serves on it); pass it with `pass_fds` and close it here."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    return listener
+
+
+def instance_environment(
+    spec: FunctionSpec, listener: socket.socket, reload: bool = False
+) -> dict[str, str]:
+    """What `_INSTANCE_MAIN` (vercel_runtime.dev) reads to serve one function file on the port of
+    `listener` (an `instance_socket()`, handed to it with `pass_fds`; the reloader, which binds
+    the port itself, is given only its number)."""
     return {
-        "PORT": str(port),
+        "PORT": str(listener.getsockname()[1]),
+        "DEVHOST_LISTEN_FD": "" if reload else str(listener.fileno()),
         "VERCEL_DEV_MODULE_NAME": spec.module,
         "VERCEL_DEV_ENTRY_ABS": str(spec.entry),
         # `vercel_runtime.dev` only distinguishes "django"; any other non-empty value serves
