@@ -318,7 +318,10 @@ async def test_real_sleeps_resume_after_a_cancelled_call() -> None:
     # Nothing replayed, nothing out of order (a step due during the gap may be skipped).
     everything = [message for _, message in timeline.steps]
     told = first.messages + second.messages
-    assert first.messages == everything[:2]
+    # The first call told at least its two steps before the cancel, and possibly more: a loaded
+    # machine may let it run on a step or two before the cancel lands.
+    assert len(first.messages) >= 2
+    assert first.messages == everything[: len(first.messages)]
     assert told == [message for message in everything if message in told]
 
 
