@@ -90,7 +90,12 @@ async def work(message: Message[Any]) -> None:
                 )
                 await task.run()
             else:
-                await enforce_deadline(context.store, context.source, payload)
+                await enforce_deadline(
+                    context.store,
+                    context.source,
+                    payload,
+                    agent_limit=context.settings.tinyfish_max_concurrency,
+                )
         except HandBack as directive:
             raise RetryAfter(directive.delay) from None
         except Exception as error:

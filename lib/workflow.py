@@ -11,6 +11,7 @@ it happen once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterable
 from datetime import datetime, timedelta
@@ -179,6 +180,26 @@ async def cancel_run(store: Store, run_id: str) -> Cancelled | None:
     # Re-read with the tail the snapshot shows each provider's latest activity from.
     now = await store.get_run(run_id)
     return Cancelled(now, None) if now is not None else None
+
+
+def agent_slot_holder(run_id: str, provider: ProviderId) -> str:
+    """Who holds an agent slot (TINYFISH_MAX_CONCURRENCY) for one insurer of one run: the same
+    name for every delivery of it, so whoever ends the run can give the slot back."""
+    return f"{run_id}:{provider}"
+
+
+async def free_agent_slots(store: Store, record: RunRecord, agent_limit: int | None) -> None:
+    """Give back the agent slots of a run's unfinished insurers when the run ends by its deadline
+    or a cancel (their workers, if alive, give theirs back too; one that is gone would hold its
+    slot until its lease ran out, keeping another run's agent waiting). Nothing to do, and no
+    command, without an agent budget. Best effort: a slot not given back expires."""
+    if agent_limit is None:
+        return
+    for provider in record.providers:
+        if provider.status in ("quoted", "failed"):
+            continue  # its worker gave the slot back with the outcome
+        with contextlib.suppress(StoreUnavailable):
+            await store.release_agent_slot(agent_slot_holder(record.run_id, provider.provider))
 
 
 def agent_runs_to_cancel(record: RunRecord) -> Iterable[tuple[ProviderId, str]]:

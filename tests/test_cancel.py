@@ -10,6 +10,7 @@ import json
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -23,7 +24,7 @@ from lib.store import OutcomesChanged, RunFinalized, Store, open_store
 from lib.store.base import new_nonce, stored_event_json
 from lib.store.kv import CANCEL, KVStore
 from lib.worker import ProviderTask, enforce_deadline
-from lib.workflow import cancel_run, cancelled_event, stop_agent_runs
+from lib.workflow import agent_slot_holder, cancel_run, cancelled_event, stop_agent_runs
 from tests.conftest import make_quote, make_record, run_end
 from tests.fake_tinyfish import FakeTinyFishServer
 from tests.http_helpers import VALID, problem, sse_events
@@ -349,6 +350,29 @@ async def test_delete_cancels_the_run_and_answers_its_snapshot_seen_by_get_and_s
         f"/api/quotes/{run_id}/stream", headers={"Last-Event-ID": str(body["lastEventId"])}
     )
     assert after.status_code == 204
+
+
+async def test_a_cancel_gives_back_the_agent_slots_of_its_unfinished_insurers(
+    configure: Any, fresh_instance: Any, run_store: Store
+) -> None:
+    configure(TINYFISH_MAX_CONCURRENCY="2")
+    api = fresh_instance()
+    run_id = await open_run(run_store)
+    now = utc_now()
+    until = now + timedelta(minutes=5)
+    # Two of its workers hold the deployment's two agent slots, then their instances die.
+    for provider in ("progressive", "state_farm"):
+        holder = agent_slot_holder(run_id, provider)
+        assert await run_store.take_agent_slot(holder, limit=2, now=now, until=until)
+    assert not await run_store.take_agent_slot("next-run:geico", limit=2, now=now, until=until)
+
+    response = await api.delete(f"/api/quotes/{run_id}", headers=bearer(run_id))
+
+    assert response.status_code == 200, response.text
+    # Both slots are free at once (limit 1: not even one is still held), not when their
+    # leases run out.
+    assert await run_store.take_agent_slot("next-run:geico", limit=1, now=now, until=until)
+    await run_store.release_agent_slot("next-run:geico")
 
 
 async def test_a_repeated_cancel_answers_200_with_the_same_snapshot(

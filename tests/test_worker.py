@@ -35,7 +35,7 @@ from lib.queue import MAX_DELIVERIES
 from lib.queue.messages import ProviderWorkMessage, RunDeadlineMessage
 from lib.store import Store
 from lib.worker import HandBack, ProviderTask, enforce_deadline
-from lib.workflow import run_deadline
+from lib.workflow import agent_slot_holder, run_deadline
 from tests.clock import ClockedStore, VirtualClock
 from tests.conftest import make_quote
 from tests.worker_inputs import (
@@ -280,6 +280,27 @@ async def test_a_run_that_ended_elsewhere_stops_its_workers_and_cancels_their_ag
     events = await events_of(store, run_id)
     assert events[-1]["type"] == "error" and events[-1]["code"] == "deadline_exceeded"
     assert source.started[0] in source.cancelled
+
+
+async def test_a_run_ended_by_its_deadline_gives_back_its_agent_slots(store: Store) -> None:
+    run_id, providers, _ = await new_run(store, ["geico", "progressive"])
+    now = utc_now()
+    until = now + timedelta(minutes=5)
+    # Its two workers held the deployment's two agent slots, then their instances died.
+    for provider in providers:
+        holder = agent_slot_holder(run_id, provider)
+        assert await store.take_agent_slot(holder, limit=2, now=now, until=until)
+    assert not await store.take_agent_slot("next-run:geico", limit=2, now=now, until=until)
+    source = simulated()
+
+    await enforce_deadline(
+        store, source, RunDeadlineMessage(run_id=run_id, deadline=now), agent_limit=2
+    )
+
+    assert await store.take_agent_slot("next-run:geico", limit=1, now=now, until=until)
+    await store.release_agent_slot("next-run:geico")
+    events = await events_of(store, run_id)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "deadline_exceeded"
 
 
 async def test_the_deadline_cancels_every_agent_run_still_going_and_ends_the_run(

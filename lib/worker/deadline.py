@@ -10,7 +10,7 @@ from lib.queue.messages import RunDeadlineMessage
 from lib.store import Store, StoreUnavailable
 from lib.worker.clock import SYSTEM_CLOCK, Clock
 from lib.worker.delivery import HandBack
-from lib.workflow import complete_if_done, fail_run
+from lib.workflow import agent_runs_to_cancel, complete_if_done, fail_run, free_agent_slots
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +18,16 @@ STORE_RETRY_SECONDS = 5.0
 
 
 async def enforce_deadline(
-    store: Store, source: QuoteSource, message: RunDeadlineMessage, *, clock: Clock = SYSTEM_CLOCK
+    store: Store,
+    source: QuoteSource,
+    message: RunDeadlineMessage,
+    *,
+    agent_limit: int | None = None,
+    clock: Clock = SYSTEM_CLOCK,
 ) -> None:
-    """At the run's deadline: cancel every agent run still going and end the run. Raises
-    HandBack when the deadline has not come yet or storage is down."""
+    """At the run's deadline: cancel every agent run still going, end the run, and give back
+    its agent slots (`agent_limit`: TINYFISH_MAX_CONCURRENCY). Raises HandBack when the
+    deadline has not come yet or storage is down."""
     remaining = (message.deadline - clock.now()).total_seconds()
     if remaining > 0:
         raise HandBack(remaining + 0.5, "the run's deadline has not come yet")
@@ -34,20 +40,15 @@ async def enforce_deadline(
     if await complete_if_done(store, message.run_id):
         return
     record = state.record
-    for provider in record.providers:
-        work = record.work.get(provider.provider)
-        if provider.status in ("quoted", "failed") or work is None:
-            continue
-        for agent_run_id in work.agent_run_ids:
-            if agent_run_id in work.cancelled_agent_run_ids:
-                continue
-            with contextlib.suppress(Exception):
-                await source.cancel(agent_run_id)
-                log.info(
-                    "run %s %s: cancelled agent run %s at the run's deadline",
-                    message.run_id,
-                    provider.provider,
-                    agent_run_id,
-                )
+    for provider, agent_run_id in agent_runs_to_cancel(record):
+        with contextlib.suppress(Exception):
+            await source.cancel(agent_run_id)
+            log.info(
+                "run %s %s: cancelled agent run %s at the run's deadline",
+                message.run_id,
+                provider,
+                agent_run_id,
+            )
     if await fail_run(store, message.run_id, "deadline_exceeded"):
         log.error("run %s ended at its deadline", message.run_id)
+    await free_agent_slots(store, record, agent_limit)

@@ -41,7 +41,7 @@ from lib.worker.policy import (
     WaitForAgent,
     next_step,
 )
-from lib.workflow import complete_if_done
+from lib.workflow import agent_slot_holder, complete_if_done
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ProviderTask:
         owner = f"{delivery.message_id}:{delivery.count}:{secrets.token_hex(4)}"
         duration = timedelta(seconds=settings.run_lease_seconds)
         self._lease = ProviderLease(store, message.run_id, message.provider, owner, duration, clock)
-        holder = f"{message.run_id}:{message.provider}"
+        holder = agent_slot_holder(message.run_id, message.provider)
         limit = settings.tinyfish_max_concurrency
         self._slot = AgentSlot(store, holder, limit, duration, clock)
 

@@ -23,7 +23,7 @@ from lib.store import RunState
 from lib.terms import is_run_id, percent
 
 if TYPE_CHECKING:
-    from lib.models import RunSnapshot
+    from lib.models import RunRecord, RunSnapshot
 
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 _INTEGER = re.compile(r"-?[0-9]{1,16}")
@@ -120,7 +120,7 @@ def _check_cancel_token(request: Request, run_id: str, secret: bytes) -> None:
 
 
 async def cancel_quote_run(request: Request, context: FunctionContext) -> Response:
-    from lib.workflow import cancel_run, stop_agent_runs
+    from lib.workflow import cancel_run, free_agent_slots, stop_agent_runs
 
     run_id = run_id_from(request)
     if run_id is None or not is_run_id(run_id):
@@ -138,12 +138,14 @@ async def cancel_quote_run(request: Request, context: FunctionContext) -> Respon
             f"The quote run had already ended ({cancelled.state.record.status}).",
         )
     body = snapshot(cancelled.state, context.settings.run_ttl_seconds, with_events=False)
+    ended = cancelled.ended
+
+    async def stop_agents(ended: RunRecord) -> None:
+        await stop_agent_runs(context.source, ended)
+        await free_agent_slots(context.store, ended, context.settings.tinyfish_max_concurrency)
+
     # After the answer, in this invocation: the 200 need not wait on the agent API.
-    background = (
-        BackgroundTask(stop_agent_runs, context.source, cancelled.ended)
-        if cancelled.ended is not None
-        else None
-    )
+    background = BackgroundTask(stop_agents, ended) if ended is not None else None
     return JSONResponse(
         body.model_dump(mode="json", exclude_none=True),
         headers={"Cache-Control": "no-store"},
