@@ -467,13 +467,14 @@ async def test_the_server_gates_max_steps_and_mode_but_not_the_duration_cap() ->
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("backend", ["sqlite", "kv"])
 async def test_runs_on_a_busy_account_that_drops_connections_buy_each_insurer_once(
-    tmp_path,
+    tmp_path, backend: str, request: pytest.FixtureRequest
 ) -> None:
     """Three runs of five insurers at once against an account capped at four agents (the rest
     wait PENDING, STARTED sent only when they start), every quote's first connection cut after
     its run was created: each insurer of each run is bought exactly once, no agent run is left
-    going, and every run request carries its duration cap."""
+    going, and every run request carries its duration cap. On each store."""
     from tests.hosts import ROOT, assert_gap_free, read_run_reconnecting, start_run
     from tools.devhost import start_devhost_process
 
@@ -492,6 +493,9 @@ async def test_runs_on_a_busy_account_that_drops_connections_buy_each_insurer_on
             "QUOTE_RATE_LIMIT_PER_MINUTE": "0",
             "QUOTE_RUNS_PER_DAY": "0",
         }
+        if backend == "kv":
+            kv = request.getfixturevalue("upstash_server")
+            env.update(KV_REST_API_URL=kv.url, KV_REST_API_TOKEN=kv.token)
         with start_devhost_process(ROOT, instances=2, env=env) as host:
             async with httpx.AsyncClient(base_url=host.url, timeout=30) as client:
                 run_ids = [(await start_run(client, zip=zip_code))[0] for zip_code in zips]
