@@ -171,5 +171,7 @@ async def test_a_working_delivery_holds_its_message_for_a_run_lease_not_the_push
         response = await posting
     assert response.status_code == 204, response.text
     assert pushed_for > 200  # the push's own lease
-    assert 25 < held_for[-1] <= 30  # the worker's hold, within the agent's 1 s of work
+    # The worker's hold, within the agent's 1 s of work (the queue service's deadline and this
+    # test's clock are two readings: CI saw 30.0004 s).
+    assert 25 < held_for[-1] <= 30.05
     assert stored.acknowledged_for(CONSUMER)
