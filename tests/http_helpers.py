@@ -3,6 +3,7 @@ problem+json answer checked, an SSE body's events, and a client address of its o
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import uuid
@@ -10,14 +11,10 @@ from typing import Any
 
 import httpx
 
-VALID: dict[str, Any] = {
-    "vin": "2C3CDZAG2GH967639",
-    "zip": "94107",
-    "driver": {"firstName": "Ana", "lastName": "Lee", "dateOfBirth": "1990-04-12"},
-    "vehicle": {"annualMileage": 12000, "use": "commute", "ownership": "owned"},
-    "coverage": "standard",
-    "providers": ["geico", "progressive"],
-}
+from lib.models import EXAMPLE_QUOTE_REQUEST
+
+# The documented example request (openapi.json's), a copy of its own for the tests to vary.
+VALID: dict[str, Any] = copy.deepcopy(EXAMPLE_QUOTE_REQUEST)
 
 
 def problem(response: httpx.Response, status: int) -> dict[str, Any]:
