@@ -769,21 +769,27 @@ def pytest_configure(config: pytest.Config) -> None:
     server = shutil.which("redis-server")
     if not worker or "TEST_REDIS_URL" in os.environ or server is None:
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    settings = {"bind": "127.0.0.1", "port": str(port), "save": "", "appendonly": "no"}
-    arguments = [part for name, value in settings.items() for part in (f"--{name}", value)]
-    _worker_redis = subprocess.Popen([server, *arguments], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while not redis_available(url):
-        if _worker_redis.poll() is not None or time.monotonic() > deadline:
-            _worker_redis.kill()
-            _worker_redis = None
-            return  # the tests fall back to the shared Redis, or skip with why
-        time.sleep(0.05)
-    os.environ["TEST_REDIS_URL"] = url
+    # redis-server binds its port itself, so a port found free may be taken by another worker's
+    # first: try another before falling back to the shared Redis (or skipping, saying why).
+    for _ in range(3):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        settings = {"bind": "127.0.0.1", "port": str(port), "save": "", "appendonly": "no"}
+        arguments = [part for name, value in settings.items() for part in (f"--{name}", value)]
+        _worker_redis = subprocess.Popen([server, *arguments], stdout=subprocess.DEVNULL)
+        url = f"redis://127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while not redis_available(url):
+            if _worker_redis.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        else:
+            os.environ["TEST_REDIS_URL"] = url
+            return
+        _worker_redis.kill()
+        _worker_redis.wait()
+        _worker_redis = None
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
